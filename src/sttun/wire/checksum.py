@@ -1,0 +1,103 @@
+"""The Internet checksum (RFC 1071) at C speed from pure Python.
+
+The ones'-complement sum of a buffer equals the buffer read as one big integer,
+modulo 0xFFFF, because 2**16 ≡ 1 (mod 0xFFFF).  ``int.from_bytes`` and the
+big-integer modulo run in C, so a 64 KB buffer takes about 100 µs.  The buffer is
+read little-endian (CPython converts that order faster) and the 16-bit result is
+byte-swapped at the end: the ones'-complement sum is byte-order independent
+(RFC 1071 §2(B)).  Zero padding of an odd-length buffer at its end does not change
+a little-endian value, so odd lengths need no special case.
+
+Terminology used throughout sttun:
+
+* a *sum* is the folded 16-bit ones'-complement sum, not complemented, in
+  ``0..0xFFFF`` (0 only when every byte is zero);
+* a *checksum* is the complemented sum, the value stored in a header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Buffer = bytes | bytearray | memoryview
+
+
+def ones_sum(data: Buffer, initial: int = 0) -> int:
+    """Return the folded ones'-complement sum of ``data`` plus ``initial``.
+
+    An odd-length buffer is summed as if padded with one zero byte.
+    """
+    v = int.from_bytes(data, "little")
+    if initial:
+        v += ((initial & 0xFF) << 8) | (initial >> 8)
+    if not v:
+        return 0
+    s = v % 0xFFFF or 0xFFFF
+    return ((s & 0xFF) << 8) | (s >> 8)
+
+
+def ones_sum_parts(parts: Iterable[Buffer], initial: int = 0) -> int:
+    """Sum of the concatenation of ``parts`` without joining them.
+
+    A part that starts at an odd position of the concatenation contributes its
+    byte-swapped sum, which modulo 0xFFFF is a multiplication by 256.
+    """
+    total = 0
+    odd = False
+    for p in parts:
+        n = len(p)
+        if not n:
+            continue
+        v = int.from_bytes(p, "little")
+        total += v << 8 if odd else v
+        if n & 1:
+            odd = not odd
+    if initial:
+        total += ((initial & 0xFF) << 8) | (initial >> 8)
+    if not total:
+        return 0
+    s = total % 0xFFFF or 0xFFFF
+    return ((s & 0xFF) << 8) | (s >> 8)
+
+
+def add(a: int, b: int) -> int:
+    """Ones'-complement addition of two 16-bit sums."""
+    s = a + b
+    s = (s & 0xFFFF) + (s >> 16)
+    return (s & 0xFFFF) + (s >> 16)
+
+
+def sub(a: int, b: int) -> int:
+    """Ones'-complement subtraction ``a - b`` of two 16-bit sums."""
+    return add(a, ~b & 0xFFFF)
+
+
+def checksum(data: Buffer, initial: int = 0) -> int:
+    """The Internet checksum of ``data`` (complemented sum), ``initial`` pre-added."""
+    return ~ones_sum(data, initial) & 0xFFFF
+
+
+def checksum_parts(parts: Iterable[Buffer], initial: int = 0) -> int:
+    """The Internet checksum of the concatenation of ``parts``."""
+    return ~ones_sum_parts(parts, initial) & 0xFFFF
+
+
+def update16(old_checksum: int, old_word: int, new_word: int) -> int:
+    """RFC 1624 eqn. 3 incremental update: HC' = ~(~HC + ~m + m').
+
+    Returns the new checksum after one 16-bit word of the covered data changed
+    from ``old_word`` to ``new_word``.
+    """
+    s = add(add(~old_checksum & 0xFFFF, ~old_word & 0xFFFF), new_word)
+    return ~s & 0xFFFF
+
+
+def update32(old_checksum: int, old_value: int, new_value: int) -> int:
+    """Incremental update for a 32-bit field (two 16-bit words)."""
+    c = update16(old_checksum, old_value >> 16, new_value >> 16)
+    return update16(c, old_value & 0xFFFF, new_value & 0xFFFF)
+
+
+def verify(data: Buffer, initial: int = 0) -> bool:
+    """True if ``data`` (with its checksum field in place) sums to all ones."""
+    return ones_sum(data, initial) == 0xFFFF

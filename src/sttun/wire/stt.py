@@ -1,0 +1,246 @@
+"""The STT frame header (18 bytes) and the TCP-like segment header (20 bytes).
+
+Layouts and flag masks follow ``protocol.md`` §1.2–§1.4: flags use the
+least-significant-bit-first masks every implementation uses (C = 0x01, P = 0x02,
+V = 0x04, T = 0x08), SEQ carries ``frame_length << 16 | offset`` and ACK the frame id.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from sttun.errors import DecodeError, EncodeError, TruncatedError
+
+STT_PORT = 7471  # IANA-assigned destination port (draft §5)
+STT_VERSION = 0
+STT_HEADER = struct.Struct("!BBBBHHQH")
+STT_HEADER_LEN = STT_HEADER.size  # 18, includes the 2-byte pad (OVS STT_BASE_HLEN)
+MAX_FRAME_LEN = 0xFFFF  # 16-bit length in the upper half of SEQ
+MAX_INNER_LEN = MAX_FRAME_LEN - STT_HEADER_LEN  # 65517
+ETH_HLEN = 14
+MIN_FRAME_LEN = STT_HEADER_LEN + ETH_HLEN  # shorter complete frames are dropped (#26)
+
+TCP_HEADER = struct.Struct("!HHIIBBHHH")
+TCP_HEADER_LEN = TCP_HEADER.size  # 20
+TCP_DOFF_BYTE = 5 << 4  # data offset 5 words, no options
+TCP_CSUM_OFFSET = 16
+UDP_CSUM_OFFSET = 6
+
+VLAN_PCP_MASK = 0xE000
+VLAN_V_MASK = 0x1000
+VLAN_VID_MASK = 0x0FFF
+
+
+class SttFlag(enum.IntFlag):
+    """Bits of the STT flags byte (LSB-first, protocol.md §1.4)."""
+
+    CSUM_VERIFIED = 0x01  # C: sender verified the inner checksum
+    CSUM_PARTIAL = 0x02  # P: inner L4 checksum holds only the pseudo-header sum
+    IPV4 = 0x04  # V: inner packet is IPv4 (clear: IPv6)
+    TCP = 0x08  # T: inner packet is TCP (clear: UDP)
+
+
+FLAGS_RESERVED_MASK = 0xF0  # sent as 0, ignored on receipt
+
+
+class TcpFlag(enum.IntFlag):
+    """TCP header flag bits (byte 13)."""
+
+    FIN = 0x01
+    SYN = 0x02
+    RST = 0x04
+    PSH = 0x08
+    ACK = 0x10
+    URG = 0x20
+    ECE = 0x40
+    CWR = 0x80
+
+
+@dataclass(slots=True)
+class SttHeader:
+    """The 18-byte STT frame header that starts every STT frame.
+
+    ``vlan_tci`` is the raw 16-bit field: PCP (3 bits) | V (1 bit) | VLAN ID (12
+    bits); use :attr:`vlan_present`, :attr:`vlan_id` and :attr:`pcp` to read it.
+    """
+
+    version: int = STT_VERSION
+    flags: int = 0
+    l4_offset: int = 0
+    reserved: int = 0
+    mss: int = 0
+    vlan_tci: int = 0
+    context_id: int = 0
+    pad: int = 0
+
+    @property
+    def vlan_present(self) -> bool:
+        """True if the V bit says the VLAN ID and PCP are valid."""
+        return bool(self.vlan_tci & VLAN_V_MASK)
+
+    @property
+    def vlan_id(self) -> int:
+        """The 12-bit VLAN ID."""
+        return self.vlan_tci & VLAN_VID_MASK
+
+    @property
+    def pcp(self) -> int:
+        """The 3-bit priority code point."""
+        return self.vlan_tci >> 13
+
+    @property
+    def csum_partial(self) -> bool:
+        """The P flag."""
+        return bool(self.flags & SttFlag.CSUM_PARTIAL)
+
+    @property
+    def csum_verified(self) -> bool:
+        """The C flag."""
+        return bool(self.flags & SttFlag.CSUM_VERIFIED)
+
+    def pack(self) -> bytes:
+        """The 18 wire bytes; raises :class:`EncodeError` for out-of-range fields."""
+        buf = bytearray(STT_HEADER_LEN)
+        self.pack_into(buf, 0)
+        return bytes(buf)
+
+    def pack_into(self, buf: bytearray | memoryview, offset: int = 0) -> None:
+        """Write the header into ``buf`` at ``offset``."""
+        try:
+            STT_HEADER.pack_into(
+                buf,
+                offset,
+                self.version,
+                self.flags,
+                self.l4_offset,
+                self.reserved,
+                self.mss,
+                self.vlan_tci,
+                self.context_id,
+                self.pad,
+            )
+        except struct.error as exc:
+            raise EncodeError(f"STT header field out of range: {exc} ({self!r})") from None
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> SttHeader:
+        """Decode the header at ``offset``; raises :class:`TruncatedError` if short.
+
+        The version is *not* checked here (a decoder for inspection tools must show
+        any version); :func:`check_version` does that for the receive path.
+        """
+        have = len(buf) - offset
+        if have < STT_HEADER_LEN:
+            raise TruncatedError("STT header", STT_HEADER_LEN, max(0, have))
+        return cls(*STT_HEADER.unpack_from(buf, offset))
+
+    @classmethod
+    def build(
+        cls,
+        context_id: int,
+        *,
+        flags: int = 0,
+        l4_offset: int = 0,
+        mss: int = 0,
+        vlan_id: int | None = None,
+        pcp: int = 0,
+    ) -> SttHeader:
+        """Convenience constructor; ``vlan_id`` (0..4095) sets V with that VID and PCP."""
+        tci = 0
+        if vlan_id is not None:
+            if not 0 <= vlan_id <= VLAN_VID_MASK:
+                raise EncodeError(f"vlan_id: expected 0..4095, got {vlan_id}")
+            if not 0 <= pcp <= 7:
+                raise EncodeError(f"pcp: expected 0..7, got {pcp}")
+            tci = (pcp << 13) | VLAN_V_MASK | vlan_id
+        return cls(flags=flags, l4_offset=l4_offset, mss=mss, vlan_tci=tci, context_id=context_id)
+
+
+def check_version(version: int) -> None:
+    """Raise :class:`DecodeError` unless ``version`` is the only one defined (0)."""
+    if version != STT_VERSION:
+        raise DecodeError("STT version", STT_VERSION, version)
+
+
+class TcpLikeHeader(NamedTuple):
+    """The 20-byte TCP-like header of an STT segment, decoded.
+
+    ``frame_len`` and ``offset`` are the two halves of SEQ; ``frame_id`` is ACK.
+    """
+
+    sport: int
+    dport: int
+    frame_len: int
+    offset: int
+    frame_id: int
+    data_offset: int  # in 32-bit words
+    flags: int
+    window: int
+    checksum: int
+    urgent: int
+
+    @property
+    def seq(self) -> int:
+        """The raw 32-bit sequence number."""
+        return (self.frame_len << 16) | self.offset
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> TcpLikeHeader:
+        """Decode 20 bytes at ``offset``; raises :class:`TruncatedError` if short."""
+        have = len(buf) - offset
+        if have < TCP_HEADER_LEN:
+            raise TruncatedError("TCP-like header", TCP_HEADER_LEN, max(0, have))
+        sport, dport, seq, ack, doff, flags, win, csum, urg = TCP_HEADER.unpack_from(buf, offset)
+        return cls(sport, dport, seq >> 16, seq & 0xFFFF, ack, doff >> 4, flags, win, csum, urg)
+
+    def pack(self) -> bytes:
+        """The 20 wire bytes (checksum field as given)."""
+        return pack_tcp(
+            self.sport,
+            self.dport,
+            self.frame_len,
+            self.offset,
+            self.frame_id,
+            self.flags,
+            window=self.window,
+            checksum=self.checksum,
+            data_offset=self.data_offset,
+            urgent=self.urgent,
+        )
+
+
+def pack_tcp(
+    sport: int,
+    dport: int,
+    frame_len: int,
+    offset: int,
+    frame_id: int,
+    flags: int = TcpFlag.ACK | TcpFlag.PSH,
+    *,
+    window: int = 0,
+    checksum: int = 0,
+    data_offset: int = 5,
+    urgent: int = 0,
+) -> bytes:
+    """Build a TCP-like header: SEQ = ``frame_len << 16 | offset``, ACK = ``frame_id``."""
+    if not 0 <= frame_len <= MAX_FRAME_LEN:
+        raise EncodeError(f"frame_len: expected 0..65535, got {frame_len}")
+    if not 0 <= offset <= MAX_FRAME_LEN:
+        raise EncodeError(f"offset: expected 0..65535, got {offset}")
+    try:
+        return TCP_HEADER.pack(
+            sport,
+            dport,
+            (frame_len << 16) | offset,
+            frame_id,
+            data_offset << 4,
+            flags,
+            window,
+            checksum,
+            urgent,
+        )
+    except struct.error as exc:
+        raise EncodeError(f"TCP-like header field out of range: {exc}") from None
