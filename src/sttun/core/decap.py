@@ -1,0 +1,169 @@
+"""Decapsulation: a complete STT frame → inner Ethernet frame + offload state.
+
+:class:`Decapsulator` is the receive-path version: it never raises, it returns a
+:class:`~sttun.core.drops.DropReason` instead.  :func:`decapsulate` is the public,
+raising form for tools and library users.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+from sttun.core.drops import DropReason
+from sttun.core.offload import rx_vnet
+from sttun.core.vlan import DEFAULT_VLAN_POLICY, VlanPolicy, insert_tag, rx_tag_tci
+from sttun.errors import DecodeError, TruncatedError
+from sttun.wire.checksum import update16
+from sttun.wire.ip import ECN_CE, ECN_MASK, ECN_NOT_ECT
+from sttun.wire.stt import MIN_FRAME_LEN, STT_HEADER, STT_HEADER_LEN, STT_VERSION, SttHeader
+from sttun.wire.vnet import VnetHdr
+
+Buffer = bytes | bytearray | memoryview
+_U16 = struct.Struct("!H")
+
+
+class DscpModel(enum.Enum):
+    """How the outer DSCP relates to the inner one on decapsulation (RFC 2983)."""
+
+    UNIFORM = "uniform"  # the inner packet takes the DSCP of the offset-0 segment
+    PIPE = "pipe"  # the inner DSCP is left alone
+
+
+class Decapsulated(NamedTuple):
+    """A decapsulated frame: its STT header, the inner frame, and offload state."""
+
+    header: SttHeader
+    inner: Buffer
+    vnet: VnetHdr
+
+
+class Decapsulator:
+    """Turns complete STT frames into inner frames for the overlay, counting oddities.
+
+    ``vlan_policy`` chooses what a TCI without the V bit means (see
+    :mod:`sttun.core.vlan`); ``dscp_model`` whether the outer DSCP is copied in.
+    """
+
+    def __init__(
+        self,
+        *,
+        vlan_policy: VlanPolicy = DEFAULT_VLAN_POLICY,
+        dscp_model: DscpModel = DscpModel.UNIFORM,
+    ) -> None:
+        self.vlan_policy = vlan_policy
+        self.dscp_model = dscp_model
+        #: frames whose TCI was non-zero with V clear (protocol.md #33)
+        self.vlan_without_v = 0
+        #: frames with both C and P set (P wins, #9)
+        self.csum_both_flags = 0
+        #: frames marked CE because an outer segment carried CE
+        self.ce_marked = 0
+
+    def decap(self, frame: Buffer, tos: int = 0, ce: bool = False) -> Decapsulated | DropReason:
+        """Decapsulate one complete STT frame.
+
+        ``tos`` is the outer TOS byte of the offset-0 segment and ``ce`` whether any
+        segment carried ECN CE (both from the reassembler).
+        """
+        if len(frame) < MIN_FRAME_LEN:
+            return DropReason.FRAME_TOO_SHORT
+        version, flags, l4_offset, reserved, mss, tci, ctx, pad = STT_HEADER.unpack_from(frame)
+        if version != STT_VERSION:
+            return DropReason.BAD_VERSION
+        inner: Buffer = (
+            frame[STT_HEADER_LEN:]
+            if isinstance(frame, memoryview)
+            else memoryview(frame)[STT_HEADER_LEN:]
+        )
+        vnet = rx_vnet(flags, l4_offset, mss, len(inner))
+        if isinstance(vnet, DropReason):
+            return vnet
+        if flags & 3 == 3:
+            self.csum_both_flags += 1
+        dscp = tos >> 2 if self.dscp_model is DscpModel.UNIFORM else None
+        if ce or dscp is not None:
+            marked = self._mark(inner, dscp, ce)
+            if isinstance(marked, DropReason):
+                return marked
+            inner = marked
+        if tci:
+            tag = rx_tag_tci(tci, self.vlan_policy)
+            if tag is not None:
+                if not tci & 0x1000:
+                    self.vlan_without_v += 1
+                inner = insert_tag(inner, tag)
+                if vnet.flags:
+                    vnet = vnet._replace(
+                        csum_start=vnet.csum_start + 4,
+                        hdr_len=vnet.hdr_len + 4 if vnet.hdr_len else 0,
+                    )
+        header = SttHeader(version, flags, l4_offset, reserved, mss, tci, ctx, pad)
+        return Decapsulated(header, inner, vnet)
+
+    def _mark(self, inner: Buffer, dscp: int | None, ce: bool) -> Buffer | DropReason:
+        """Apply the outer DSCP (uniform model) and CE to the inner IP header."""
+        et = inner[12:14]
+        if et == b"\x08\x00" and len(inner) >= 34:
+            old = inner[15]
+            new = _new_tos(old, dscp, ce)
+            if isinstance(new, DropReason):
+                return new
+            if new == old:
+                return inner
+            out = bytearray(inner)
+            out[15] = new
+            (csum,) = _U16.unpack_from(out, 24)
+            _U16.pack_into(out, 24, update16(csum, (out[14] << 8) | old, (out[14] << 8) | new))
+        elif et == b"\x86\xdd" and len(inner) >= 54:
+            old = ((inner[14] & 0x0F) << 4) | (inner[15] >> 4)
+            new = _new_tos(old, dscp, ce)
+            if isinstance(new, DropReason):
+                return new
+            if new == old:
+                return inner
+            out = bytearray(inner)
+            out[14] = (out[14] & 0xF0) | (new >> 4)
+            out[15] = ((new & 0x0F) << 4) | (out[15] & 0x0F)
+        else:
+            return inner  # not IP: nothing to mark
+        if ce:
+            self.ce_marked += 1
+        return out
+
+
+def _new_tos(old: int, dscp: int | None, ce: bool) -> int | DropReason:
+    ecn = old & ECN_MASK
+    if ce:
+        if ecn == ECN_NOT_ECT:
+            return DropReason.ECN_CE_NOT_ECT  # RFC 6040 / OVS: drop
+        ecn = ECN_CE
+    return ((old >> 2 if dscp is None else dscp) << 2) | ecn
+
+
+def decapsulate(
+    frame: Buffer,
+    *,
+    vlan_policy: VlanPolicy = DEFAULT_VLAN_POLICY,
+    tos: int = 0,
+    ce: bool = False,
+    dscp_model: DscpModel = DscpModel.PIPE,
+) -> Decapsulated:
+    """Decapsulate one complete STT frame (STT header + inner Ethernet frame).
+
+    Raises :class:`~sttun.errors.DecodeError` naming the problem (too short, bad
+    version, bad L4 offset, CE on a not-ECT packet).  The inner frame gets its
+    802.1Q tag back when the header carries one; the returned ``vnet`` says what
+    offload state a Linux sink should be told (see :mod:`sttun.core.offload`).
+    """
+    result = Decapsulator(vlan_policy=vlan_policy, dscp_model=dscp_model).decap(frame, tos, ce)
+    if isinstance(result, Decapsulated):
+        return result
+    if result is DropReason.FRAME_TOO_SHORT:
+        raise TruncatedError("STT frame", MIN_FRAME_LEN, len(frame))
+    if result is DropReason.BAD_VERSION:
+        raise DecodeError("STT version", STT_VERSION, frame[0])
+    if result is DropReason.BAD_L4_OFFSET:
+        raise DecodeError("STT L4 offset", "room for the inner IP and L4 headers", frame[2])
+    raise DecodeError("inner ECN", "an ECN-capable packet for an outer CE", "Not-ECT")

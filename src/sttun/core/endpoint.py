@@ -1,0 +1,291 @@
+"""The sans-I/O tunnel endpoint: demultiplexing, reassembly, per-tunnel counters.
+
+An :class:`Endpoint` holds any number of :class:`Tunnel` objects and one shared
+:class:`~sttun.core.reassembly.Reassembler`.  The I/O layer hands it outer IP
+packets (:meth:`Endpoint.receive`) and inner frames (:meth:`Tunnel.transmit`);
+time is always an argument.
+
+Receive demultiplexing (issue #6): a segment whose (outer source, outer
+destination) pair names no tunnel is dropped *before* reassembly, so strangers
+cost no memory; after reassembly the context id picks the tunnel among those of
+that peer, and an unknown id is counted and dropped.  A frame can therefore only
+reach the tunnel whose remote address *and* key it carries.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from sttun.core.decap import Decapsulated, Decapsulator, DscpModel
+from sttun.core.drops import DropCounters, DropReason
+from sttun.core.encap import DEFAULT_TTL, DEFAULT_UNDERLAY_MTU, Encapsulator, Packet
+from sttun.core.reassembly import Reassembler
+from sttun.core.vlan import DEFAULT_VLAN_POLICY, VlanPolicy
+from sttun.wire.checksum import ones_sum
+from sttun.wire.ip import IPPROTO_TCP, IPV4_FRAG_MASK, IPV4_MF, IPV6_HLEN
+from sttun.wire.stt import STT_PORT, TCP_HEADER, TCP_HEADER_LEN
+from sttun.wire.vnet import VnetHdr
+
+Buffer = bytes | bytearray | memoryview
+_IPV4_FIXED = struct.Struct("!BBHHHBBH4s4s")
+_IPV6_FIXED = struct.Struct("!IHBB16s16s")
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSpec:
+    """Everything the core needs to know about one tunnel."""
+
+    name: str
+    local: bytes  # packed underlay address (4 or 16 bytes)
+    remote: bytes
+    in_key: int
+    out_key: int
+    dst_port: int = STT_PORT
+    tos: int | None = None  # DSCP, None = inherit
+    ttl: int | None = DEFAULT_TTL  # None = inherit
+    df: bool = True
+    underlay_mtu: int = DEFAULT_UNDERLAY_MTU
+    dscp_model: DscpModel = DscpModel.UNIFORM
+
+
+@dataclass
+class Direction:
+    """Frame, byte and segment counts for one direction of a tunnel."""
+
+    frames: int = 0
+    bytes: int = 0
+    segments: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """JSON-ready counts."""
+        return {"frames": self.frames, "bytes": self.bytes, "segments": self.segments}
+
+
+@dataclass
+class Tunnel:
+    """One tunnel: its spec, its encapsulator and its counters."""
+
+    spec: TunnelSpec
+    encapsulator: Encapsulator
+    decapsulator: Decapsulator
+    rx: Direction = field(default_factory=Direction)
+    drops: DropCounters = field(default_factory=DropCounters)
+
+    def transmit(self, frame: Buffer, vnet: VnetHdr | None, *, gso: bool) -> list[Packet]:
+        """Encapsulate one inner frame; returns the packets (buffer lists) to send."""
+        return self.encapsulator.encap(frame, vnet, gso=gso)
+
+    @property
+    def tx(self) -> Direction:
+        """Transmit counts (kept by the encapsulator)."""
+        e = self.encapsulator
+        return Direction(e.frames, e.bytes, e.segments)
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-ready per-tunnel counters."""
+        return {
+            "tx": self.tx.as_dict(),
+            "rx": self.rx.as_dict(),
+            "drops": {**self.drops.as_dict(), **self.encapsulator.drops.as_dict()},
+            "software_completions": self.encapsulator.software_completions,
+            "vlan_without_v": self.decapsulator.vlan_without_v,
+            "ce_marked": self.decapsulator.ce_marked,
+        }
+
+
+class _Peer:
+    """Tunnels sharing one (remote, local) underlay address pair, by context id."""
+
+    __slots__ = ("by_key", "segments")
+
+    def __init__(self) -> None:
+        self.by_key: dict[int, Tunnel] = {}
+        self.segments = 0
+
+
+class Endpoint:
+    """All tunnels of one process, the shared reassembler, and global drop counts."""
+
+    def __init__(
+        self,
+        *,
+        reassembler: Reassembler | None = None,
+        vlan_policy: VlanPolicy = DEFAULT_VLAN_POLICY,
+    ) -> None:
+        self.drops = DropCounters()
+        self.reassembler = reassembler if reassembler is not None else Reassembler()
+        self.vlan_policy = vlan_policy
+        self.tunnels: dict[str, Tunnel] = {}
+        self._peers: dict[tuple[bytes, bytes], _Peer] = {}
+        self.ports: frozenset[int] = frozenset()
+        self.segments_in = 0
+
+    # -- tunnel table ---------------------------------------------------------------
+    def add_tunnel(self, spec: TunnelSpec, **encap_kw: Any) -> Tunnel:
+        """Create a tunnel; raises ValueError if its name or demux key is taken."""
+        if spec.name in self.tunnels:
+            raise ValueError(f"tunnel {spec.name!r} exists already")
+        peer = self._peers.setdefault((spec.remote, spec.local), _Peer())
+        if spec.in_key in peer.by_key:
+            raise ValueError(
+                f"tunnel {spec.name!r}: key {spec.in_key} from this remote is used by "
+                f"{peer.by_key[spec.in_key].spec.name!r}"
+            )
+        enc = Encapsulator(
+            spec.local,
+            spec.remote,
+            spec.out_key,
+            dst_port=spec.dst_port,
+            tos=spec.tos,
+            ttl=spec.ttl,
+            df=spec.df,
+            underlay_mtu=spec.underlay_mtu,
+            **encap_kw,
+        )
+        dec = Decapsulator(vlan_policy=self.vlan_policy, dscp_model=spec.dscp_model)
+        tunnel = Tunnel(spec, enc, dec)
+        peer.by_key[spec.in_key] = tunnel
+        self.tunnels[spec.name] = tunnel
+        self.ports = frozenset(t.spec.dst_port for t in self.tunnels.values())
+        return tunnel
+
+    def remove_tunnel(self, name: str) -> Tunnel:
+        """Remove a tunnel by name (KeyError if there is none)."""
+        tunnel = self.tunnels.pop(name)
+        key = (tunnel.spec.remote, tunnel.spec.local)
+        peer = self._peers[key]
+        del peer.by_key[tunnel.spec.in_key]
+        if not peer.by_key:
+            del self._peers[key]
+        self.ports = frozenset(t.spec.dst_port for t in self.tunnels.values())
+        return tunnel
+
+    # -- receive --------------------------------------------------------------------
+    def receive(
+        self, packet: Buffer, now: float, *, csum_ok: bool = False
+    ) -> tuple[Tunnel, Decapsulated] | None:
+        """Feed one outer IP packet (starting at the IP header).
+
+        ``csum_ok`` says the kernel or NIC has already validated (or will compute)
+        the TCP checksum (``virtio_net_hdr`` DATA_VALID or NEEDS_CSUM); otherwise
+        it is verified here.  Returns the tunnel and decapsulated frame when this
+        packet completes one, else None (and a drop is counted where one applies).
+        The returned inner frame may point into ``packet``: use it before reusing
+        the receive buffer.
+        """
+        self.segments_in += 1
+        n = len(packet)
+        if n < 1:
+            self.drops.count(DropReason.OUTER_TRUNCATED, n)
+            return None
+        version = packet[0] >> 4
+        if version == 4:
+            if n < 40:
+                self.drops.count(DropReason.OUTER_TRUNCATED, n)
+                return None
+            vihl, tos, total, _id, frag, _ttl, proto, _c, src, dst = _IPV4_FIXED.unpack_from(packet)
+            ihl = (vihl & 0x0F) * 4
+            if ihl < 20 or total < ihl or total > n:
+                self.drops.count(DropReason.OUTER_BAD_IP, n)
+                return None
+            if proto != IPPROTO_TCP:
+                self.drops.count(DropReason.OUTER_NOT_TCP, n)
+                return None
+            if frag & (IPV4_MF | IPV4_FRAG_MASK):
+                self.drops.count(DropReason.OUTER_FRAGMENT, n)
+                return None
+            l4 = ihl
+            end = total
+        elif version == 6:
+            if n < IPV6_HLEN + TCP_HEADER_LEN:
+                self.drops.count(DropReason.OUTER_TRUNCATED, n)
+                return None
+            first, plen, nh, _hop, src, dst = _IPV6_FIXED.unpack_from(packet)
+            end = IPV6_HLEN + plen
+            if end > n:
+                self.drops.count(DropReason.OUTER_BAD_IP, n)
+                return None
+            if nh != IPPROTO_TCP:  # extension headers are not used by STT senders
+                self.drops.count(DropReason.OUTER_NOT_TCP, n)
+                return None
+            tos = (first >> 20) & 0xFF
+            l4 = IPV6_HLEN
+        else:
+            self.drops.count(DropReason.OUTER_BAD_IP, n)
+            return None
+        if end - l4 < TCP_HEADER_LEN:
+            self.drops.count(DropReason.OUTER_TRUNCATED, n)
+            return None
+        _sport, dport, seq, ack, doff, _fl, _w, _cs, _u = TCP_HEADER.unpack_from(packet, l4)
+        if dport not in self.ports:
+            self.drops.count(DropReason.WRONG_PORT, n)
+            return None
+        peer = self._peers.get((src, dst))
+        if peer is None:
+            self.drops.count(DropReason.UNKNOWN_SOURCE, n)
+            return None
+        mv = packet if isinstance(packet, memoryview) else memoryview(packet)
+        if not csum_ok:
+            tcp_len = end - l4
+            pseudo = ones_sum(src + dst + bytes((0, IPPROTO_TCP)), tcp_len)
+            if ones_sum(mv[l4:end], pseudo) != 0xFFFF:
+                self.drops.count(DropReason.BAD_TCP_CHECKSUM, n)
+                return None
+        if doff >> 4 != 5:
+            self.drops.count(DropReason.BAD_DATA_OFFSET, n)
+            return None
+        peer.segments += 1
+        reasm = self.reassembler
+        frame = reasm.add(src, dst, ack, seq, mv[l4 + TCP_HEADER_LEN : end], now, tos)
+        if frame is None:
+            return None
+        first_tos = reasm.completed_tos
+        ce = reasm.completed_ce
+        # Any tunnel of this peer can decapsulate; the context id then picks one.
+        tunnel = next(iter(peer.by_key.values()))
+        result = tunnel.decapsulator.decap(frame, first_tos, ce)
+        if isinstance(result, DropReason):
+            self.drops.count(result, len(frame))
+            return None
+        target = peer.by_key.get(result.header.context_id)
+        if target is None:
+            self.drops.count(DropReason.UNKNOWN_CONTEXT, len(frame))
+            return None
+        if target is not tunnel and (target.spec.dscp_model is not tunnel.spec.dscp_model):
+            result = target.decapsulator.decap(frame, first_tos, ce)
+            if isinstance(result, DropReason):  # pragma: no cover - same input, same checks
+                target.drops.count(result, len(frame))
+                return None
+        rx = target.rx
+        rx.frames += 1
+        rx.bytes += len(result.inner)
+        return target, result
+
+    # -- time -----------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timeout` should next be called (None: nothing pending)."""
+        return self.reassembler.next_deadline()
+
+    def handle_timeout(self, now: float) -> int:
+        """Expire partial frames; returns how many were dropped."""
+        return self.reassembler.handle_timeout(now)
+
+    # -- reporting ------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """JSON-ready counters: per tunnel, global drops, reassembly."""
+        drops = self.drops.as_dict()
+        for reason, count in self.reassembler.drops.as_dict().items():
+            drops[reason] = drops.get(reason, 0) + count
+        tunnels = {}
+        for name, t in self.tunnels.items():
+            s = t.stats()
+            s["rx"]["segments"] = self._peers[(t.spec.remote, t.spec.local)].segments
+            tunnels[name] = s
+        return {
+            "segments_in": self.segments_in,
+            "drops": drops,
+            "reassembly": self.reassembler.stats(),
+            "tunnels": tunnels,
+        }

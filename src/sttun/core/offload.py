@@ -1,0 +1,155 @@
+"""Offload mapping between Linux ``virtio_net_hdr`` and STT flags (protocol.md §4).
+
+Every row is a table entry so tests can iterate over it:
+
+* :data:`TX_GSO_WHITELIST` — the inner GSO types a sender may hand to the peer as
+  an STT MSS (OVS ``SUPPORTED_GSO_TYPES`` minus UDP/UFO, which current kernels
+  dropped; anything else is segmented in software before encapsulation).
+* :data:`RX_OFFLOAD_MAP` — what the (V, T) flag pair means on receipt: checksum
+  offset, GSO type, and the smallest legal L4 offset and L4 header length.
+
+:func:`tx_offload` decides, for one frame from the overlay stack, which STT
+flags/L4 offset/MSS to send or that the frame must be completed in software.
+:func:`rx_vnet` turns a received STT header into the ``virtio_net_hdr`` for the TAP.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+from sttun.core.drops import DropReason
+from sttun.wire.ether import ETH_HLEN
+from sttun.wire.ip import ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN
+from sttun.wire.stt import (
+    MAX_FRAME_LEN,
+    STT_HEADER_LEN,
+    TCP_CSUM_OFFSET,
+    TCP_HEADER_LEN,
+    UDP_CSUM_OFFSET,
+    SttFlag,
+)
+from sttun.wire.vnet import GSO_ECN, GsoType, VnetFlag, VnetHdr
+
+UDP_HEADER_LEN = 8
+MAX_L4_OFFSET = 0xFF  # 8-bit L4 offset field
+#: Largest inner frame that may keep its offloads: inner + 20 (TCP) + 18 (STT) + 20
+#: (IPv4) must fit 65535 (OVS ``stt_can_offload``).
+MAX_OFFLOAD_INNER_LEN = MAX_FRAME_LEN - TCP_HEADER_LEN - STT_HEADER_LEN - IPV4_HLEN  # 65477
+
+#: Inner GSO types an STT sender may pass on as MSS (OVS whitelist, protocol.md §4.1).
+TX_GSO_WHITELIST: frozenset[int] = frozenset({GsoType.NONE, GsoType.TCPV4, GsoType.TCPV6})
+
+#: GSO type the inner packet's L3/L4 pair requires for TCP segmentation offload.
+TX_GSO_FOR_L3: dict[int, int] = {ETH_P_IP: GsoType.TCPV4, ETH_P_IPV6: GsoType.TCPV6}
+
+#: The csum_offset of each inner L4 protocol (and back).
+CSUM_OFFSET_BY_L4: dict[int, int] = {IPPROTO_TCP: TCP_CSUM_OFFSET, IPPROTO_UDP: UDP_CSUM_OFFSET}
+L4_BY_CSUM_OFFSET: dict[int, int] = {v: k for k, v in CSUM_OFFSET_BY_L4.items()}
+
+
+class RxOffload(NamedTuple):
+    """What the receiver does for one (IPv4?, TCP?) flag pair when P is set."""
+
+    csum_offset: int
+    gso_type: int  # used when MSS != 0
+    min_l4_offset: int  # smallest legal L4 offset (Ethernet + minimal IP header)
+    l4_header_len: int  # smallest L4 header that must fit in the frame
+
+
+#: (V flag set, T flag set) → receive offload (OVS ``set_offloads``, protocol.md §4.2).
+#: UDP with MSS ≠ 0 would be UFO; current kernels cannot take it, so it maps to
+#: GSO NONE and the datagram is delivered with only its checksum partial.
+RX_OFFLOAD_MAP: dict[tuple[bool, bool], RxOffload] = {
+    (True, True): RxOffload(TCP_CSUM_OFFSET, GsoType.TCPV4, ETH_HLEN + IPV4_HLEN, TCP_HEADER_LEN),
+    (False, True): RxOffload(TCP_CSUM_OFFSET, GsoType.TCPV6, ETH_HLEN + IPV6_HLEN, TCP_HEADER_LEN),
+    (True, False): RxOffload(UDP_CSUM_OFFSET, GsoType.NONE, ETH_HLEN + IPV4_HLEN, UDP_HEADER_LEN),
+    (False, False): RxOffload(UDP_CSUM_OFFSET, GsoType.NONE, ETH_HLEN + IPV6_HLEN, UDP_HEADER_LEN),
+}
+
+
+class SoftwareReason(enum.Enum):
+    """Why a frame's offloads must be completed in software before sending (§4.1)."""
+
+    TOO_LONG = "inner frame longer than 65477 bytes"
+    L4_OFFSET = "L4 offset beyond 255"
+    GSO_TYPE = "GSO type not in the whitelist"
+    NOT_IP = "checksum offload on a frame that is not plain IPv4/IPv6"
+    L4_PROTO = "checksum offload on an L4 protocol other than TCP/UDP"
+    MISMATCH = "GSO type disagrees with the inner L3 protocol"
+
+
+class TxOffload(NamedTuple):
+    """STT header fields derived from the inner frame's offload state."""
+
+    flags: int
+    l4_offset: int
+    mss: int
+
+
+TX_NONE = TxOffload(0, 0, 0)
+TX_VERIFIED = TxOffload(SttFlag.CSUM_VERIFIED, 0, 0)
+
+
+def tx_offload(vnet: VnetHdr, ethertype: int, inner_len: int) -> TxOffload | SoftwareReason:
+    """Map the overlay stack's ``virtio_net_hdr`` to STT offload fields.
+
+    ``ethertype`` is the inner frame's type at byte 12 (after any 802.1Q tag that
+    travels in the STT header has been removed): a frame with a remaining in-band
+    tag (802.1ad, or a second tag) is not offloadable.  Returns the fields to send,
+    or a :class:`SoftwareReason` when checksum/segmentation must be done here first.
+    """
+    flags = vnet.flags
+    gso = vnet.gso_type
+    if gso & GSO_ECN or gso not in TX_GSO_WHITELIST:
+        return SoftwareReason.GSO_TYPE
+    if not flags & VnetFlag.NEEDS_CSUM:
+        if gso:
+            return SoftwareReason.GSO_TYPE  # GSO without partial checksum: not a state we accept
+        return TX_VERIFIED if flags & VnetFlag.DATA_VALID else TX_NONE
+    if inner_len > MAX_OFFLOAD_INNER_LEN:
+        return SoftwareReason.TOO_LONG
+    l4_offset = vnet.csum_start
+    if l4_offset > MAX_L4_OFFSET:
+        return SoftwareReason.L4_OFFSET
+    if ethertype == ETH_P_IP:
+        flags_out = SttFlag.CSUM_PARTIAL | SttFlag.IPV4
+    elif ethertype == ETH_P_IPV6:
+        flags_out = SttFlag.CSUM_PARTIAL
+    else:
+        return SoftwareReason.NOT_IP
+    l4 = L4_BY_CSUM_OFFSET.get(vnet.csum_offset)
+    if l4 is None:
+        return SoftwareReason.L4_PROTO
+    if l4 == IPPROTO_TCP:
+        flags_out |= SttFlag.TCP
+    mss = 0
+    if gso:
+        if l4 != IPPROTO_TCP or TX_GSO_FOR_L3[ethertype] != gso:
+            return SoftwareReason.MISMATCH
+        mss = vnet.gso_size
+    return TxOffload(int(flags_out), l4_offset, mss)
+
+
+def rx_vnet(flags: int, l4_offset: int, mss: int, inner_len: int) -> VnetHdr | DropReason:
+    """The ``virtio_net_hdr`` for a received inner frame, or why it is dropped.
+
+    P wins over C (protocol.md §11 #9); with P clear, MSS and L4 offset are ignored
+    (#10).  With P set the L4 offset must leave room for Ethernet plus a minimal IP
+    header (#7) and the L4 header must fit in the frame (#8).
+    """
+    if not flags & SttFlag.CSUM_PARTIAL:
+        if flags & SttFlag.CSUM_VERIFIED:
+            return VNET_DATA_VALID
+        return VNET_NONE_HDR
+    row = RX_OFFLOAD_MAP[(bool(flags & SttFlag.IPV4), bool(flags & SttFlag.TCP))]
+    if l4_offset < row.min_l4_offset or l4_offset + row.l4_header_len > inner_len:
+        return DropReason.BAD_L4_OFFSET
+    if mss and row.gso_type != GsoType.NONE:
+        hdr_len = l4_offset + row.l4_header_len
+        return VnetHdr(VnetFlag.NEEDS_CSUM, row.gso_type, hdr_len, mss, l4_offset, row.csum_offset)
+    return VnetHdr(VnetFlag.NEEDS_CSUM, GsoType.NONE, 0, 0, l4_offset, row.csum_offset)
+
+
+VNET_NONE_HDR = VnetHdr()
+VNET_DATA_VALID = VnetHdr(flags=VnetFlag.DATA_VALID)
