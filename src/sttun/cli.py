@@ -1,0 +1,628 @@
+"""The ``sttun`` command: run an endpoint, look at one, and work on STT captures.
+
+Importing this module is cheap on purpose: every subcommand imports what it needs
+(pyroute2, prometheus_client, rich, the data path) only when it runs.
+
+Exit status: 0 success, 1 runtime failure, 2 usage or configuration error,
+130 interrupted.  A user's mistake ends with one ``sttun: error: ...`` line on
+stderr, never a traceback (``--debug`` shows tracebacks of internal errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sttun import __version__
+
+if TYPE_CHECKING:
+    from sttun.daemon.metrics import ShowData
+
+PROG = "sttun"
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a closed pipe
+
+MAX_KEY = 2**64 - 1
+ROOT_REASON = "CAP_NET_ADMIN needed for TAP and AF_PACKET"
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------
+# argument types (the tools get ready-made ints)
+
+
+def _context_id(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_KEY:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..{MAX_KEY}, got {text!r}")
+    return value
+
+
+def _ranged(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer {lo}..{hi}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer {lo}..{hi}"
+    return parse
+
+
+_port = _ranged(1, 65535)
+
+
+# --------------------------------------------------------------------------------
+# the parser
+
+_UP_EPILOG = """\
+examples:
+  sttun up -c /etc/sttun/sttun.toml
+  sttun up --local-ip 198.18.0.1 --remote-ip 198.18.0.2 --key 0x1234 --dev stt0
+  sttun up --local-ip 2001:db8:0:1::1 --remote-ip 2001:db8:0:1::2 --key 7 \\
+           --metrics '[::1]:9100' --log-format json
+  sttun up -c sttun.toml --check        # validate the file and exit
+
+The file holds a [daemon] table and one [[tunnel]] table per tunnel, with the
+same names as the flags (local_ip, remote_ip, key, in_key, out_key, dev,
+dst_port, mtu, bridge, tos, ttl, df, offload, persist, underlay_mtu).
+Runs in the foreground until SIGINT/SIGTERM; SIGHUP reloads the file.
+Needs root (CAP_NET_ADMIN) to create TAP devices and AF_PACKET sockets.
+"""
+
+_SHOW_EPILOG = """\
+examples:
+  sttun show
+  sttun show --json | jq '.tunnels[] | {name, rx}'
+  sttun show --instance tenant2
+"""
+
+_DECAP_EPILOG = """\
+examples:
+  sttun decap capture.pcap -o inner.pcap
+  sttun decap capture.pcapng -o inner.pcap --context-id 0x1234 --port 7471
+  sttun decap capture.pcap --split-by-context out/   # out/<context-id>.pcap
+  sttun decap capture.pcap -o inner.pcap --json      # summary as JSON on stdout
+"""
+
+_ENCAP_EPILOG = """\
+examples:
+  sttun encap inner.pcap -o stt.pcap --src 198.18.0.1 --dst 198.18.0.2 --context-id 0x1234
+  sttun encap inner.pcap -o stt.pcap --src 2001:db8:0:1::1 --dst 2001:db8:0:1::2 \\
+              --ipv6 --context-id 7 --mtu 9000 --sport-hash
+"""
+
+_INSPECT_EPILOG = """\
+examples:
+  sttun inspect capture.pcap
+  sttun inspect capture.pcapng --json --port 7471 --port 7472
+"""
+
+_DEMO_EPILOG = """\
+examples:
+  sttun demo               # build, test, report and tear down
+  sttun demo --keep        # leave the namespaces up to play with
+  sttun demo --down        # remove what a --keep run left
+  sttun demo --ipv6 --mtu 9000
+Creates two network namespaces joined by a veth pair (underlay 198.18.0.0/15 or
+2001:db8:0:1::/64), an STT tunnel between them, then runs ping, a bulk transfer
+and a wire check.  Needs root.
+"""
+
+
+def _subparser(
+    sub: Any, name: str, help_text: str, description: str, epilog: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=textwrap.fill(description, 78),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _add_up(sub: Any) -> None:
+    p = _subparser(
+        sub,
+        "up",
+        "run an STT endpoint (foreground daemon)",
+        "Run an STT tunnel endpoint: one or more tunnels from a TOML file (-c), "
+        "or one tunnel described by flags.",
+        _UP_EPILOG,
+    )
+    p.add_argument("-c", "--config", metavar="FILE.toml", help="configuration file")
+    p.add_argument(
+        "--check", action="store_true", help="validate the configuration, print it and exit"
+    )
+    t = p.add_argument_group("one tunnel (instead of -c)")
+    t.add_argument("--local-ip", metavar="ADDR", help="this end's underlay address (required)")
+    t.add_argument("--remote-ip", metavar="ADDR", help="the other end's address (required)")
+    t.add_argument(
+        "--key", metavar="K", help="64-bit context id for both directions (0x.. accepted)"
+    )
+    t.add_argument("--in-key", metavar="K", help="context id expected on receive (default: --key)")
+    t.add_argument("--out-key", metavar="K", help="context id sent (default: --key)")
+    t.add_argument("--dev", metavar="NAME", help="TAP device and tunnel name (default: stt0)")
+    t.add_argument("--dst-port", metavar="P", help="STT destination port (default: 7471)")
+    t.add_argument("--mtu", metavar="N", help="TAP (overlay) MTU, 68..65000 (default: 1500)")
+    t.add_argument("--bridge", metavar="BR", help="add the TAP device to this Linux bridge")
+    t.add_argument(
+        "--tos", metavar="T", help="outer DSCP 0..63 or 'inherit' (default: 0; ECN always copied)"
+    )
+    t.add_argument("--ttl", metavar="T", help="outer TTL 1..255 or 'inherit' (default: 64)")
+    t.add_argument(
+        "--no-df", dest="df", action="store_false", help="do not set DF on outer IPv4 packets"
+    )
+    t.add_argument(
+        "--no-offload",
+        dest="offload",
+        action="store_false",
+        help="no checksum/segmentation offload on the TAP (slower; for debugging)",
+    )
+    t.add_argument(
+        "--persist", action="store_true", help="keep the TAP device when the daemon exits"
+    )
+    t.add_argument(
+        "--underlay-mtu", metavar="N", help="segment for this MTU instead of the route's MTU"
+    )
+    d = p.add_argument_group("daemon (override the file's [daemon] table)")
+    d.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics on host:port")
+    d.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error", "critical"),
+        help="default: info",
+    )
+    d.add_argument("--log-format", choices=("text", "json"), help="default: text")
+    d.add_argument(
+        "--no-firewall",
+        dest="firewall",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not install the nftables rule that stops the host answering with RSTs",
+    )
+    d.add_argument(
+        "--instance", metavar="NAME", help="names the nft table and control socket (default: sttun)"
+    )
+    d.add_argument("--control-socket", metavar="PATH", help="default: /run/sttun/<instance>.sock")
+    p.set_defaults(func=_cmd_up)
+
+
+def _add_show(sub: Any) -> None:
+    p = _subparser(
+        sub,
+        "show",
+        "show a running endpoint's tunnels and counters",
+        "Ask a running `sttun up` for its tunnels, counters, drops and reassembly state.",
+        _SHOW_EPILOG,
+    )
+    p.add_argument("--json", action="store_true", help="print the raw data as JSON")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--instance", metavar="NAME", help="the daemon's instance name (default: sttun)"
+    )
+    where.add_argument("--control-socket", metavar="PATH", help="the daemon's control socket")
+    p.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default: 5)"
+    )
+    p.set_defaults(func=_cmd_show)
+
+
+def _add_tools(sub: Any) -> None:
+    p = _subparser(
+        sub,
+        "decap",
+        "extract the inner frames of an STT capture",
+        "Reassemble the STT frames in a pcap/pcapng capture and write their inner "
+        "Ethernet frames to a pcap file.",
+        _DECAP_EPILOG,
+    )
+    p.add_argument("input", metavar="IN", help="capture file (pcap or pcapng)")
+    p.add_argument("-o", "--output", metavar="OUT", help="pcap file for the inner frames")
+    p.add_argument(
+        "--context-id",
+        metavar="K",
+        type=_context_id,
+        action="append",
+        help="keep only this context id (repeatable; default: all)",
+    )
+    p.add_argument(
+        "--port",
+        metavar="P",
+        type=_port,
+        action="append",
+        help="STT destination port (repeatable; default: 7471)",
+    )
+    p.add_argument(
+        "--split-by-context", metavar="DIR", help="write one pcap per context id into DIR"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_tool("decap"), validate=_check_decap)
+
+    p = _subparser(
+        sub,
+        "encap",
+        "wrap the frames of a capture in STT",
+        "Encapsulate every Ethernet frame of a capture in STT and write the segmented "
+        "outer packets to a pcap file.",
+        _ENCAP_EPILOG,
+    )
+    p.add_argument("input", metavar="IN", help="capture file of inner Ethernet frames")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="pcap file to write")
+    p.add_argument("--src", metavar="A", required=True, help="outer source address")
+    p.add_argument("--dst", metavar="B", required=True, help="outer destination address")
+    p.add_argument(
+        "--context-id", metavar="K", type=_context_id, required=True, help="64-bit context id"
+    )
+    p.add_argument(
+        "--mtu",
+        metavar="N",
+        type=_ranged(68, 65535),
+        default=1500,
+        help="underlay MTU the segments must fit (default: 1500)",
+    )
+    p.add_argument("--ipv6", action="store_true", help="outer IPv6")
+    sport = p.add_mutually_exclusive_group()
+    sport.add_argument(
+        "--sport-hash",
+        action="store_true",
+        help="source port from a hash of the inner flow (like OVS)",
+    )
+    sport.add_argument("--sport", metavar="N", type=_port, help="fixed source port")
+    p.add_argument(
+        "--dst-port", metavar="P", type=_port, default=7471, help="destination port (default: 7471)"
+    )
+    p.set_defaults(func=_tool("encap"))
+
+    p = _subparser(
+        sub,
+        "inspect",
+        "summarise an STT capture per context id",
+        "Report per context id: frames, bytes, segments, offload flags, and every "
+        "reassembly or decoding error in a capture.",
+        _INSPECT_EPILOG,
+    )
+    p.add_argument("input", metavar="IN", help="capture file (pcap or pcapng)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--port",
+        metavar="P",
+        type=_port,
+        action="append",
+        help="STT destination port (repeatable; default: 7471)",
+    )
+    p.set_defaults(func=_tool("inspect"))
+
+    p = _subparser(
+        sub,
+        "demo",
+        "two namespaces, a tunnel, traffic and a report",
+        "Build a two-namespace test bed with an STT tunnel, send traffic through it "
+        "and report what happened.",
+        _DEMO_EPILOG,
+    )
+    p.add_argument("--keep", action="store_true", help="leave the namespaces and tunnel up")
+    p.add_argument("--down", action="store_true", help="tear down what a --keep run left")
+    p.add_argument("--ipv6", action="store_true", help="IPv6 underlay")
+    p.add_argument(
+        "--mtu",
+        metavar="N",
+        type=_ranged(68, 65000),
+        default=1500,
+        help="overlay (TAP) MTU (default: 1500)",
+    )
+    p.add_argument(
+        "--no-offload", dest="offload", action="store_false", help="run without TAP offloads"
+    )
+    p.set_defaults(func=_tool("demo"), needs_root=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The complete ``sttun`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Userspace STT (Stateless Transport Tunneling, draft-davie-stt-08) "
+        "for stock Linux.",
+        epilog="Run `sttun COMMAND --help` for each command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show a traceback for internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_up(sub)
+    _add_show(sub)
+    _add_tools(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------------
+# commands
+
+
+def _not_root(command: str) -> bool:
+    if os.geteuid() != 0:
+        print(f"{PROG} {command}: must be run as root ({ROOT_REASON})", file=sys.stderr)
+        return True
+    return False
+
+
+def _cmd_up(ns: argparse.Namespace) -> int:
+    from sttun.daemon.config import config_from_args
+
+    config = config_from_args(ns)
+    if ns.check:
+        print(describe_config(config))
+        return EXIT_OK
+    if _not_root("up"):
+        return EXIT_USAGE
+    try:
+        from sttun.daemon.endpoint import run
+    except ImportError as e:
+        _error(f"the endpoint is not available in this installation ({e})")
+        return EXIT_RUNTIME
+    return int(run(config))
+
+
+def describe_config(config: Any) -> str:
+    """A few lines describing a validated :class:`~sttun.daemon.config.DaemonConfig`."""
+    lines = [
+        f"instance {config.instance}, control socket {config.control_socket}, "
+        f"metrics {config.metrics or 'off'}, firewall {'on' if config.firewall else 'off'}, "
+        f"log {config.log_level}/{config.log_format}"
+    ]
+    for t in config.tunnels:
+        keys = f"{t.in_key:#x}" if t.in_key == t.out_key else f"in {t.in_key:#x} out {t.out_key:#x}"
+        dev = f" dev {t.dev}" if t.dev != t.name else ""
+        bridge = f" bridge {t.bridge}" if t.bridge else ""
+        lines.append(
+            f"tunnel {t.name}{dev}: {t.local_ip} -> {t.remote_ip} port {t.dst_port} "
+            f"key {keys} mtu {t.mtu}{bridge}"
+        )
+    n = len(config.tunnels)
+    lines.append(f"configuration OK: {n} tunnel{'s' if n != 1 else ''}")
+    return "\n".join(lines)
+
+
+def _cmd_show(ns: argparse.Namespace) -> int:
+    from sttun.daemon.config import default_control_socket
+    from sttun.daemon.control import query
+
+    path = ns.control_socket or default_control_socket(ns.instance or "sttun")
+    data: Any = query(path, "show", timeout=ns.timeout)
+    if ns.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    if sys.stdout.isatty():
+        try:
+            _print_show_rich(data)
+            return EXIT_OK
+        except ImportError:
+            pass
+    print(format_show_text(data))
+    return EXIT_OK
+
+
+def _check_decap(ns: argparse.Namespace) -> str | None:
+    if ns.output is None and ns.split_by_context is None:
+        return "decap needs -o OUT or --split-by-context DIR"
+    return None
+
+
+def _tool(name: str) -> Callable[[argparse.Namespace], int]:
+    def run_tool(ns: argparse.Namespace) -> int:
+        if getattr(ns, "needs_root", False) and _not_root(name):
+            return EXIT_USAGE
+        try:
+            module = importlib.import_module(f"sttun.tools.{name}")
+            entry = module.main
+        except (ImportError, AttributeError) as e:
+            _error(f"`sttun {name}` is not available in this installation ({e})")
+            return EXIT_RUNTIME
+        return int(entry(ns) or 0)
+
+    run_tool.__name__ = f"run_{name}"
+    return run_tool
+
+
+# --------------------------------------------------------------------------------
+# `sttun show` rendering
+
+_COLUMNS = (
+    ("TUNNEL", False),
+    ("DEV", False),
+    ("LOCAL", False),
+    ("REMOTE", False),
+    ("KEY", False),
+    ("PORT", True),
+    ("STATE", False),
+    ("TX FRAMES", True),
+    ("TX BYTES", True),
+    ("RX FRAMES", True),
+    ("RX BYTES", True),
+    ("DROPS", True),
+    ("REASM", True),
+)  # (heading, right-aligned)
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``"1.5 KiB"``; under 1 KiB as plain bytes."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def human_duration(seconds: float) -> str:
+    """``3725`` → ``"1h02m"``."""
+    s = max(int(seconds), 0)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+def _key_text(in_key: int, out_key: int) -> str:
+    return f"{in_key:#x}" if in_key == out_key else f"{in_key:#x}/{out_key:#x}"
+
+
+def _show_parts(data: ShowData, now: float) -> tuple[str, list[list[str]], list[str]]:
+    """(header line, table rows, detail lines) for ``sttun show``."""
+    header = (
+        f"sttun instance {data['instance']}, pid {data['pid']}, "
+        f"up {human_duration(now - data['started'])}, {len(data['tunnels'])} tunnel(s)"
+    )
+    rows = []
+    details = []
+    for t in data["tunnels"]:
+        port = t["dst_port"]
+        r = t["reassembly"]
+        rows.append(
+            [
+                t["name"],
+                t["dev"],
+                t["local_ip"],
+                t["remote_ip"],
+                _key_text(t["in_key"], t["out_key"]),
+                str(port),
+                t["state"] + ("" if t["offload"] else " (no offload)"),
+                str(t["tx"]["frames"]),
+                human_bytes(t["tx"]["bytes"]),
+                str(t["rx"]["frames"]),
+                human_bytes(t["rx"]["bytes"]),
+                str(sum(t["drops"].values())),
+                f"{r['entries']}/{human_bytes(r['bytes'])}",
+            ]
+        )
+        if t["drops"]:
+            details.append(f"drops {t['name']}: {_drop_list(t['drops'])}")
+    if data["drops"]:
+        details.append(f"drops (no tunnel): {_drop_list(data['drops'])}")
+    g = data["reassembly"]
+    details.append(
+        f"reassembly: {g['entries']} partial frame(s), {human_bytes(g['bytes'])} "
+        f"(peak {human_bytes(g['peak_bytes'])}), {g['evictions']} evicted, "
+        f"{g['timeouts']} timed out"
+    )
+    return header, rows, details
+
+
+def _drop_list(drops: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items(), key=lambda i: -i[1]))
+
+
+def format_show_text(data: ShowData, now: float | None = None) -> str:
+    """``sttun show`` as plain aligned text (no colour), for pipes and logs."""
+    header, rows, details = _show_parts(data, time.time() if now is None else now)
+    headings = [c for c, _ in _COLUMNS]
+    widths = [max(len(str(x)) for x in col) for col in zip(headings, *rows, strict=False)]
+    lines = [header, ""]
+    for row in (headings, *rows):
+        cells = [
+            cell.rjust(w) if right else cell.ljust(w)
+            for cell, w, (_, right) in zip(row, widths, _COLUMNS, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    if not rows:
+        lines.append("(no tunnels)")
+    lines.append("")
+    lines.extend(details)
+    return "\n".join(lines)
+
+
+def _print_show_rich(data: ShowData) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows, details = _show_parts(data, time.time())
+    table = Table(title=header, title_justify="left")
+    for heading, right in _COLUMNS:
+        table.add_column(heading, justify="right" if right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for line in details:
+        console.print(line, highlight=False)
+
+
+# --------------------------------------------------------------------------------
+# entry point
+
+
+def _os_error_text(e: OSError) -> str:
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return e.strerror or str(e)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sttun`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    from sttun.errors import ConfigError, SttError
+
+    parser = build_parser()
+    ns: argparse.Namespace | None = None
+    try:
+        try:
+            ns = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, usage errors
+            return (
+                e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
+            )
+        validate = getattr(ns, "validate", None)
+        if validate is not None:
+            problem = validate(ns)
+            if problem:
+                _error(problem)
+                return EXIT_USAGE
+        result: int = ns.func(ns)
+        return result
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # stdout went away (`sttun show | head`): leave quietly, without a flush error at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except ConfigError as e:
+        _error(str(e))
+        return EXIT_USAGE
+    except SttError as e:
+        _error(str(e))
+        return EXIT_RUNTIME
+    except OSError as e:
+        _error(_os_error_text(e))
+        return EXIT_RUNTIME
+    except Exception as e:
+        if ns is not None and ns.debug:
+            raise
+        _error(f"internal error: {type(e).__name__}: {e} (run with --debug for a traceback)")
+        return EXIT_RUNTIME

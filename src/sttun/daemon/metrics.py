@@ -1,0 +1,286 @@
+"""The show-data shape, and its export as Prometheus metrics.
+
+:class:`ShowData` is the one description of a running endpoint's state: the daemon
+builds it, the control socket serves it (``sttun show``), and
+:class:`SttunCollector` turns it into metrics on every scrape.
+
+prometheus_client is imported only when metrics are used, so importing this module
+for the types costs nothing.
+
+Metrics (``tunnel`` and ``key`` labels on every per-tunnel series; ``key`` is the
+context id in hex, ``0x1234``, or ``in/out`` when the two differ)::
+
+    sttun_info{instance,version}                       1
+    sttun_start_time_seconds                           gauge
+    sttun_tunnel_state{tunnel,key,state}               1 for the current state
+    sttun_tunnel_{tx,rx}_{frames,bytes,segments}_total counter
+    sttun_tunnel_drops_total{tunnel,key,reason}        counter
+    sttun_tunnel_reassembly_{entries,bytes,peak_bytes} gauge
+    sttun_tunnel_reassembly_{evictions,timeouts}_total counter
+    sttun_drops_total{reason}                          drops no tunnel can be blamed for
+    sttun_reassembly_{entries,bytes,peak_bytes}        gauge, whole reassembler
+    sttun_reassembly_{evictions,timeouts}_total        counter, whole reassembler
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from sttun.daemon.config import parse_hostport
+from sttun.errors import ConfigError, SetupError
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
+
+
+class TrafficStats(TypedDict):
+    """One direction of a tunnel: inner frames, their bytes, outer segments."""
+
+    frames: int  # inner Ethernet frames (one STT frame each)
+    bytes: int  # inner frame bytes
+    segments: int  # outer TCP-like segments (packets on the underlay; GSO pieces count once)
+
+
+class ReassemblyStats(TypedDict):
+    """Reassembly state and history, per tunnel or for the whole reassembler."""
+
+    entries: int  # partial frames buffered now
+    bytes: int  # bytes charged for them now
+    peak_bytes: int  # highest ``bytes`` seen
+    evictions: int  # partial frames thrown away for memory (high water, source budget)
+    timeouts: int  # partial frames thrown away after the reassembly timeout
+
+
+class TunnelStats(TypedDict):
+    """One tunnel in :class:`ShowData`.
+
+    ``state`` is one of ``"up"``, ``"down"`` (TAP down / not yet set up) or
+    ``"error"``; ``drops`` maps a :class:`sttun.core.drops.DropReason` value to a
+    count and lists non-zero counts only.
+    """
+
+    name: str
+    dev: str
+    local_ip: str
+    remote_ip: str
+    in_key: int
+    out_key: int
+    dst_port: int
+    state: str
+    offload: bool
+    tx: TrafficStats
+    rx: TrafficStats
+    drops: dict[str, int]
+    reassembly: ReassemblyStats
+
+
+class ShowData(TypedDict):
+    """What ``sttun show`` prints and the metrics export: a running endpoint's state.
+
+    ``started`` is the Unix time the daemon started.  ``drops`` holds drops that no
+    tunnel can be blamed for (wrong port, unknown source, ...), keyed by drop reason
+    value; ``reassembly`` describes the whole reassembler.
+    """
+
+    pid: int
+    instance: str
+    started: float
+    tunnels: list[TunnelStats]
+    drops: dict[str, int]
+    reassembly: ReassemblyStats
+
+
+def empty_traffic() -> TrafficStats:
+    """A zeroed :class:`TrafficStats`."""
+    return {"frames": 0, "bytes": 0, "segments": 0}
+
+
+def empty_reassembly() -> ReassemblyStats:
+    """A zeroed :class:`ReassemblyStats`."""
+    return {"entries": 0, "bytes": 0, "peak_bytes": 0, "evictions": 0, "timeouts": 0}
+
+
+def key_label(in_key: int, out_key: int) -> str:
+    """The ``key`` label: ``0x1234``, or ``0x1/0x2`` when in_key and out_key differ."""
+    if in_key == out_key:
+        return f"{in_key:#x}"
+    return f"{in_key:#x}/{out_key:#x}"
+
+
+TUNNEL_STATES = ("up", "down", "error")
+
+_TRAFFIC_FIELDS = ("frames", "bytes", "segments")
+_REASM_GAUGES = (
+    ("entries", "partial frames being reassembled"),
+    ("bytes", "bytes held by partial frames"),
+    ("peak_bytes", "highest bytes held by partial frames"),
+)
+_REASM_COUNTERS = (
+    ("evictions", "partial frames evicted under memory pressure"),
+    ("timeouts", "partial frames dropped after the reassembly timeout"),
+)
+
+
+class ShowSnapshot:
+    """A thread-safe box holding the latest :class:`ShowData`.
+
+    The metrics HTTP server runs in its own thread; the daemon's loop calls
+    :meth:`publish` (e.g. once a second and before each control reply) and the
+    collector reads the last published value, so a scrape never iterates over the
+    loop's live structures.
+    """
+
+    def __init__(self, initial: ShowData | None = None) -> None:
+        self._lock = threading.Lock()
+        self._data = initial
+
+    def publish(self, data: ShowData) -> None:
+        """Make ``data`` the value the next scrape sees."""
+        with self._lock:
+            self._data = data
+
+    def __call__(self) -> ShowData | None:
+        with self._lock:
+            return self._data
+
+
+class SttunCollector:
+    """A prometheus_client collector that exports :class:`ShowData` on each scrape.
+
+    ``source`` returns the current data (or None before the daemon has any: then
+    only ``sttun_info`` is exported).  It is called in the HTTP server's thread.
+    """
+
+    def __init__(self, source: Callable[[], ShowData | None], version: str | None = None) -> None:
+        from sttun import __version__
+
+        self._source = source
+        self._version = version if version is not None else __version__
+
+    def describe(self) -> list[Metric]:
+        """No up-front description: the metric set depends on the data."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every metric family from one read of the data."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        data = self._source()
+        info = GaugeMetricFamily(
+            "sttun_info", "sttun endpoint (value always 1)", labels=["instance", "version"]
+        )
+        info.add_metric([data["instance"] if data else "", self._version], 1)
+        yield info
+        if data is None:
+            return
+        yield GaugeMetricFamily(
+            "sttun_start_time_seconds", "Unix time the daemon started", value=data["started"]
+        )
+
+        tl = ["tunnel", "key"]
+        state = GaugeMetricFamily(
+            "sttun_tunnel_state", "1 for the tunnel's current state", labels=[*tl, "state"]
+        )
+        traffic: dict[tuple[str, str], CounterMetricFamily] = {}
+        for direction, verb in (("tx", "sent"), ("rx", "received")):
+            for f in _TRAFFIC_FIELDS:
+                traffic[direction, f] = CounterMetricFamily(
+                    f"sttun_tunnel_{direction}_{f}",
+                    f"inner {f} {verb}" if f != "segments" else f"outer STT segments {verb}",
+                    labels=tl,
+                )
+        drops = CounterMetricFamily(
+            "sttun_tunnel_drops", "packets dropped, by reason", labels=[*tl, "reason"]
+        )
+        reasm_g = {
+            f: GaugeMetricFamily(f"sttun_tunnel_reassembly_{f}", text, labels=tl)
+            for f, text in _REASM_GAUGES
+        }
+        reasm_c = {
+            f: CounterMetricFamily(f"sttun_tunnel_reassembly_{f}", text, labels=tl)
+            for f, text in _REASM_COUNTERS
+        }
+        for t in data["tunnels"]:
+            labels = [t["name"], key_label(t["in_key"], t["out_key"])]
+            states: tuple[str, ...] = TUNNEL_STATES
+            if t["state"] not in states:
+                states = (*states, t["state"])
+            for s in states:
+                state.add_metric([*labels, s], 1 if t["state"] == s else 0)
+            for direction in ("tx", "rx"):
+                stats: Mapping[str, Any] = t[direction]  # type: ignore[literal-required]
+                for f in _TRAFFIC_FIELDS:
+                    traffic[direction, f].add_metric(labels, stats.get(f, 0))
+            for reason, n in sorted(t["drops"].items()):
+                drops.add_metric([*labels, reason], n)
+            reasm: Mapping[str, Any] = t["reassembly"]
+            for f, fam in reasm_g.items():
+                fam.add_metric(labels, reasm.get(f, 0))
+            for f, cfam in reasm_c.items():
+                cfam.add_metric(labels, reasm.get(f, 0))
+        yield state
+        yield from traffic.values()
+        yield drops
+        yield from reasm_g.values()
+        yield from reasm_c.values()
+
+        gdrops = CounterMetricFamily(
+            "sttun_drops", "packets dropped before a tunnel was known, by reason", labels=["reason"]
+        )
+        for reason, n in sorted(data["drops"].items()):
+            gdrops.add_metric([reason], n)
+        yield gdrops
+        greasm: Mapping[str, Any] = data["reassembly"]
+        for f, text in _REASM_GAUGES:
+            yield GaugeMetricFamily(f"sttun_reassembly_{f}", text, value=greasm.get(f, 0))
+        for f, text in _REASM_COUNTERS:
+            yield CounterMetricFamily(f"sttun_reassembly_{f}", text, value=greasm.get(f, 0))
+
+
+def make_registry(collector: SttunCollector, process: bool = True) -> CollectorRegistry:
+    """A fresh registry with ``collector`` (and the process metrics if ``process``)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def render(collector: SttunCollector) -> str:
+    """The text exposition format of ``collector`` alone (for tests and debugging)."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(make_registry(collector, process=False)).decode()
+
+
+def start_metrics_server(addr: str, collector: SttunCollector) -> Callable[[], None]:
+    """Serve ``collector`` over HTTP on ``addr`` (``host:port``, ``[::1]:9100``, ``:9100``).
+
+    The server runs in a daemon thread.  Returns a function that stops it.
+    Raises :class:`ConfigError` for a malformed address and :class:`SetupError` if
+    the address cannot be bound.
+    """
+    from prometheus_client import start_http_server
+
+    try:
+        host, port = parse_hostport(addr)
+    except ValueError as e:
+        raise ConfigError(f"metrics address: {e}") from None
+    try:
+        server, thread = start_http_server(
+            port, addr=host or "0.0.0.0", registry=make_registry(collector)
+        )
+    except OSError as e:
+        raise SetupError(f"cannot serve metrics on {addr}: {e.strerror or e}") from None
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
