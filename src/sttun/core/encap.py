@@ -74,6 +74,8 @@ TX_TCP_FLAGS_MID = int(TcpFlag.ACK)
 TX_WINDOW = 0  # draft §3.2: SHOULD be 0 (OVS sends 0xFFFF; receivers ignore it)
 
 _U16 = struct.Struct("!H")
+_IP4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+_IP6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
 _HASHED_L4 = (IPPROTO_TCP, IPPROTO_UDP)
 
 
@@ -166,6 +168,8 @@ class Encapsulator:
         self.window = window
         # Pseudo-header sum without the length: src + dst + protocol.
         self._pseudo_base = ones_sum(local + remote + bytes((0, IPPROTO_TCP)))
+        # IPv4 header sum of the addresses (the other words are added per segment).
+        self._ip4_const = ones_sum(local + remote) if not self.ipv6 else 0
         self.l2 = l2
         self.underlay_mtu = underlay_mtu
         # statistics
@@ -355,41 +359,75 @@ class Encapsulator:
         tos: int,
         ttl: int,
     ) -> list[Packet]:
-        seg = self.segment_payload
-        # The last segment should carry more than 20 bytes: Wireshark mis-reassembles
-        # a frame whose last segment is <= 20 bytes (protocol.md §12.5).  Borrow
-        # bytes from the second-to-last segment when that happens.
-        sizes = _segment_sizes(frame_len, seg)
+        """The outer segments of one frame, checksums complete.
+
+        Header checksums are computed arithmetically from the field values (no
+        bytes are summed twice); only the payload slices are summed.
+        """
+        sizes = _segment_sizes(frame_len, self.segment_payload)
         mv = inner if isinstance(inner, memoryview) else memoryview(inner)
         out: list[Packet] = []
-        o_tcp = self._l2_len + self.ip_hlen
-        hlen = self._hdr_len
-        offset = 0
+        l2 = self._l2
         last = len(sizes) - 1
-        pseudo_base = self._pseudo_base
-        for i, size in enumerate(sizes):
-            parts: list[Buffer]
-            if offset == 0:
-                parts = [stt, mv[: size - STT_HEADER_LEN]]
-            else:
-                start = offset - STT_HEADER_LEN
-                parts = [mv[start : start + size]]
-            buf = bytearray(hlen)
-            if self._l2_len:
-                buf[: self._l2_len] = self._l2
-            tcp_len = TCP_HEADER_LEN + size
-            self._pack_ip(buf, tcp_len, tos, ttl)
-            flags = TX_TCP_FLAGS if i == last else TX_TCP_FLAGS_MID
-            TCP_HEADER.pack_into(
-                buf, o_tcp, sport, self.dst_port, (frame_len << 16) | offset, fid, TCP_DOFF_BYTE,
-                flags, self.window, 0, 0,
-            )  # fmt: skip
-            s = ones_sum_parts(parts, add(add(pseudo_base, tcp_len), ones_sum(buf[o_tcp:])))
-            _U16.pack_into(buf, o_tcp + 16, ~s & 0xFFFF)
-            out.append([buf, *parts])
-            offset += size
+        window = self.window
+        dport = self.dst_port
+        # TCP header words that do not change between segments, plus the pseudo-header.
+        tcp_const = (
+            self._pseudo_base + sport + dport + frame_len + (fid >> 16) + (fid & 0xFFFF) + window
+        )
+        offset = 0
+        if self.ipv6:
+            first = (6 << 28) | (tos << 20)
+            pack6 = _IP6_TCP.pack
+            for i, size in enumerate(sizes):
+                parts = self._slice(mv, stt, offset, size)
+                flags = TX_TCP_FLAGS if i == last else TX_TCP_FLAGS_MID
+                tcp_len = TCP_HEADER_LEN + size
+                c = tcp_const + tcp_len + offset + (TCP_DOFF_BYTE << 8 | flags)
+                c = ~ones_sum_parts(parts, _fold(c)) & 0xFFFF
+                hdr = pack6(
+                    first, tcp_len, IPPROTO_TCP, ttl, self.local, self.remote, sport, dport,
+                    (frame_len << 16) | offset, fid, TCP_DOFF_BYTE, flags, window, c, 0,
+                )  # fmt: skip
+                out.append([l2, hdr, *parts] if l2 else [hdr, *parts])
+                offset += size
+        else:
+            pack4 = _IP4_TCP.pack
+            df = IPV4_DF if self.df else 0
+            ip_const = self._ip4_const + (tos | 0x4500) + df + (ttl << 8 | IPPROTO_TCP)
+            for i, size in enumerate(sizes):
+                parts = self._slice(mv, stt, offset, size)
+                flags = TX_TCP_FLAGS if i == last else TX_TCP_FLAGS_MID
+                tcp_len = TCP_HEADER_LEN + size
+                ident = self._ip_ident
+                self._ip_ident = (ident + 1) & 0xFFFF
+                ipc = ~_fold(ip_const + IPV4_HLEN + tcp_len + ident) & 0xFFFF
+                c = tcp_const + tcp_len + offset + (TCP_DOFF_BYTE << 8 | flags)
+                c = ~ones_sum_parts(parts, _fold(c)) & 0xFFFF
+                hdr = pack4(
+                    0x45, tos, IPV4_HLEN + tcp_len, ident, df, ttl, IPPROTO_TCP, ipc, self.local,
+                    self.remote, sport, dport, (frame_len << 16) | offset, fid, TCP_DOFF_BYTE,
+                    flags, window, c, 0,
+                )  # fmt: skip
+                out.append([l2, hdr, *parts] if l2 else [hdr, *parts])
+                offset += size
         self.segments += len(sizes)
         return out
+
+    @staticmethod
+    def _slice(mv: memoryview, stt: bytes, offset: int, size: int) -> list[Buffer]:
+        """The payload of the segment at ``offset``: STT frame bytes [offset, offset+size)."""
+        if offset == 0:
+            return [stt, mv[: size - STT_HEADER_LEN]]
+        start = offset - STT_HEADER_LEN
+        return [mv[start : start + size]]
+
+
+def _fold(s: int) -> int:
+    """Fold a non-negative integer sum of 16-bit words to 16 bits (ones' complement)."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
 
 
 def _segment_sizes(frame_len: int, seg: int) -> Sequence[int]:
