@@ -290,10 +290,11 @@ def test_pcapng_big_endian_section_whose_length_looks_small_in_little_endian() -
 
 def test_pcapng_many_blocks_across_small_chunks() -> None:
     datas = [bytes([i % 256]) * (i * 53 % 2500) for i in range(400)]
-    raw = shb("<") + idb("<", 1) + b"".join(epb("<", 0, i, d) for i, d in enumerate(datas))
-    raw += epb("<", 0, 1, b"\x77" * 30000)
+    datas.insert(200, b"\x77" * 30000)
+    raw = shb("<") + idb("<", 1)
+    raw += b"".join(epb("<", 0, i, d, len(d) + i) for i, d in enumerate(datas))
     pkts, _ = read_all(raw, chunk_size=4096)
-    assert [p[2] for p in pkts] == [*datas, b"\x77" * 30000]
+    assert pkts == [(i * 1000, 1, d, len(d) + i) for i, d in enumerate(datas)]
 
 
 # --- errors --------------------------------------------------------------------------
@@ -687,7 +688,7 @@ def test_round_trip_pcapng_vectors(bo: str, tsresol: int, pkts: list[tuple[int, 
     else:
         expect = [ts * 10**9 // 10**tsresol for ts, _ in pkts]
     assert [g[0] for g in got] == expect
-    assert [g[2] for g in got] == [d for _, d in pkts]
+    assert [(g[1], g[2], g[3]) for g in got] == [(1, d, len(d)) for _, d in pkts]
 
 
 @given(st.lists(st.binary(max_size=100), min_size=1, max_size=10), st.data())
