@@ -495,42 +495,48 @@ def _key_text(in_key: int, out_key: int) -> str:
 
 
 def _show_parts(data: ShowData, now: float) -> tuple[str, list[list[str]], list[str]]:
-    """(header line, table rows, detail lines) for ``sttun show``."""
+    """(header line, table rows, detail lines) for ``sttun show``.
+
+    Tolerates missing or null sections (the data crosses a process boundary).
+    """
     header = (
-        f"sttun instance {data['instance']}, pid {data['pid']}, "
-        f"up {human_duration(now - data['started'])}, {len(data['tunnels'])} tunnel(s)"
+        f"sttun instance {data.get('instance', '?')}, pid {data.get('pid', '?')}, "
+        f"up {human_duration(now - data.get('started', now))}, "
+        f"{len(data.get('tunnels', []))} tunnel(s)"
     )
     rows = []
     details = []
-    for t in data["tunnels"]:
-        port = t["dst_port"]
-        r = t["reassembly"]
+    for t in data.get("tunnels", []):
+        tx: dict[str, Any] = t.get("tx") or {}  # type: ignore[assignment]
+        rx: dict[str, Any] = t.get("rx") or {}  # type: ignore[assignment]
+        drops: dict[str, int] = t.get("drops") or {}
+        r: dict[str, Any] = t.get("reassembly") or {}  # type: ignore[assignment]
         rows.append(
             [
-                t["name"],
-                t["dev"],
-                t["local_ip"],
-                t["remote_ip"],
-                _key_text(t["in_key"], t["out_key"]),
-                str(port),
-                t["state"] + ("" if t["offload"] else " (no offload)"),
-                str(t["tx"]["frames"]),
-                human_bytes(t["tx"]["bytes"]),
-                str(t["rx"]["frames"]),
-                human_bytes(t["rx"]["bytes"]),
-                str(sum(t["drops"].values())),
-                f"{r['entries']}/{human_bytes(r['bytes'])}",
+                str(t.get("name", "?")),
+                str(t.get("dev", "?")),
+                str(t.get("local_ip", "?")),
+                str(t.get("remote_ip", "?")),
+                _key_text(t.get("in_key", 0), t.get("out_key", 0)),
+                str(t.get("dst_port", "?")),
+                str(t.get("state", "?")) + ("" if t.get("offload", True) else " (no offload)"),
+                str(tx.get("frames", 0)),
+                human_bytes(tx.get("bytes", 0)),
+                str(rx.get("frames", 0)),
+                human_bytes(rx.get("bytes", 0)),
+                str(sum(drops.values())),
+                f"{r.get('entries', 0)}/{human_bytes(r.get('bytes', 0))}",
             ]
         )
-        if t["drops"]:
-            details.append(f"drops {t['name']}: {_drop_list(t['drops'])}")
-    if data["drops"]:
+        if drops:
+            details.append(f"drops {t.get('name', '?')}: {_drop_list(drops)}")
+    if data.get("drops"):
         details.append(f"drops (no tunnel): {_drop_list(data['drops'])}")
-    g = data["reassembly"]
+    g: dict[str, Any] = data.get("reassembly") or {}  # type: ignore[assignment]
     details.append(
-        f"reassembly: {g['entries']} partial frame(s), {human_bytes(g['bytes'])} "
-        f"(peak {human_bytes(g['peak_bytes'])}), {g['evictions']} evicted, "
-        f"{g['timeouts']} timed out"
+        f"reassembly: {g.get('entries', 0)} partial frame(s), {human_bytes(g.get('bytes', 0))} "
+        f"(peak {human_bytes(g.get('peak_bytes', 0))}), {g.get('evictions', 0)} evicted, "
+        f"{g.get('timeouts', 0)} timed out"
     )
     return header, rows, details
 

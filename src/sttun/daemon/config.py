@@ -255,10 +255,13 @@ def _key(value: object, path: str, where: _Where) -> int:
     if isinstance(value, str):
         text = value
         try:
-            value = int(text.strip(), 0)
+            number = int(text.strip(), 0)
         except ValueError:
+            number = -1
+        if not 0 <= number <= MAX_KEY:
             hint = " (flow-based keys are not supported)" if text.strip() == "flow" else ""
-            raise where.error(path, f"expected {desc}, got {_show(text)}{hint}") from None
+            raise where.error(path, f"expected {desc}, got {_show(text)}{hint}")
+        return number
     return _int(value, path, where, 0, MAX_KEY, desc)
 
 

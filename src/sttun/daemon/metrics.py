@@ -211,12 +211,12 @@ class SttunCollector:
             for s in states:
                 state.add_metric([*labels, s], 1 if t["state"] == s else 0)
             for direction in ("tx", "rx"):
-                stats: Mapping[str, Any] = t[direction]  # type: ignore[literal-required]
+                stats: Mapping[str, Any] = t.get(direction) or {}  # type: ignore[assignment]
                 for f in _TRAFFIC_FIELDS:
                     traffic[direction, f].add_metric(labels, stats.get(f, 0))
-            for reason, n in sorted(t["drops"].items()):
+            for reason, n in sorted((t.get("drops") or {}).items()):
                 drops.add_metric([*labels, reason], n)
-            reasm: Mapping[str, Any] = t["reassembly"]
+            reasm: Mapping[str, Any] = t.get("reassembly") or {}
             for f, fam in reasm_g.items():
                 fam.add_metric(labels, reasm.get(f, 0))
             for f, cfam in reasm_c.items():
@@ -230,10 +230,10 @@ class SttunCollector:
         gdrops = CounterMetricFamily(
             "sttun_drops", "packets dropped before a tunnel was known, by reason", labels=["reason"]
         )
-        for reason, n in sorted(data["drops"].items()):
+        for reason, n in sorted((data.get("drops") or {}).items()):
             gdrops.add_metric([reason], n)
         yield gdrops
-        greasm: Mapping[str, Any] = data["reassembly"]
+        greasm: Mapping[str, Any] = data.get("reassembly") or {}
         for f, text in _REASM_GAUGES:
             yield GaugeMetricFamily(f"sttun_reassembly_{f}", text, value=greasm.get(f, 0))
         for f, text in _REASM_COUNTERS:
