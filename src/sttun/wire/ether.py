@@ -70,7 +70,7 @@ def parse_frame(frame: bytes | bytearray | memoryview) -> FrameInfo:
     while etype in VLAN_TPIDS:
         if off + VLAN_HLEN > n:
             raise TruncatedError("VLAN tag", off + VLAN_HLEN, n)
-        tci, inner = _TAG.unpack_from(frame, off - 2)
+        tci, inner = _TAG.unpack_from(frame, off)
         if not tags:
             outer_tpid, outer_tci = etype, tci
         tags += 1
