@@ -451,7 +451,7 @@ def test_ufo_ipv4_fragments() -> None:
 
 
 def test_ufo_gso_size_rounded_down_to_eight() -> None:
-    frame, l4 = udp_frame(os.urandom(100))
+    frame, _l4 = udp_frame(os.urandom(100))
     pieces = segment_gso(frame, VnetHdr(0, GsoType.UDP, 0, 31, 0, 0))
     assert [len(p) - 34 for p in pieces] == [24, 24, 24, 24, 12]
     dg, _ = _reassemble_v4(pieces)
