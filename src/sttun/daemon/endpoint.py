@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import select
@@ -39,7 +40,7 @@ from sttun.core.decap import DscpModel
 from sttun.core.drops import DropReason
 from sttun.core.endpoint import Endpoint, Tunnel, TunnelSpec
 from sttun.core.reassembly import DEFAULT_SOURCE_BUDGET, Reassembler
-from sttun.daemon.config import DaemonConfig, TunnelConfig, diff_configs, load_config
+from sttun.daemon.config import DaemonConfig, TunnelConfig, diff_configs, reload_config
 from sttun.daemon.logsetup import setup_logging, tunnel_logger
 from sttun.errors import ConfigError, SetupError, SttError
 from sttun.io import netlink
@@ -196,7 +197,7 @@ class Daemon:
             underlay = Underlay(route.ifname, ifindex, bytes.fromhex(mac.replace(":", "")), sock)
             self.underlays[route.ifname] = underlay
             self.by_sock_fd[sock.fileno()] = underlay
-            self._register(sock.fileno(), lambda u=underlay: self._on_underlay(u))
+            self._register(sock.fileno(), functools.partial(self._on_underlay, underlay))
             log.info("underlay %s: AF_PACKET socket open", route.ifname)
         return underlay, route
 
@@ -227,7 +228,7 @@ class Daemon:
         underlay.tunnels.append(rt)
         self.tunnels[cfg.name] = rt
         self.by_tap_fd[tap.fileno()] = rt
-        self._register(tap.fileno(), lambda r=rt: self._on_tap(r))
+        self._register(tap.fileno(), functools.partial(self._on_tap, rt))
         self._refresh_l2(rt)
         rt.state = "up"
         tlog.info(
@@ -271,7 +272,6 @@ class Daemon:
         from sttun.daemon.metrics import ShowSnapshot
 
         self.snapshot = ShowSnapshot()
-        os.makedirs(os.path.dirname(self.config.control_socket) or ".", exist_ok=True)
         self.control = ControlServer(
             self.config.control_socket,
             {"show": lambda _req: self.show_data()},
@@ -474,12 +474,11 @@ class Daemon:
     # ------------------------------------------------------------------ reload
     def reload(self) -> None:
         """Re-read the configuration file and apply the differences (SIGHUP)."""
-        path = self.config.config_path
-        if not path:
+        if not self.config.config_path:
             log.warning("SIGHUP ignored: tunnels came from the command line, not a file")
             return
         try:
-            new = load_config(path)
+            new = reload_config(self.config)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return

@@ -109,6 +109,8 @@ def parse_frame(frame: bytes | bytearray | memoryview) -> FrameInfo:
 
 def ipv4_is_fragment(frame: bytes | bytearray | memoryview, l3_offset: int) -> bool:
     """True if the IPv4 header at ``l3_offset`` is any fragment (MF or offset set)."""
+    if len(frame) < l3_offset + IPV4_HLEN:
+        raise TruncatedError("IPv4 header", l3_offset + IPV4_HLEN, len(frame))
     (frag,) = _U16.unpack_from(frame, l3_offset + 6)
     return bool(frag & (IPV4_MF | IPV4_FRAG_MASK))
 
