@@ -18,7 +18,7 @@ from sttun.errors import DecodeError, TruncatedError
 from sttun.wire.checksum import update16
 from sttun.wire.ip import ECN_CE, ECN_MASK, ECN_NOT_ECT
 from sttun.wire.stt import MIN_FRAME_LEN, STT_HEADER, STT_HEADER_LEN, STT_VERSION, SttHeader
-from sttun.wire.vnet import VnetHdr
+from sttun.wire.vnet import VnetFlag, VnetHdr
 
 Buffer = bytes | bytearray | memoryview
 _U16 = struct.Struct("!H")
@@ -94,7 +94,7 @@ class Decapsulator:
                 if not tci & 0x1000:
                     self.vlan_without_v += 1
                 inner = insert_tag(inner, tag)
-                if vnet.flags:
+                if vnet.flags & VnetFlag.NEEDS_CSUM:
                     vnet = vnet._replace(
                         csum_start=vnet.csum_start + 4,
                         hdr_len=vnet.hdr_len + 4 if vnet.hdr_len else 0,
