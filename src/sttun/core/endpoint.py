@@ -25,12 +25,13 @@ from sttun.core.reassembly import Reassembler
 from sttun.core.vlan import DEFAULT_VLAN_POLICY, VlanPolicy
 from sttun.wire.checksum import ones_sum
 from sttun.wire.ip import IPPROTO_TCP, IPV4_FRAG_MASK, IPV4_MF, IPV6_HLEN
-from sttun.wire.stt import STT_PORT, TCP_HEADER, TCP_HEADER_LEN
+from sttun.wire.stt import MIN_FRAME_LEN, STT_PORT, TCP_HEADER, TCP_HEADER_LEN
 from sttun.wire.vnet import VnetHdr
 
 Buffer = bytes | bytearray | memoryview
 _IPV4_FIXED = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_FIXED = struct.Struct("!IHBB16s16s")
+_CONTEXT_ID = struct.Struct("!Q")  # at byte 8 of the STT header
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,8 @@ class Endpoint:
         self.drops = DropCounters()
         self.reassembler = reassembler if reassembler is not None else Reassembler()
         self.vlan_policy = vlan_policy
+        # Classifies frames whose context id names no tunnel (no tunnel's counters).
+        self._classifier = Decapsulator(vlan_policy=vlan_policy, dscp_model=DscpModel.PIPE)
         self.tunnels: dict[str, Tunnel] = {}
         self._peers: dict[tuple[bytes, bytes], _Peer] = {}
         self.ports: frozenset[int] = frozenset()
@@ -243,21 +246,20 @@ class Endpoint:
             return None
         first_tos = reasm.completed_tos
         ce = reasm.completed_ce
-        # Any tunnel of this peer can decapsulate; the context id then picks one.
-        tunnel = next(iter(peer.by_key.values()))
-        result = tunnel.decapsulator.decap(frame, first_tos, ce)
+        # The context id picks the tunnel, whose decapsulator (DSCP model, counters)
+        # then runs; a frame for no tunnel is still classified (too short, bad
+        # version, ...) before it counts as an unknown context.
+        target = None
+        if len(frame) >= MIN_FRAME_LEN:
+            target = peer.by_key.get(_CONTEXT_ID.unpack_from(frame, 8)[0])
+        dec = target.decapsulator if target is not None else self._classifier
+        result = dec.decap(frame, first_tos, ce)
         if isinstance(result, DropReason):
             self.drops.count(result, len(frame))
             return None
-        target = peer.by_key.get(result.header.context_id)
         if target is None:
             self.drops.count(DropReason.UNKNOWN_CONTEXT, len(frame))
             return None
-        if target is not tunnel and (target.spec.dscp_model is not tunnel.spec.dscp_model):
-            result = target.decapsulator.decap(frame, first_tos, ce)
-            if isinstance(result, DropReason):  # pragma: no cover - same input, same checks
-                target.drops.count(result, len(frame))
-                return None
         rx = target.rx
         rx.frames += 1
         rx.bytes += len(result.inner)
