@@ -22,6 +22,7 @@ from sttun.wire.vnet import VnetFlag, VnetHdr
 
 Buffer = bytes | bytearray | memoryview
 _U16 = struct.Struct("!H")
+_NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
 
 
 class DscpModel(enum.Enum):
@@ -94,7 +95,7 @@ class Decapsulator:
                 if not tci & 0x1000:
                     self.vlan_without_v += 1
                 inner = insert_tag(inner, tag)
-                if vnet.flags & VnetFlag.NEEDS_CSUM:
+                if vnet.flags & _NEEDS_CSUM:
                     vnet = vnet._replace(
                         csum_start=vnet.csum_start + 4,
                         hdr_len=vnet.hdr_len + 4 if vnet.hdr_len else 0,

@@ -56,6 +56,7 @@ from sttun.wire.stt import (
     TCP_DOFF_BYTE,
     TCP_HEADER,
     TCP_HEADER_LEN,
+    SttFlag,
     TcpFlag,
 )
 from sttun.wire.vnet import VNET_HDR, GsoType, VnetFlag, VnetHdr
@@ -77,6 +78,15 @@ _U16 = struct.Struct("!H")
 _IP4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _IP6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
 _HASHED_L4 = (IPPROTO_TCP, IPPROTO_UDP)
+_NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
+_DATA_VALID = int(VnetFlag.DATA_VALID)
+_C = int(SttFlag.CSUM_VERIFIED)
+_P = int(SttFlag.CSUM_PARTIAL)
+_V4 = int(SttFlag.IPV4)
+_T = int(SttFlag.TCP)
+# Outer IP + TCP-like + STT headers of a super-packet, packed in one call.
+_SUPER4 = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBHHQH")
+_SUPER6 = struct.Struct("!IHBB16s16sHHIIBBHHHBBBBHHQH")
 
 
 class TxFrame(NamedTuple):
@@ -193,6 +203,7 @@ class Encapsulator:
         self._hdr_len = self._l2_len + self.ip_hlen + TCP_HEADER_LEN
         self._scratch = bytearray(self._hdr_len + STT_HEADER_LEN)
         self._scratch[: self._l2_len] = self._l2
+        self._update_vnet()
 
     @property
     def underlay_mtu(self) -> int:
@@ -206,6 +217,20 @@ class Encapsulator:
         self._mtu = mtu
         #: STT frame bytes per outer segment.
         self.segment_payload = mtu - self.ip_hlen - TCP_HEADER_LEN
+        self._update_vnet()
+
+    def _update_vnet(self) -> None:
+        """Precompute the two ``virtio_net_hdr`` values a super-packet can carry."""
+        if not hasattr(self, "_l2_len") or not hasattr(self, "segment_payload"):
+            return
+        o = self._l2_len + self.ip_hlen
+        gso_type = GsoType.TCPV6 if self.ipv6 else GsoType.TCPV4
+        self._vnet_gso = VNET_HDR.pack(
+            _NEEDS_CSUM, gso_type, self._hdr_len, self.segment_payload, o, TCP_CSUM_OFFSET
+        )
+        self._vnet_one = VNET_HDR.pack(_NEEDS_CSUM, 0, 0, 0, o, TCP_CSUM_OFFSET)
+        # largest inner frame whose outer IP packet still fits 64 KB
+        self._fast_max = MAX_FRAME_LEN - self.ip_hlen - TCP_HEADER_LEN - STT_HEADER_LEN
 
     def next_frame_id(self) -> int:
         """Allocate a frame id (ACK): a 32-bit counter per tunnel, random start."""
@@ -230,7 +255,7 @@ class Encapsulator:
             self.drops.count(DropReason.TX_BAD_INNER, n)
             return []
         tci, frame = tx_split_tag(frame)
-        if tci and vnet is not None and vnet.flags & VnetFlag.NEEDS_CSUM:
+        if tci and vnet is not None and vnet.flags & _NEEDS_CSUM:
             vnet = vnet._replace(csum_start=vnet.csum_start - 4, hdr_len=max(0, vnet.hdr_len - 4))
         n = len(frame)
         if vnet is None or not (vnet.flags or vnet.gso_type):
@@ -339,15 +364,101 @@ class Encapsulator:
             self.window, seed, 0,
         )  # fmt: skip
         buf[o + TCP_HEADER_LEN :] = stt
-        if nseg > 1:
-            gso_type = GsoType.TCPV6 if self.ipv6 else GsoType.TCPV4
-            vnet = VNET_HDR.pack(
-                VnetFlag.NEEDS_CSUM, gso_type, self._hdr_len, self.segment_payload, o,
-                TCP_CSUM_OFFSET,
+        return [self._vnet_gso if nseg > 1 else self._vnet_one, bytes(buf), inner]
+
+    def encap_gso(
+        self,
+        frame: memoryview,
+        flags: int,
+        gso_type: int,
+        gso_size: int,
+        csum_start: int,
+        csum_offset: int,
+    ) -> Packet | None:
+        """Fast path of :meth:`encap` for a GSO sink and the common frames.
+
+        Takes the ``virtio_net_hdr`` fields unpacked.  Handles an untagged IPv4 or
+        IPv6 frame that is complete, checksum-verified, or checksum-partial TCP/UDP
+        with TCP segmentation of the matching family; returns the one packet to
+        send.  Returns None for anything else: call :meth:`encap` then.
+        """
+        n = len(frame)
+        if n < 54 or n > self._fast_max:
+            return None
+        et = (frame[12] << 8) | frame[13]
+        if et == 0x0800:
+            v4 = _V4
+            tcp_gso = 1
+            itos = frame[15]
+            ittl = frame[22]
+        elif et == 0x86DD:
+            v4 = 0
+            tcp_gso = 4
+            itos = ((frame[14] & 0x0F) << 4) | (frame[15] >> 4)
+            ittl = frame[21]
+        else:
+            return None
+        if flags == _NEEDS_CSUM:
+            if csum_start > 255 or csum_start < 34:
+                return None
+            if csum_offset == 16:
+                fl = _P | _T | v4
+                if gso_type:
+                    if gso_type != tcp_gso:
+                        return None
+                    mss = gso_size
+                else:
+                    mss = 0
+            elif csum_offset == 6 and not gso_type:
+                fl = _P | v4
+                mss = 0
+            else:
+                return None
+            l4 = csum_start
+        elif gso_type:
+            return None
+        else:
+            fl = _C if flags & _DATA_VALID else 0
+            l4 = mss = 0
+        fid = self._frame_id
+        self._frame_id = (fid + 1) & 0xFFFFFFFF
+        sport = self.fixed_sport if self.fixed_sport is not None else flow_source_port(frame)
+        ecn = itos & 3
+        if ecn == 3:
+            ecn = 2  # inner CE -> outer ECT(0), as Open vSwitch does
+        tos = (((itos >> 2) if self.tos is None else self.tos) << 2) | ecn
+        ttl = self.ttl if self.ttl is not None else (ittl or DEFAULT_TTL)
+        frame_len = n + STT_HEADER_LEN
+        tcp_len = TCP_HEADER_LEN + frame_len
+        seed = _fold(self._pseudo_base + tcp_len)
+        buf = self._scratch
+        if self.ipv6:
+            _SUPER6.pack_into(
+                buf, self._l2_len, (6 << 28) | (tos << 20), tcp_len, IPPROTO_TCP, ttl,
+                self.local, self.remote, sport, self.dst_port, frame_len << 16, fid,
+                TCP_DOFF_BYTE, TX_TCP_FLAGS, self.window, seed, 0,
+                0, fl, l4, 0, mss, 0, self.context_id, 0,
             )  # fmt: skip
         else:
-            vnet = VNET_HDR.pack(VnetFlag.NEEDS_CSUM, 0, 0, 0, o, TCP_CSUM_OFFSET)
-        return [vnet, bytes(buf), inner]
+            ident = self._ip_ident
+            self._ip_ident = (ident + 1) & 0xFFFF
+            total = IPV4_HLEN + tcp_len
+            df = IPV4_DF if self.df else 0
+            ipc = ~_fold(self._ip4_const + 0x4500 + tos + total + ident + df + (ttl << 8) + 6)
+            _SUPER4.pack_into(
+                buf, self._l2_len, 0x45, tos, total, ident, df, ttl, IPPROTO_TCP,
+                ipc & 0xFFFF, self.local, self.remote, sport, self.dst_port, frame_len << 16,
+                fid, TCP_DOFF_BYTE, TX_TCP_FLAGS, self.window, seed, 0,
+                0, fl, l4, 0, mss, 0, self.context_id, 0,
+            )  # fmt: skip
+        self.frames += 1
+        self.bytes += n
+        seg = self.segment_payload
+        if frame_len > seg:
+            self.segments += (frame_len + seg - 1) // seg
+            return [self._vnet_gso, buf, frame]
+        self.segments += 1
+        return [self._vnet_one, buf, frame]
 
     def _segments(
         self,

@@ -68,6 +68,19 @@ RX_OFFLOAD_MAP: dict[tuple[bool, bool], RxOffload] = {
 }
 
 
+# Plain-int copies of the flag bits for the per-packet paths (enum arithmetic is slow).
+_C = int(SttFlag.CSUM_VERIFIED)
+_P = int(SttFlag.CSUM_PARTIAL)
+_V4 = int(SttFlag.IPV4)
+_T = int(SttFlag.TCP)
+_NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
+_DATA_VALID = int(VnetFlag.DATA_VALID)
+#: RX_OFFLOAD_MAP indexed by the flag byte's V|T bits.
+_RX_BY_BITS: dict[int, RxOffload] = {
+    (_V4 if v4 else 0) | (_T if tcp else 0): row for (v4, tcp), row in RX_OFFLOAD_MAP.items()
+}
+
+
 class SoftwareReason(enum.Enum):
     """Why a frame's offloads must be completed in software before sending (§4.1)."""
 
@@ -88,7 +101,7 @@ class TxOffload(NamedTuple):
 
 
 TX_NONE = TxOffload(0, 0, 0)
-TX_VERIFIED = TxOffload(SttFlag.CSUM_VERIFIED, 0, 0)
+TX_VERIFIED = TxOffload(int(SttFlag.CSUM_VERIFIED), 0, 0)
 
 
 def tx_offload(vnet: VnetHdr, ethertype: int, inner_len: int) -> TxOffload | SoftwareReason:
@@ -103,32 +116,32 @@ def tx_offload(vnet: VnetHdr, ethertype: int, inner_len: int) -> TxOffload | Sof
     gso = vnet.gso_type
     if gso & GSO_ECN or gso not in TX_GSO_WHITELIST:
         return SoftwareReason.GSO_TYPE
-    if not flags & VnetFlag.NEEDS_CSUM:
+    if not flags & _NEEDS_CSUM:
         if gso:
             return SoftwareReason.GSO_TYPE  # GSO without partial checksum: not a state we accept
-        return TX_VERIFIED if flags & VnetFlag.DATA_VALID else TX_NONE
+        return TX_VERIFIED if flags & _DATA_VALID else TX_NONE
     if inner_len > MAX_OFFLOAD_INNER_LEN:
         return SoftwareReason.TOO_LONG
     l4_offset = vnet.csum_start
     if l4_offset > MAX_L4_OFFSET:
         return SoftwareReason.L4_OFFSET
     if ethertype == ETH_P_IP:
-        flags_out = SttFlag.CSUM_PARTIAL | SttFlag.IPV4
+        flags_out = _P | _V4
     elif ethertype == ETH_P_IPV6:
-        flags_out = SttFlag.CSUM_PARTIAL
+        flags_out = _P
     else:
         return SoftwareReason.NOT_IP
     l4 = L4_BY_CSUM_OFFSET.get(vnet.csum_offset)
     if l4 is None:
         return SoftwareReason.L4_PROTO
     if l4 == IPPROTO_TCP:
-        flags_out |= SttFlag.TCP
+        flags_out |= _T
     mss = 0
     if gso:
         if l4 != IPPROTO_TCP or TX_GSO_FOR_L3[ethertype] != gso:
             return SoftwareReason.MISMATCH
         mss = vnet.gso_size
-    return TxOffload(int(flags_out), l4_offset, mss)
+    return TxOffload(flags_out, l4_offset, mss)
 
 
 def rx_vnet(flags: int, l4_offset: int, mss: int, inner_len: int) -> VnetHdr | DropReason:
@@ -138,17 +151,14 @@ def rx_vnet(flags: int, l4_offset: int, mss: int, inner_len: int) -> VnetHdr | D
     (#10).  With P set the L4 offset must leave room for Ethernet plus a minimal IP
     header (#7) and the L4 header must fit in the frame (#8).
     """
-    if not flags & SttFlag.CSUM_PARTIAL:
-        if flags & SttFlag.CSUM_VERIFIED:
-            return VNET_DATA_VALID
-        return VNET_NONE_HDR
-    row = RX_OFFLOAD_MAP[(bool(flags & SttFlag.IPV4), bool(flags & SttFlag.TCP))]
-    if l4_offset < row.min_l4_offset or l4_offset + row.l4_header_len > inner_len:
+    if not flags & _P:
+        return VNET_DATA_VALID if flags & _C else VNET_NONE_HDR
+    csum_offset, gso_type, min_l4, l4_len = _RX_BY_BITS[flags & (_V4 | _T)]
+    if l4_offset < min_l4 or l4_offset + l4_len > inner_len:
         return DropReason.BAD_L4_OFFSET
-    if mss and row.gso_type != GsoType.NONE:
-        hdr_len = l4_offset + row.l4_header_len
-        return VnetHdr(VnetFlag.NEEDS_CSUM, row.gso_type, hdr_len, mss, l4_offset, row.csum_offset)
-    return VnetHdr(VnetFlag.NEEDS_CSUM, GsoType.NONE, 0, 0, l4_offset, row.csum_offset)
+    if mss and gso_type:
+        return VnetHdr(_NEEDS_CSUM, gso_type, l4_offset + l4_len, mss, l4_offset, csum_offset)
+    return VnetHdr(_NEEDS_CSUM, 0, 0, 0, l4_offset, csum_offset)
 
 
 VNET_NONE_HDR = VnetHdr()

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sttun.core import softpath
 from sttun.core.decap import DscpModel
 from sttun.core.drops import DropReason
 from sttun.core.endpoint import Endpoint, Tunnel, TunnelSpec
@@ -64,6 +63,8 @@ HOUSEKEEPING_INTERVAL = 1.0
 TAP_GSO_MAX_SIZE = 65000
 _ETH = struct.Struct("!6s6sH")
 _IP_ETHERTYPES = (ETH_P_IP, ETH_P_IPV6)
+#: vnet flags saying the kernel checked (DATA_VALID) or will compute (NEEDS_CSUM) the sum.
+_CSUM_TRUSTED = int(VnetFlag.NEEDS_CSUM | VnetFlag.DATA_VALID)
 
 
 @dataclass
@@ -363,6 +364,7 @@ class Daemon:
             self._refresh_l2(rt)
             return
         send = u.sock.send
+        encap_gso = encap.encap_gso
         for _ in range(BATCH):
             n = tap.read_into(buf)
             if not n:
@@ -370,13 +372,19 @@ class Daemon:
             if n <= VNET_HDR_LEN:
                 continue
             flags, gso_type, hdr_len, gso_size, cstart, coff = unpack(buf)
-            vnet = (
-                VnetHdr(flags, gso_type, hdr_len, gso_size, cstart, coff)
-                if flags or gso_type
-                else None
-            )
-            packets = encap.encap(mv[VNET_HDR_LEN:n], vnet, gso=gso)
+            frame = mv[VNET_HDR_LEN:n]
             try:
+                if gso:
+                    packet = encap_gso(frame, flags, gso_type, gso_size, cstart, coff)
+                    if packet is not None:
+                        send(packet)
+                        continue
+                vnet = (
+                    VnetHdr(flags, gso_type, hdr_len, gso_size, cstart, coff)
+                    if flags or gso_type
+                    else None
+                )
+                packets = encap.encap(frame, vnet, gso=gso)
                 if gso:
                     for parts in packets:
                         send(parts)
@@ -404,7 +412,7 @@ class Daemon:
             etype = (buf[22] << 8) | buf[23]
             if etype not in _IP_ETHERTYPES:
                 continue  # the BPF filter lets only IP through; a VLAN'd frame, skip
-            csum_ok = bool(buf[0] & (VnetFlag.NEEDS_CSUM | VnetFlag.DATA_VALID))
+            csum_ok = bool(buf[0] & _CSUM_TRUSTED)
             result = receive(mv[VNET_HDR_LEN + ETH_HLEN : n], time.monotonic(), csum_ok=csum_ok)
             if result is None:
                 continue
@@ -413,13 +421,7 @@ class Daemon:
             if rt is None:
                 continue
             try:
-                if rt.offload or not dec.vnet.flags:
-                    rt.tap.write(dec.vnet.pack(), dec.inner)
-                else:
-                    for piece in softpath.complete(dec.inner, dec.vnet):
-                        rt.tap.write(VNET_NONE, piece)
-            except SttError:
-                tunnel.drops.count(DropReason.BAD_INNER_PACKET, len(dec.inner))
+                rt.tap.write(dec.vnet.pack(), dec.inner)
             except OSError as exc:
                 tunnel.drops.count(DropReason.TX_ERROR, len(dec.inner))
                 if rt.log:
