@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -193,3 +196,297 @@ def tcp_transfer(sender: Netns, receiver: Netns, addr: str, nbytes: int, port: i
     got = out.split()
     assert int(sent[0]) == nbytes
     assert got == sent, f"sent {sent}, received {got}"
+
+
+# --------------------------------------------------------------------------- reliability helpers
+# (tests/e2e/test_reliability_*.py and tests/soak: multi-tunnel hosts, TOML configs, polling)
+
+
+def config_toml(tunnels: Sequence[dict[str, Any]], **daemon: Any) -> str:
+    """A TOML configuration: ``[daemon]`` from keyword arguments, one ``[[tunnel]]`` each."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return json.dumps(str(v))
+
+    lines = ["[daemon]", *(f"{k} = {val(v)}" for k, v in daemon.items())]
+    for t in tunnels:
+        lines += ["", "[[tunnel]]", *(f"{k} = {val(v)}" for k, v in t.items())]
+    return "\n".join(lines) + "\n"
+
+
+def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.1, what: str = "") -> Any:
+    """Poll ``pred()`` until it returns something truthy; raise AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = pred()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+        time.sleep(interval)
+
+
+def drops_of(ep: Endpoint) -> dict[str, int]:
+    """Top-level drops of ``ep`` plus every tunnel's drops, summed per reason."""
+    data = ep.show()
+    out: dict[str, int] = dict(data.get("drops", {}))
+    for t in data["tunnels"]:
+        for k, v in (t.get("drops") or {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+@dataclass
+class Star:
+    """A hub namespace joined to each peer namespace by its own veth pair.
+
+    Link ``i`` is ``hub_devs[i]`` (198.18.<i>.1/24) <-> ``peer_devs[i]``
+    (198.18.<i>.2/24) in ``peers[i]``; IPv4 underlay only.
+    """
+
+    hub: Netns
+    peers: list[Netns]
+    hub_devs: list[str]
+    peer_devs: list[str]
+
+    def hub_ip(self, i: int) -> str:
+        """The hub's address on link ``i``."""
+        return f"198.18.{i}.1"
+
+    def peer_ip(self, i: int) -> str:
+        """Peer ``i``'s address."""
+        return f"198.18.{i}.2"
+
+
+@contextlib.contextmanager
+def make_star(n: int) -> Iterator[Star]:
+    """A hub and ``n`` peers, each on its own veth link (see :class:`Star`)."""
+    from tests.netns import ifname, unique_suffix, veth_pair
+
+    sfx = unique_suffix()
+    with contextlib.ExitStack() as stack:
+        hub = stack.enter_context(Netns("hub"))
+        peers = [stack.enter_context(Netns(f"p{i}")) for i in range(n)]
+        s = Star(hub, peers, [], [])
+        for i, p in enumerate(peers):
+            hd, pd = ifname(f"h{i}", sfx), ifname(f"p{i}", sfx)
+            veth_pair(hub, p, hd, pd, f"198.18.{i}.1/24", f"198.18.{i}.2/24")
+            s.hub_devs.append(hd)
+            s.peer_devs.append(pd)
+        yield s
+
+
+def sample_reassembly(ep: Endpoint, stop: Any, out: list[dict[str, int]], period: float) -> None:
+    """Append ``show()["reassembly"]`` to ``out`` every ``period`` s until ``stop`` is set.
+
+    Meant for a thread: ``stop`` is a :class:`threading.Event`.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            out.append(dict(ep.show()["reassembly"]))
+        stop.wait(period)
+
+
+# --------------------------------------------------------------------------- TOML configs
+# (added for the test_endpoint_*.py files: many tunnels per daemon, reloads, raw frames)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(f"no TOML rendering for {value!r}")
+
+
+def tunnels_toml(tunnels: Sequence[dict[str, object]]) -> str:
+    """A config file of ``[[tunnel]]`` tables, keys rendered in the order given."""
+    out: list[str] = []
+    for t in tunnels:
+        out.append("[[tunnel]]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in t.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def config_path(ep: Endpoint) -> Path:
+    """The TOML file :func:`start_endpoint` wrote for ``ep`` (rewrite it, then SIGHUP)."""
+    return ep.log.with_suffix(".toml")
+
+
+@dataclass
+class TenantSpec:
+    """One tunnel of a :func:`config_pair`: its name (= TAP), key and overlay /24s."""
+
+    name: str
+    key: int
+    addr_a: str  # "192.0.2.1/24": put on A's TAP
+    addr_b: str  # "192.0.2.2/24": put on B's TAP
+    options: dict[str, object] = field(default_factory=dict)  # more [[tunnel]] keys
+
+    def table(self, local: str, remote: str) -> dict[str, object]:
+        """The ``[[tunnel]]`` table for the side whose underlay address is ``local``."""
+        return {
+            "name": self.name,
+            "local_ip": local,
+            "remote_ip": remote,
+            "key": self.key,
+            **self.options,
+        }
+
+
+@dataclass
+class ConfigPair:
+    """Two hosts running ``sttun up -c FILE`` with several tunnels each."""
+
+    hosts: TwoHosts
+    a: Endpoint
+    b: Endpoint
+    tenants: list[TenantSpec]
+    local_a: str
+    local_b: str
+
+    def config_for(self, side: str, tenants: Sequence[TenantSpec]) -> str:
+        """The TOML text of ``side`` ("a" or "b") serving ``tenants``."""
+        la, lb = (self.local_a, self.local_b) if side == "a" else (self.local_b, self.local_a)
+        return tunnels_toml([t.table(la, lb) for t in tenants])
+
+
+@contextlib.contextmanager
+def config_pair(
+    tmp: Path,
+    tenants: Sequence[TenantSpec],
+    *,
+    ipv6_underlay: bool = False,
+    veth_tso: bool = True,
+) -> Iterator[ConfigPair]:
+    """Like :func:`tunnel_pair`, with a TOML file of several tunnels on each side."""
+    with make_two_hosts() as h:
+        if not veth_tso:
+            for ns, dev in ((h.a, h.dev_a), (h.b, h.dev_b)):
+                ns.run(["ethtool", "-K", dev, "tso", "off", "gso", "on", "gro", "on"])
+        la, lb = (h.ip6_a, h.ip6_b) if ipv6_underlay else (h.ip_a, h.ip_b)
+        devs = [t.name for t in tenants]
+        cfg_a = tunnels_toml([t.table(la, lb) for t in tenants])
+        cfg_b = tunnels_toml([t.table(lb, la) for t in tenants])
+        a = start_endpoint(h.a, [], devs, tmp, config=cfg_a)
+        try:
+            b = start_endpoint(h.b, [], devs, tmp, config=cfg_b)
+        except BaseException:
+            a.stop()
+            raise
+        try:
+            for t in tenants:
+                h.a.run(["ip", "addr", "add", t.addr_a, "dev", t.name])
+                h.b.run(["ip", "addr", "add", t.addr_b, "dev", t.name])
+            yield ConfigPair(h, a, b, list(tenants), la, lb)
+        finally:
+            for ep in (a, b):
+                status = ep.stop()
+                assert status == 0, f"sttun up exited {status}: {ep.log_text()}"
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate()`` every 50 ms until true; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def link_exists(ns: Netns, dev: str) -> bool:
+    """True if ``dev`` exists in ``ns``."""
+    return ns.run(["ip", "link", "show", dev], check=False).returncode == 0
+
+
+# --------------------------------------------------------------------------- raw frames on a TAP
+ETH_P_ALL = 0x0003
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+PACKET_OUTGOING = 4
+TP_STATUS_VLAN_VALID = 0x10
+TP_STATUS_VLAN_TPID_VALID = 0x40
+TPACKET_AUXDATA = struct.Struct("=IIIHHHH")
+"""struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, vlan_tpid."""
+
+
+def packet_socket(ns: Netns, dev: str) -> socket.socket:
+    """An ``AF_PACKET``/``SOCK_RAW`` socket bound to ``dev`` in ``ns``, with auxdata on.
+
+    Frames written to it leave through ``dev`` exactly as given (tags in-band);
+    :func:`recv_frame` reads frames with the kernel's out-of-band VLAN tag put back.
+    """
+    with ns.entered():
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    try:
+        s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        s.bind((dev, ETH_P_ALL))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def recv_frame(
+    s: socket.socket, match: bytes, timeout: float = 5.0
+) -> tuple[bytes, tuple[int, int] | None]:
+    """The next incoming frame on ``s`` that contains ``match``, tag restored in-band.
+
+    Returns ``(frame, aux_tag)``: ``aux_tag`` is ``(tpid, tci)`` if the kernel handed
+    the tag over as auxdata (then it is also re-inserted into ``frame`` after the MAC
+    addresses), else None.  Outgoing frames are skipped.  AssertionError on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no frame containing {match!r} within {timeout}s")
+        ready, _, _ = select.select([s], [], [], left)
+        if not ready:
+            continue
+        data, anc, _flags, addr = s.recvmsg(65536, socket.CMSG_SPACE(TPACKET_AUXDATA.size))
+        if addr[2] == PACKET_OUTGOING or match not in data:
+            continue
+        tag = None
+        for level, kind, cdata in anc:
+            if level == SOL_PACKET and kind == PACKET_AUXDATA:
+                status, _l, _s, _m, _n, tci, tpid = TPACKET_AUXDATA.unpack_from(cdata)
+                if status & TP_STATUS_VLAN_VALID or tci:
+                    if not status & TP_STATUS_VLAN_TPID_VALID:
+                        tpid = 0x8100
+                    tag = (tpid, tci)
+        if tag is not None:
+            data = data[:12] + struct.pack("!HH", *tag) + data[12:]
+        return data, tag
+
+
+def udp_frame(
+    dst_mac: str,
+    src_mac: str,
+    src_ip: str,
+    dst_ip: str,
+    payload: bytes,
+    *,
+    tags: Sequence[tuple[int, int]] = (),
+    sport: int = 40000,
+    dport: int = 9,
+) -> bytes:
+    """An Ethernet/IPv4/UDP frame (UDP checksum 0), with VLAN ``tags`` ``(tpid, tci)``
+    in-band after the MAC addresses, outermost first."""
+    from tests.netns import ipv4_header, mac_bytes
+
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = ipv4_header(src_ip, dst_ip, len(udp), proto=17)
+    l2 = mac_bytes(dst_mac) + mac_bytes(src_mac)
+    for tpid, tci in tags:
+        l2 += struct.pack("!HH", tpid, tci)
+    return l2 + b"\x08\x00" + ip + udp
