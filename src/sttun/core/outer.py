@@ -1,0 +1,137 @@
+"""Outer IP + TCP-like header checks for received STT segments (sans-I/O).
+
+Shared by the endpoint's receive path and the capture tools, so both count a bad
+outer packet under the same :class:`~sttun.core.drops.DropReason`:
+
+* :func:`parse_outer` — IPv4 or IPv6 header checks (version, header and total
+  length, protocol TCP, not a fragment, room for the 20-byte TCP-like header).
+* :func:`tcp_checksum_ok` — the outer TCP checksum over pseudo-header and segment.
+* :func:`checksum_is_partial` — recognises a checksum field that only holds the
+  pseudo-header sum: what a packet looks like when captured on the *sending* host
+  before the NIC or GSO finished it (Linux ``CHECKSUM_PARTIAL``).
+
+Checksum arithmetic: the Internet checksum of a buffer is its value as one big
+integer modulo 0xFFFF (2**16 ≡ 1), so ``int.from_bytes`` plus one modulo does the
+whole sum in C.  For IPv4 without options the addresses (bytes 12..20) are
+directly followed by the TCP header, and for IPv6 the addresses (8..40) too, so
+one slice covers addresses and segment; only protocol and length are added.  The
+check is a test for ≡ 0 (mod 0xFFFF): an odd-length slice read big-endian is the
+zero-padded value divided by 256, which changes nothing about being ≡ 0 once the
+added words are multiplied by 256 as well (256 * 256 ≡ 1).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from sttun.core.drops import DropReason
+from sttun.wire.ip import IPPROTO_TCP, IPV4_FRAG_MASK, IPV4_MF, IPV6_HLEN
+from sttun.wire.stt import TCP_CSUM_OFFSET, TCP_HEADER_LEN
+
+__all__ = ["OuterFields", "checksum_is_partial", "parse_outer", "tcp_checksum_ok"]
+
+Buffer = bytes | bytearray | memoryview
+
+#: ``(src, dst, tos, l4, end)``: packed outer addresses, TOS / traffic class byte,
+#: offset of the TCP-like header and end of the IP packet (both from the buffer start).
+OuterFields = tuple[bytes, bytes, int, int, int]
+
+_IPV4_FIXED: Final = struct.Struct("!BBHHHBBH4s4s")
+_IPV6_FIXED: Final = struct.Struct("!IHBB16s16s")
+_U16: Final = struct.Struct("!H")
+_FOLD: Final = 0xFFFF
+
+
+def parse_outer(packet: Buffer, offset: int = 0) -> OuterFields | DropReason:
+    """Check the outer IP header at ``offset`` and locate the TCP-like header.
+
+    Returns ``(src, dst, tos, l4, end)`` or the reason the packet is unusable:
+    ``OUTER_BAD_IP`` (not IPv4/IPv6, bad header or total length, or a total length
+    past the buffer), ``OUTER_NOT_TCP``, ``OUTER_FRAGMENT`` (IPv4), or
+    ``OUTER_TRUNCATED`` (no room for the 20-byte TCP-like header).  IPv6 extension
+    headers are not followed: STT senders do not use them (``OUTER_NOT_TCP``).
+    Bytes after ``end`` (Ethernet padding) are ignored.
+    """
+    n = len(packet) - offset
+    if n < 1:
+        return DropReason.OUTER_TRUNCATED
+    version = packet[offset] >> 4
+    if version == 4:
+        if n < 20:
+            return DropReason.OUTER_TRUNCATED
+        vihl, tos, total, _id, frag, _ttl, proto, _c, src, dst = _IPV4_FIXED.unpack_from(
+            packet, offset
+        )
+        ihl = (vihl & 0x0F) * 4
+        if ihl < 20 or total < ihl or total > n:
+            return DropReason.OUTER_BAD_IP
+        if proto != IPPROTO_TCP:
+            return DropReason.OUTER_NOT_TCP
+        if frag & (IPV4_MF | IPV4_FRAG_MASK):
+            return DropReason.OUTER_FRAGMENT
+        l4 = offset + ihl
+        end = offset + total
+    elif version == 6:
+        if n < IPV6_HLEN:
+            return DropReason.OUTER_TRUNCATED
+        first, plen, nh, _hop, src, dst = _IPV6_FIXED.unpack_from(packet, offset)
+        if IPV6_HLEN + plen > n:
+            return DropReason.OUTER_BAD_IP
+        if nh != IPPROTO_TCP:
+            return DropReason.OUTER_NOT_TCP
+        tos = (first >> 20) & 0xFF
+        l4 = offset + IPV6_HLEN
+        end = l4 + plen
+    else:
+        return DropReason.OUTER_BAD_IP
+    if end - l4 < TCP_HEADER_LEN:
+        return DropReason.OUTER_TRUNCATED
+    return src, dst, tos, l4, end
+
+
+def tcp_checksum_ok(packet: Buffer, l3: int, l4: int, end: int) -> bool:
+    """True if the TCP segment ``packet[l4:end]`` has a correct checksum.
+
+    ``l3`` is the offset of the IPv4 or IPv6 header the segment belongs to (the
+    pseudo-header addresses are read from it).
+    """
+    tcp_len = end - l4
+    hlen = l4 - l3
+    if packet[l3] >> 4 == 4:
+        if hlen == 20:
+            start = l3 + 12  # addresses, then the TCP header: one slice
+            extra = IPPROTO_TCP + tcp_len
+        else:
+            start = l4
+            addrs = int.from_bytes(packet[l3 + 12 : l3 + 20], "big")
+            extra = IPPROTO_TCP + tcp_len + addrs % _FOLD
+    else:
+        start = l3 + 8  # IPv6 addresses (8..40) are followed by the TCP header
+        extra = IPPROTO_TCP + tcp_len
+    if (end - start) & 1:
+        extra <<= 8
+    return (int.from_bytes(packet[start:end], "big") + extra) % _FOLD == 0
+
+
+def checksum_is_partial(packet: Buffer, l3: int, l4: int, end: int) -> bool:
+    """True if the TCP checksum field holds just the pseudo-header sum.
+
+    That is a ``CHECKSUM_PARTIAL`` packet seen before the NIC or GSO completed it
+    (a capture on the sending host, a GSO super-packet).  Both conventions are
+    recognised: the sum including the TCP length (Linux) and without it (the
+    Windows LSO path, protocol.md §4.2).
+    """
+    if end - l4 < TCP_HEADER_LEN:
+        return False
+    field = _U16.unpack_from(packet, l4 + TCP_CSUM_OFFSET)[0]
+    if packet[l3] >> 4 == 4:
+        addrs = packet[l3 + 12 : l3 + 20]
+    else:
+        addrs = packet[l3 + 8 : l3 + 40]
+    base = int.from_bytes(addrs, "big") + IPPROTO_TCP
+    for total in (base + end - l4, base):
+        s = total % _FOLD or _FOLD  # the folded sum; never 0 here (protocol 6 is in it)
+        if field == s:
+            return True
+    return False
