@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.netns import ipv4_header, ipv6_header, ones_sum, pseudo_sum
 
 from sttun.io.pcap import CaptureReader, PcapWriter
-from tests.netns import ipv4_header, ipv6_header, ones_sum, pseudo_sum
 
 SRC, DST = "198.18.0.1", "198.18.0.2"
 SRC6, DST6 = "2001:db8:0:1::1", "2001:db8:0:1::2"
@@ -66,7 +66,7 @@ def segment(
         struct.pack(
             "!HHIIBBHHH", sport, dport, (length << 16) | offset, ack, doff << 4, flags, 0, 0, 0
         )
-        + options  # fmt: skip
+        + options
     )
     tcp_len = len(tcp) + len(payload)
     if partial:
