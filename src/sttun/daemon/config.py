@@ -664,6 +664,8 @@ def load_config(
         raise ConfigError(f"{source}: not UTF-8 text: {e.reason} at byte {e.start}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per nested array / inline table
+        raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deep") from None
     overrides = dict(overrides or {})
     flags = {f"daemon.{k}": DAEMON_FLAGS.get(k, k) for k in overrides}
     where = _Where(source, flags, cli_strings=False)
