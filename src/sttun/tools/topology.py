@@ -1,0 +1,501 @@
+"""Two hosts on a veth underlay, as network namespaces: the demo's and benchmarks' test bed.
+
+:class:`TwoHosts` makes two namespaces ``<prefix>-<suffix>-a`` and ``-b`` joined by a
+veth pair (``eth0`` in each), with underlay addresses from the documentation ranges
+(198.18.0.1/.2, or 2001:db8:0:1::1/::2), and puts an overlay on top of it:
+
+* :meth:`TwoHosts.start_sttun` — an ``sttun up`` endpoint in each namespace (a
+  subprocess: ``python -m sttun up ...``), overlay addresses on their TAP devices;
+* :meth:`TwoHosts.add_vxlan` — the kernel's VXLAN device between the same hosts;
+* :meth:`TwoHosts.add_overlay_on_underlay` — the overlay addresses on the veth itself.
+
+Everything lives inside the two namespaces: deleting them (:meth:`TwoHosts.close`)
+removes the interfaces, the routes and the endpoints' nftables tables with them; the
+endpoint processes are stopped first.  A small state directory under
+:data:`STATE_ROOT` records who owns the hosts so that :func:`remove_stale` can find and
+remove hosts that a ``--keep`` run (or a killed one) left behind.
+
+Only :mod:`subprocess` calls to ``ip``, ``ethtool`` and ``sysctl``; nothing here needs
+pyroute2, so the module is cheap to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sttun.errors import SetupError
+
+#: Where the hosts' control sockets, logs and ownership notes live.
+STATE_ROOT = Path("/run/sttun/hosts")
+
+UNDERLAY4 = ("198.18.0.1", "198.18.0.2", 24)
+UNDERLAY6 = ("2001:db8:0:1::1", "2001:db8:0:1::2", 64)
+OVERLAY4 = ("192.0.2.1", "192.0.2.2", 24)
+OVERLAY6 = ("2001:db8:1::1", "2001:db8:1::2", 64)
+
+UNDERLAY_DEV = "eth0"
+STT_DEV = "stt0"
+VXLAN_DEV = "vxlan0"
+VXLAN_PORT = 4789
+
+#: Seconds ``sttun up`` may take to open its control socket and create its TAP.
+START_TIMEOUT = 20.0
+#: Seconds an endpoint gets to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+
+_KEPT = "kept"
+_OWNER = "owner"
+
+
+def run(
+    argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv``; text output captured.  Raises :class:`SetupError` on failure."""
+    try:
+        res = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError as e:
+        raise SetupError(f"{argv[0]}: not installed") from e
+    except subprocess.TimeoutExpired as e:
+        raise SetupError(f"{' '.join(argv)}: no answer in {timeout:g}s") from e
+    if check and res.returncode != 0:
+        detail = (res.stderr or res.stdout).strip().splitlines()
+        raise SetupError(f"{' '.join(argv)}: {detail[-1] if detail else res.returncode}")
+    return res
+
+
+def list_namespaces() -> list[str]:
+    """Names of all named network namespaces."""
+    out = run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def namespace_pids(name: str) -> list[int]:
+    """Processes running in namespace ``name``."""
+    out = run(["ip", "netns", "pids", name], check=False).stdout
+    return [int(p) for p in out.split() if p.isdigit()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _end_pids(pids: Sequence[int], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM ``pids``, wait up to ``timeout``, then SIGKILL what is left."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def delete_namespace(name: str) -> None:
+    """End every process in namespace ``name`` and delete it (quiet if it is gone)."""
+    _end_pids(namespace_pids(name))
+    for _ in range(50):
+        if run(["ip", "netns", "del", name], check=False).returncode == 0:
+            return
+        if name not in list_namespaces():
+            return
+        time.sleep(0.1)
+    raise SetupError(f"cannot delete network namespace {name}")
+
+
+class Host:
+    """One named network namespace: run commands in it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed with ``ip netns exec NAME``."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the namespace and wait; raises :class:`SetupError` on failure."""
+        return run(self.argv(argv), check=check, timeout=timeout)
+
+    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` in the namespace (``ip netns exec`` execs it: same pid)."""
+        return subprocess.Popen(self.argv(argv), **kwargs)
+
+    def ip(self, *args: str) -> str:
+        """``ip ARGS`` in the namespace; its stdout."""
+        return self.run(["ip", *args]).stdout
+
+    def ethtool(self, dev: str, **features: bool) -> None:
+        """``ethtool -K dev feature on|off ...`` (underscores become dashes)."""
+        args: list[str] = []
+        for k, v in features.items():
+            args += [k.replace("_", "-"), "on" if v else "off"]
+        self.run(["ethtool", "-K", dev, *args])
+
+    def __repr__(self) -> str:
+        return f"Host({self.name!r})"
+
+
+@dataclass
+class Endpoint:
+    """One ``sttun up`` running in a host."""
+
+    host: Host
+    pid: int
+    control_socket: str
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def show(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The endpoint's ``sttun show --json`` data (over its control socket)."""
+        from sttun.daemon.control import query
+
+        return query(self.control_socket, "show", timeout=timeout)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the endpoint process has used so far."""
+        return process_cpu_seconds(self.pid)
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return _pid_alive(self.pid)
+
+    def log_text(self) -> str:
+        """What the endpoint logged so far ('' if nothing)."""
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed; the exit status if it is our child."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            return self.proc.returncode
+        _end_pids([self.pid], timeout)
+        return None
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads) from ``/proc/PID/stat``."""
+    with open(f"/proc/{pid}/stat") as fh:
+        text = fh.read()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # fields 14 and 15 of stat
+
+
+def check_support() -> str | None:
+    """Why this machine cannot build the hosts, as one line; None when it can."""
+    if os.geteuid() != 0:
+        return "must be run as root (network namespaces, TAP devices and AF_PACKET need it)"
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun is missing: the kernel needs TUN/TAP support (modprobe tun)"
+    if shutil.which("ip") is None:
+        return "the 'ip' command is missing (apt install iproute2)"
+    if not os.path.exists("/proc/self/ns/net"):
+        return "this kernel has no network namespaces"
+    return None
+
+
+def new_suffix() -> str:
+    """A short random suffix for names."""
+    return secrets.token_hex(3)
+
+
+@dataclass
+class TwoHosts:
+    """Two namespaces ``a`` and ``b`` on a veth underlay, with an optional overlay.
+
+    Use as a context manager, or call :meth:`build` and :meth:`close`.  ``ipv6``
+    selects the underlay address family; ``underlay_mtu`` the veth MTU.
+    """
+
+    prefix: str = "sttun-hosts"
+    ipv6: bool = False
+    underlay_mtu: int = 1500
+    suffix: str = field(default_factory=new_suffix)
+    a: Host = field(init=False)
+    b: Host = field(init=False)
+    endpoints: list[Endpoint] = field(default_factory=list, init=False)
+    _built: list[Host] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.a = Host(f"{self.prefix}-{self.suffix}-a")
+        self.b = Host(f"{self.prefix}-{self.suffix}-b")
+
+    # -- addresses ---------------------------------------------------------------
+    @property
+    def underlay(self) -> tuple[str, str, int]:
+        """(address of a, address of b, prefix length) on the underlay."""
+        return UNDERLAY6 if self.ipv6 else UNDERLAY4
+
+    @property
+    def overlay(self) -> tuple[str, str, int]:
+        """(address of a, address of b, prefix length) of the IPv4 overlay."""
+        return OVERLAY4
+
+    @property
+    def state_dir(self) -> Path:
+        """This pair's directory for sockets, logs and ownership notes."""
+        return STATE_ROOT / f"{self.prefix}-{self.suffix}"
+
+    @property
+    def hosts(self) -> tuple[Host, Host]:
+        """(a, b)."""
+        return self.a, self.b
+
+    # -- life cycle --------------------------------------------------------------
+    def build(self) -> TwoHosts:
+        """Create the namespaces and the veth underlay, addresses set and links up."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / _OWNER).write_text(f"{os.getpid()}\n")
+        try:
+            for host in self.hosts:
+                run(["ip", "netns", "add", host.name])
+                self._built.append(host)
+                host.ip("link", "set", "lo", "up")
+            mtu = str(self.underlay_mtu)
+            self.a.ip(
+                "link", "add", UNDERLAY_DEV, "mtu", mtu, "type", "veth",
+                "peer", "name", UNDERLAY_DEV, "netns", self.b.name, "mtu", mtu,
+            )  # fmt: skip
+            addr_a, addr_b, plen = self.underlay
+            for host, addr in ((self.a, addr_a), (self.b, addr_b)):
+                extra = ["nodad"] if self.ipv6 else []
+                host.ip("addr", "add", f"{addr}/{plen}", "dev", UNDERLAY_DEV, *extra)
+                host.ip("link", "set", UNDERLAY_DEV, "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def keep(self) -> None:
+        """Mark the hosts as left running on purpose (:func:`remove_stale` removes them)."""
+        (self.state_dir / _KEPT).write_text(f"{time.time():.0f}\n")
+
+    def close(self) -> None:
+        """Stop the endpoints and delete both namespaces and the state directory."""
+        errors: list[str] = []
+        for ep in self.endpoints:
+            try:
+                ep.stop()
+            except Exception as e:
+                errors.append(str(e))
+        self.endpoints.clear()
+        for host in self.hosts:
+            try:
+                delete_namespace(host.name)
+            except SetupError as e:
+                errors.append(str(e))
+        self._built.clear()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if errors:
+            raise SetupError("; ".join(errors))
+
+    def __enter__(self) -> TwoHosts:
+        return self.build()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- underlay variants -------------------------------------------------------
+    def set_underlay_offloads(self, host: Host, **features: bool) -> None:
+        """``ethtool -K eth0 ...`` in ``host`` (e.g. ``tso=False``, ``gro=True``)."""
+        host.ethtool(UNDERLAY_DEV, **features)
+
+    # -- overlays ----------------------------------------------------------------
+    def add_overlay_on_underlay(self) -> str:
+        """Put the overlay addresses on the veth itself (no tunnel); returns the device."""
+        self._add_overlay(UNDERLAY_DEV)
+        return UNDERLAY_DEV
+
+    def add_vxlan(self, vni: int = 42, dev: str = VXLAN_DEV, mtu: int | None = None) -> str:
+        """A kernel VXLAN device in each host (dstport 4789) with the overlay addresses."""
+        addr_a, addr_b, _ = self.underlay
+        overhead = 70 if self.ipv6 else 50
+        size = mtu if mtu is not None else self.underlay_mtu - overhead
+        for host, local, remote in ((self.a, addr_a, addr_b), (self.b, addr_b, addr_a)):
+            host.ip(
+                "link", "add", dev, "mtu", str(size), "type", "vxlan", "id", str(vni),
+                "local", local, "remote", remote, "dstport", str(VXLAN_PORT),
+                "dev", UNDERLAY_DEV,
+            )  # fmt: skip
+            host.ip("link", "set", dev, "up")
+        self._add_overlay(dev)
+        return dev
+
+    def start_sttun(
+        self,
+        *,
+        key: int = 0x5747,
+        dev: str = STT_DEV,
+        mtu: int = 1500,
+        offload: bool = True,
+        detach: bool = False,
+        instance: str = "hosts",
+        extra: Sequence[str] = (),
+    ) -> tuple[Endpoint, Endpoint]:
+        """Start ``sttun up`` in both hosts and put the overlay addresses on ``dev``.
+
+        ``detach``: the endpoints get their own session and survive this process
+        (for ``--keep``).  Raises :class:`SetupError` (with the endpoint's log) if one
+        does not come up in :data:`START_TIMEOUT` seconds.
+        """
+        addr_a, addr_b, _ = self.underlay
+        eps = []
+        for host, local, remote in ((self.a, addr_a, addr_b), (self.b, addr_b, addr_a)):
+            argv = [
+                sys.executable, "-m", "sttun", "up",
+                "--local-ip", local, "--remote-ip", remote, "--key", hex(key),
+                "--dev", dev, "--mtu", str(mtu),
+                "--instance", instance,
+                "--control-socket", str(self.state_dir / f"{host.name}.sock"),
+                *([] if offload else ["--no-offload"]), *extra,
+            ]  # fmt: skip
+            eps.append(self._start_endpoint(host, argv, dev, detach))
+        self._add_overlay(dev)
+        return eps[0], eps[1]
+
+    def _start_endpoint(self, host: Host, argv: list[str], dev: str, detach: bool) -> Endpoint:
+        log = self.state_dir / f"{host.name}.log"
+        sock = argv[argv.index("--control-socket") + 1]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+        with open(log, "wb") as fh:
+            proc: subprocess.Popen[bytes] = host.popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
+            )
+        ep = Endpoint(host, proc.pid, sock, log, proc)
+        self.endpoints.append(ep)
+        if detach:
+            (self.state_dir / f"{host.name}.pid").write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SetupError(
+                    f"sttun up in {host.name} exited with status {proc.returncode}: "
+                    f"{_tail(ep.log_text())}"
+                )
+            if os.path.exists(sock) and _link_exists(host, dev):
+                return ep
+            time.sleep(0.05)
+        raise SetupError(
+            f"sttun up in {host.name} did not come up in {START_TIMEOUT:g}s: {_tail(ep.log_text())}"
+        )
+
+    def _add_overlay(self, dev: str) -> None:
+        oa, ob, plen = self.overlay
+        a6, b6, plen6 = OVERLAY6
+        for host, addr, addr6 in ((self.a, oa, a6), (self.b, ob, b6)):
+            host.ip("addr", "add", f"{addr}/{plen}", "dev", dev)
+            host.ip("addr", "add", f"{addr6}/{plen6}", "dev", dev, "nodad")
+            host.ip("link", "set", dev, "up")
+
+    def enter_commands(self) -> list[str]:
+        """Shell commands that open a shell in each host."""
+        return [f"ip netns exec {h.name} bash" for h in self.hosts]
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    kept = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
+    return " | ".join(kept) if kept else "(no output)"
+
+
+def _link_exists(host: Host, dev: str) -> bool:
+    return host.run(["ip", "link", "show", dev], check=False).returncode == 0
+
+
+@dataclass
+class StaleHosts:
+    """A pair of hosts found by :func:`find_hosts`."""
+
+    name: str
+    namespaces: list[str]
+    kept: bool
+    owner_alive: bool
+    state_dir: Path
+
+
+def find_hosts(prefix: str) -> list[StaleHosts]:
+    """Host pairs whose namespaces start with ``prefix-`` (running or left behind)."""
+    groups: dict[str, list[str]] = {}
+    for ns in list_namespaces():
+        if ns.startswith(prefix + "-") and ns[-2:] in ("-a", "-b"):
+            groups.setdefault(ns[:-2], []).append(ns)
+    found = []
+    for name, namespaces in sorted(groups.items()):
+        state = STATE_ROOT / name
+        kept = (state / _KEPT).exists()
+        try:
+            owner = int((state / _OWNER).read_text().strip())
+            alive = _pid_alive(owner)
+        except (OSError, ValueError):
+            alive = False
+        found.append(StaleHosts(name, sorted(namespaces), kept, alive, state))
+    return found
+
+
+def remove_stale(prefix: str) -> list[str]:
+    """Remove host pairs under ``prefix`` that were kept or whose owner is gone.
+
+    Hosts whose building process still runs (and did not mark them kept) are left
+    alone, so a ``--down`` never pulls the floor from under a running demo.  Returns
+    the namespaces removed.
+    """
+    removed: list[str] = []
+    for pair in find_hosts(prefix):
+        if pair.owner_alive and not pair.kept:
+            continue
+        for ns in pair.namespaces:
+            delete_namespace(ns)
+            removed.append(ns)
+        shutil.rmtree(pair.state_dir, ignore_errors=True)
+    return removed
+
+
+@contextlib.contextmanager
+def two_hosts(**kwargs: Any) -> Iterator[TwoHosts]:
+    """``with two_hosts(prefix=..., ipv6=...) as h:`` — built, and always removed."""
+    hosts = TwoHosts(**kwargs)
+    hosts.build()
+    try:
+        yield hosts
+    finally:
+        hosts.close()
