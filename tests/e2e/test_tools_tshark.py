@@ -47,14 +47,14 @@ def test_encap_output_decoded_by_tshark(tmp_path: Path, ipv6: bool) -> None:
     p = run("encap", make_inner(tmp_path), "-o", out, "--src", src, "--dst", dst,
             "--context-id", "0x1234abcd", *extra)  # fmt: skip
     assert p.returncode == 0, p.stderr
-    rows = tshark_fields(out, "-o", "ip.try_heuristic_first:TRUE", "-T", "fields",
+    pref = "ipv6.try_heuristic_first:TRUE" if ipv6 else "ip.try_heuristic_first:TRUE"
+    rows = tshark_fields(out, "-o", pref, "-T", "fields",
                          "-e", "stt.context_id", "-e", "eth.len", "-e", "ip.len",
                          "-e", "udp.length")  # fmt: skip
-    if not ipv6:  # Wireshark's STT heuristic is registered for IPv4 only
-        done = [r for r in rows if r[0]]
-        assert [r[0] for r in done] == ["0x000000001234abcd"] * len(SIZES)
-        # each reassembled frame: its inner UDP length is the original's
-        assert [int(r[3].split(",")[-1]) for r in done] == [n - 34 for n in SIZES]
+    done = [r for r in rows if r[0]]
+    assert [r[0] for r in done] == ["0x000000001234abcd"] * len(SIZES)
+    # each reassembled frame: its inner UDP length is the original's
+    assert [int(r[3].split(",")[-1]) for r in done] == [n - 34 for n in SIZES]
     status = tshark_fields(out, "-o", "tcp.check_checksum:TRUE", "-T", "fields",
                            "-e", "tcp.checksum.status")  # fmt: skip
     assert status and all(r == ["1"] for r in status)
