@@ -18,7 +18,7 @@ from fuzz.fuzz_reassembly import TARGET as REASSEMBLY
 from fuzz.fuzz_softpath import TARGET as SOFTPATH
 from fuzz.fuzz_stt_header import TARGET as STT_HEADER
 
-from sttun.daemon.config import load_config
+from sttun.daemon.config import load_config, parse_config
 from sttun.errors import ConfigError
 
 TARGETS = {t.name: t for t in (CONFIG, OUTER, PCAP, REASSEMBLY, SOFTPATH, STT_HEADER)}
@@ -37,6 +37,19 @@ CASES = [
         b"\x00a=" + b"{b=" * 3000,
         "load_config: RecursionError from tomllib on deeply nested inline tables",
     ),
+    (
+        "config",
+        b"\x00a = " + b"9" * 4400 + b"\n",
+        "load_config: ValueError from tomllib on an integer literal of > 4300 digits "
+        "(fixed: load_config turns it into ConfigError)",
+    ),
+    (
+        "config",
+        b'\x00[daemon]\nreassembly_high_water = "' + b"9" * 4400 + b'"\n[[tunnel]]\n'
+        b'name = "s"\nlocal_ip = "198.18.0.1"\nremote_ip = "198.18.0.2"\nkey = 1\n',
+        "parse_config: ValueError from int() on a size string of > 4300 digits "
+        "(fixed: _size caps the digits and the value)",
+    ),
 ]
 
 
@@ -52,6 +65,16 @@ def test_deep_toml_nesting_is_a_config_error(tmp_path: Path, opener: str) -> Non
     path.write_text("a=" + opener * 5000)
     with pytest.raises(ConfigError, match="nested too deep"):
         load_config(path)
+
+
+@pytest.mark.parametrize("text", ["9" * 4400, "9" * 4400 + " MiB", "99999999999999999999 GiB"])
+def test_huge_size_strings_are_config_errors(text: str) -> None:
+    raw = {
+        "daemon": {"reassembly_high_water": text},
+        "tunnel": [{"name": "s", "local_ip": "198.18.0.1", "remote_ip": "198.18.0.2", "key": 1}],
+    }
+    with pytest.raises(ConfigError, match="reassembly_high_water"):
+        parse_config(raw)
 
 
 def _files() -> list[Path]:

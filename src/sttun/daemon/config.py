@@ -324,8 +324,10 @@ def _size(value: object, path: str, where: _Where, lo: int) -> int:
         m = _SIZE_RE.fullmatch(value)
         if not m:
             raise where.error(path, f"expected {desc}, got {_show(value)}")
-        n = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-        if n < lo:
+        digits = m.group(1)
+        # (> 4300 digits: int() raises ValueError; anything past 19 digits is too big)
+        n = int(digits) * _SIZE_UNITS[m.group(2)] if len(digits) <= 19 else 2**63
+        if not lo <= n <= 2**62:
             raise where.error(path, f"expected {desc}, got {_show(value)}")
         return n
     return _int(value, path, where, lo, 2**62, desc)
@@ -666,6 +668,8 @@ def load_config(
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
     except RecursionError:  # tomllib recurses once per nested array / inline table
         raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deep") from None
+    except ValueError as e:  # e.g. an integer literal of more than 4300 digits
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
     overrides = dict(overrides or {})
     flags = {f"daemon.{k}": DAEMON_FLAGS.get(k, k) for k in overrides}
     where = _Where(source, flags, cli_strings=False)
