@@ -169,7 +169,7 @@ def _write_seeds(target: Target, corpus: Path) -> None:
 
 
 def _run_atheris(target: Target, args: list[str]) -> None:
-    import atheris  # type: ignore[import-not-found]
+    import atheris
 
     atheris.instrument_all()
     atheris.Setup([sys.argv[0], *args], target.one_input)

@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "fuzz" / "corpus-work"
@@ -35,11 +36,12 @@ TARGETS = ("stt_header", "outer", "reassembly", "config", "pcap", "softpath")
 _COV = re.compile(r"cov: (\d+) ft: (\d+)")
 _EXECS = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 _PULSE = re.compile(r"^#(\d+)\s", re.M)
+_DONE = re.compile(r"Done (\d+) runs in (\d+) second")
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
 _PY_EXC = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Finding|Hang)\b.*)$", re.M)
 
 
-def _parse_atheris(log: str) -> dict[str, object]:
+def _parse_atheris(log: str) -> dict[str, Any]:
     covs = _COV.findall(log)
     execs = _EXECS.findall(log)
     pulses = _PULSE.findall(log)
@@ -50,8 +52,10 @@ def _parse_atheris(log: str) -> dict[str, object]:
     if crash:
         excs = _PY_EXC.findall(log)
         what = excs[-1] if excs else ("timeout" if "timeout" in log else "crash")
+    done = _DONE.findall(log)
     return {
         "execs": n,
+        "fuzz_seconds": float(done[-1][1]) if done else None,
         "cov": int(covs[-1][0]) if covs else 0,
         "ft": int(covs[-1][1]) if covs else 0,
         "crash": crash,
@@ -60,7 +64,7 @@ def _parse_atheris(log: str) -> dict[str, object]:
     }
 
 
-def _parse_random(log: str) -> dict[str, object]:
+def _parse_random(log: str) -> dict[str, Any]:
     stats = {"execs": 0, "findings": 0}
     for line in log.splitlines():
         if line.startswith("{"):
@@ -68,6 +72,7 @@ def _parse_random(log: str) -> dict[str, object]:
     finds = re.findall(r"^FINDING (\S+) -> (\S+)", log, re.M)
     return {
         "execs": stats["execs"],
+        "fuzz_seconds": stats.get("seconds"),
         "cov": 0,
         "ft": 0,
         "crash": bool(finds),
@@ -76,13 +81,21 @@ def _parse_random(log: str) -> dict[str, object]:
     }
 
 
-def run_target(target: str, seconds: float, engine: str, nice: int) -> dict[str, object]:
+def run_target(target: str, seconds: float, engine: str, nice: int) -> dict[str, Any]:
     """Fuzz one target for ``seconds`` in total, restarting after each crash."""
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    total = {"target": target, "engine": engine, "seconds": 0.0, "execs": 0, "cov": 0, "ft": 0}
-    findings: list[dict[str, object]] = []
+    total: dict[str, Any] = {
+        "target": target,
+        "engine": engine,
+        "seconds": 0.0,
+        "fuzz_seconds": 0.0,
+        "execs": 0,
+        "cov": 0,
+        "ft": 0,
+    }
+    findings: list[dict[str, Any]] = []
     restarts = 0
     while True:
         left = seconds - (time.monotonic() - start)
@@ -108,10 +121,11 @@ def run_target(target: str, seconds: float, engine: str, nice: int) -> dict[str,
         took = time.monotonic() - t0
         text = log_path.read_text(errors="replace")
         res = _parse_atheris(text) if engine == "atheris" else _parse_random(text)
-        total["seconds"] = float(total["seconds"]) + took  # type: ignore[arg-type]
-        total["execs"] = int(total["execs"]) + int(res["execs"])  # type: ignore[call-overload]
-        total["cov"] = max(int(total["cov"]), int(res["cov"]))  # type: ignore[call-overload]
-        total["ft"] = max(int(total["ft"]), int(res["ft"]))  # type: ignore[call-overload]
+        total["seconds"] += took
+        total["fuzz_seconds"] += res["fuzz_seconds"] or took
+        total["execs"] += res["execs"]
+        total["cov"] = max(total["cov"], res["cov"])
+        total["ft"] = max(total["ft"], res["ft"])
         if res["crash"]:
             findings.append(
                 {"what": res["what"], "artifacts": res["artifacts"], "log": str(log_path)}
@@ -126,28 +140,28 @@ def run_target(target: str, seconds: float, engine: str, nice: int) -> dict[str,
     return total
 
 
-def _load() -> list[dict[str, object]]:
+def _load() -> list[dict[str, Any]]:
     if RESULTS.exists():
         return list(json.loads(RESULTS.read_text()))
     return []
 
 
-def table(runs: list[dict[str, object]]) -> str:
+def table(runs: list[dict[str, Any]]) -> str:
     """Markdown table: per target, summed over runs."""
     rows = [
-        "| target | engine | time (min) | executions | exec/s | coverage (cov/ft) | findings |",
+        "| target | engine | fuzz min | executions | exec/s | coverage (cov/ft) | findings |",
         "|---|---|---:|---:|---:|---|---|",
     ]
     for target in TARGETS:
         mine = [r for r in runs if r["target"] == target]
         if not mine:
             continue
-        secs = sum(float(r["seconds"]) for r in mine)  # type: ignore[arg-type]
-        execs = sum(int(r["execs"]) for r in mine)  # type: ignore[call-overload]
-        cov = max(int(r["cov"]) for r in mine)  # type: ignore[call-overload]
-        ft = max(int(r["ft"]) for r in mine)  # type: ignore[call-overload]
+        secs = sum(float(r.get("fuzz_seconds") or r["seconds"]) for r in mine)
+        execs = sum(int(r["execs"]) for r in mine)
+        cov = max(int(r["cov"]) for r in mine)
+        ft = max(int(r["ft"]) for r in mine)
         engines = "+".join(sorted({str(r["engine"]) for r in mine}))
-        finds = [str(f["what"]) for r in mine for f in r["findings"]]  # type: ignore[attr-defined]
+        finds = [str(f["what"]) for r in mine for f in r["findings"]]
         rows.append(
             f"| {target} | {engines} | {secs / 60:.1f} | {execs:,} | {execs / max(secs, 1):,.0f}"
             f" | {cov}/{ft} | {len(finds)}{': ' + '; '.join(finds) if finds else ''} |"
@@ -181,7 +195,7 @@ def main() -> None:
                 res = fut.result()
                 print(
                     f"{res['target']}: {res['execs']:,} executions in {res['seconds']:.0f} s, "
-                    f"{len(res['findings'])} finding(s)",  # type: ignore[arg-type]
+                    f"{len(res['findings'])} finding(s)",
                     flush=True,
                 )
                 found = found or bool(res["findings"])
