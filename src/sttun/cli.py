@@ -82,11 +82,11 @@ examples:
            --metrics '[::1]:9100' --log-format json
   sttun up -c sttun.toml --check        # validate the file and exit
 
-The file holds a [daemon] table and one [[tunnel]] table per tunnel, with the
-same names as the flags (local_ip, remote_ip, key, in_key, out_key, dev,
-dst_port, mtu, bridge, tos, ttl, df, offload, persist, underlay_mtu).
+The file holds a [daemon] table and one [[tunnel]] table per tunnel: name (what
+--dev sets), dev, local_ip, remote_ip, key, in_key, out_key, dst_port, mtu,
+bridge, tos, ttl, df, offload, persist, underlay_mtu.  See docs/configuration.md.
 Runs in the foreground until SIGINT/SIGTERM; SIGHUP reloads the file.
-Needs root (CAP_NET_ADMIN) to create TAP devices and AF_PACKET sockets.
+Needs root (CAP_NET_ADMIN, CAP_NET_RAW) for TAP devices, AF_PACKET and nftables.
 """
 
 _SHOW_EPILOG = """\
@@ -100,7 +100,7 @@ _DECAP_EPILOG = """\
 examples:
   sttun decap capture.pcap -o inner.pcap
   sttun decap capture.pcapng -o inner.pcap --context-id 0x1234 --port 7471
-  sttun decap capture.pcap --split-by-context out/   # out/<context-id>.pcap
+  sttun decap capture.pcap --split-by-context out/   # out/ctx-<hex id>.pcap
   sttun decap capture.pcap -o inner.pcap --json      # summary as JSON on stdout
 """
 
@@ -178,7 +178,8 @@ def _add_up(sub: Any) -> None:
         "--no-offload",
         dest="offload",
         action="store_false",
-        help="no checksum/segmentation offload on the TAP (slower; for debugging)",
+        help="segment and checksum outer packets in Python instead of kernel GSO "
+        "(slower; for debugging)",
     )
     t.add_argument(
         "--persist", action="store_true", help="keep the TAP device when the daemon exits"
@@ -229,6 +230,16 @@ def _add_show(sub: Any) -> None:
     p.set_defaults(func=_cmd_show)
 
 
+def _add_verify_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify-checksum",
+        dest="verify_checksum",
+        action="store_false",
+        help="do not check outer TCP checksums (captures taken on the sending host, where "
+        "NIC offload has not filled them in yet)",
+    )
+
+
 def _add_tools(sub: Any) -> None:
     p = _subparser(
         sub,
@@ -256,6 +267,13 @@ def _add_tools(sub: Any) -> None:
     )
     p.add_argument(
         "--split-by-context", metavar="DIR", help="write one pcap per context id into DIR"
+    )
+    _add_verify_flag(p)
+    p.add_argument(
+        "--keep-partial",
+        action="store_true",
+        help="leave inner checksums that the sender left partial (P flag) as they are "
+        "(default: complete them, so Wireshark shows them correct)",
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_tool("decap"), validate=_check_decap)
@@ -312,6 +330,7 @@ def _add_tools(sub: Any) -> None:
         action="append",
         help="STT destination port (repeatable; default: 7471)",
     )
+    _add_verify_flag(p)
     p.set_defaults(func=_tool("inspect"))
 
     p = _subparser(
@@ -333,7 +352,10 @@ def _add_tools(sub: Any) -> None:
         help="overlay (TAP) MTU (default: 1500)",
     )
     p.add_argument(
-        "--no-offload", dest="offload", action="store_false", help="run without TAP offloads"
+        "--no-offload",
+        dest="offload",
+        action="store_false",
+        help="run the endpoints with --no-offload (Python segmentation)",
     )
     p.set_defaults(func=_tool("demo"), needs_root=True)
 

@@ -20,8 +20,8 @@ from tests.e2e.impair import (
     start_relay,
     stop_relay,
 )
-from tests.e2e.sttun_hosts import drops_of, ping, tcp_transfer, wait_until
-from tests.netns import link_mac, make_two_hosts, need_root, need_tools
+from tests.e2e.sttun_hosts import Endpoint, drops_of, ping, tcp_transfer, wait_until
+from tests.netns import Netns, link_mac, make_two_hosts, need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -35,13 +35,10 @@ def _root() -> None:
     need_root()
 
 
-def _memory_back_to_zero(*eps: object) -> None:
+def _memory_back_to_zero(*eps: Endpoint) -> None:
     for ep in eps:
         wait_until(
-            lambda ep=ep: (
-                (r := ep.show()["reassembly"])["entries"] == 0  # type: ignore[attr-defined]
-                and r["bytes"] == 0
-            ),
+            lambda ep=ep: (r := ep.show()["reassembly"])["entries"] == 0 and r["bytes"] == 0,
             TIMEOUT + 5,
             what="reassembly memory back to 0",
         )
@@ -117,11 +114,6 @@ def test_reorder_and_duplicate(tmp_path: Path, window: int, dup: float) -> None:
             _memory_back_to_zero(p.a, p.b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon exits on ENETDOWN: Daemon._on_underlay lets OSError(ENETDOWN) from the "
-    "AF_PACKET recv (sk_err set by the kernel when the bound link goes down) escape run()",
-)
 def test_underlay_link_flap(tmp_path: Path) -> None:
     """The underlay link goes down and up: traffic resumes, same daemon processes."""
     with make_two_hosts() as h, start_pair(h.a, h.b, h.ip_a, h.ip_b, tmp_path, daemon=DAEMON) as p:
@@ -153,6 +145,6 @@ def test_peer_mac_change(tmp_path: Path) -> None:
         assert (p.a.show()["pid"], p.b.show()["pid"]) == pids
 
 
-def _pings(ns: object, addr: str) -> bool:
-    res = ns.run(["ping", "-c", "1", "-W", "1", addr], check=False)  # type: ignore[attr-defined]
-    return res.returncode == 0
+def _pings(ns: Netns, addr: str) -> bool:
+    res = ns.run(["ping", "-c", "1", "-W", "1", addr], check=False)
+    return bool(res.returncode == 0)

@@ -311,6 +311,12 @@ def _frag(ep: Endpoint) -> None:
 
 def _trunc(ep: Endpoint) -> None:
     ep.receive(b"", 0.0)
+    long4 = bytearray(outer(b"abc"))  # total length past the end of the buffer
+    struct.pack_into("!H", long4, 2, len(long4) + 1)
+    ep.receive(bytes(long4), 0.0)
+    long6 = bytearray(outer(b"abc", src=A6, dst=B6))
+    struct.pack_into("!H", long6, 4, 500)
+    ep.receive(bytes(long6), 0.0)
     ep.receive(outer(b"")[:39], 0.0)
     ep.receive(outer(b"", src=A6, dst=B6)[:59], 0.0)
     opt = bytearray(outer(b""))  # IHL 6 leaves only 16 bytes for TCP
@@ -321,12 +327,12 @@ def _trunc(ep: Endpoint) -> None:
 def _bad_ip(ep: Endpoint) -> None:
     p = bytearray(outer(stt(inner_tcp(10), 2)))
     for mut in (lambda b: b.__setitem__(0, 0x55), lambda b: b.__setitem__(0, 0x44),
-                lambda b: struct.pack_into("!H", b, 2, len(b) + 1)):  # fmt: skip
+                lambda b: struct.pack_into("!H", b, 2, 10)):  # total < header  # fmt: skip
         q = bytearray(p)
         mut(q)
         ep.receive(bytes(q), 0.0)
     v6 = bytearray(outer(b"abc", src=A6, dst=B6))
-    struct.pack_into("!H", v6, 4, 500)
+    v6[0] = 0x75  # version 7
     ep.receive(bytes(v6), 0.0)
 
 

@@ -104,7 +104,7 @@ def test_tcp_checksum_matches_reference(seed: int) -> None:
 def test_parse_outer_reasons_and_partial() -> None:
     good = segment(b"abc", length=3)
     assert parse_outer(good, 14)[3:] == (34, len(good))  # type: ignore[index]
-    assert parse_outer(good[:40], 14) is DropReason.OUTER_BAD_IP
+    assert parse_outer(good[:40], 14) is DropReason.OUTER_TRUNCATED
     assert parse_outer(b"\x45" + good[15:30], 0) is DropReason.OUTER_TRUNCATED
     assert parse_outer(b"\x55" * 40, 0) is DropReason.OUTER_BAD_IP
     udp = bytearray(good)

@@ -21,10 +21,9 @@ from typing import Any
 from sttun.core.decap import Decapsulated, Decapsulator, DscpModel
 from sttun.core.drops import DropCounters, DropReason
 from sttun.core.encap import DEFAULT_TTL, DEFAULT_UNDERLAY_MTU, Encapsulator, Packet
+from sttun.core.outer import parse_outer, tcp_checksum_ok
 from sttun.core.reassembly import Reassembler
 from sttun.core.vlan import DEFAULT_VLAN_POLICY, VlanPolicy
-from sttun.wire.checksum import ones_sum
-from sttun.wire.ip import IPPROTO_TCP, IPV4_FRAG_MASK, IPV4_MF, IPV6_HLEN
 from sttun.wire.stt import MIN_FRAME_LEN, STT_PORT, TCP_HEADER, TCP_HEADER_LEN
 from sttun.wire.vnet import VnetHdr
 
@@ -179,66 +178,26 @@ class Endpoint:
         the receive buffer.
         """
         self.segments_in += 1
-        n = len(packet)
-        if n < 1:
-            self.drops.count(DropReason.OUTER_TRUNCATED, n)
+        outer = parse_outer(packet)
+        if isinstance(outer, DropReason):
+            self.drops.count(outer, len(packet))
             return None
-        version = packet[0] >> 4
-        if version == 4:
-            if n < 40:
-                self.drops.count(DropReason.OUTER_TRUNCATED, n)
-                return None
-            vihl, tos, total, _id, frag, _ttl, proto, _c, src, dst = _IPV4_FIXED.unpack_from(packet)
-            ihl = (vihl & 0x0F) * 4
-            if ihl < 20 or total < ihl or total > n:
-                self.drops.count(DropReason.OUTER_BAD_IP, n)
-                return None
-            if proto != IPPROTO_TCP:
-                self.drops.count(DropReason.OUTER_NOT_TCP, n)
-                return None
-            if frag & (IPV4_MF | IPV4_FRAG_MASK):
-                self.drops.count(DropReason.OUTER_FRAGMENT, n)
-                return None
-            l4 = ihl
-            end = total
-        elif version == 6:
-            if n < IPV6_HLEN + TCP_HEADER_LEN:
-                self.drops.count(DropReason.OUTER_TRUNCATED, n)
-                return None
-            first, plen, nh, _hop, src, dst = _IPV6_FIXED.unpack_from(packet)
-            end = IPV6_HLEN + plen
-            if end > n:
-                self.drops.count(DropReason.OUTER_BAD_IP, n)
-                return None
-            if nh != IPPROTO_TCP:  # extension headers are not used by STT senders
-                self.drops.count(DropReason.OUTER_NOT_TCP, n)
-                return None
-            tos = (first >> 20) & 0xFF
-            l4 = IPV6_HLEN
-        else:
-            self.drops.count(DropReason.OUTER_BAD_IP, n)
-            return None
-        if end - l4 < TCP_HEADER_LEN:
-            self.drops.count(DropReason.OUTER_TRUNCATED, n)
-            return None
+        src, dst, tos, l4, end = outer
         _sport, dport, seq, ack, doff, _fl, _w, _cs, _u = TCP_HEADER.unpack_from(packet, l4)
         if dport not in self.ports:
-            self.drops.count(DropReason.WRONG_PORT, n)
+            self.drops.count(DropReason.WRONG_PORT, len(packet))
             return None
         peer = self._peers.get((src, dst))
         if peer is None:
-            self.drops.count(DropReason.UNKNOWN_SOURCE, n)
+            self.drops.count(DropReason.UNKNOWN_SOURCE, len(packet))
             return None
-        mv = packet if isinstance(packet, memoryview) else memoryview(packet)
-        if not csum_ok:
-            tcp_len = end - l4
-            pseudo = ones_sum(src + dst + bytes((0, IPPROTO_TCP)), tcp_len)
-            if ones_sum(mv[l4:end], pseudo) != 0xFFFF:
-                self.drops.count(DropReason.BAD_TCP_CHECKSUM, n)
-                return None
+        if not csum_ok and not tcp_checksum_ok(packet, 0, l4, end):
+            self.drops.count(DropReason.BAD_TCP_CHECKSUM, len(packet))
+            return None
         if doff >> 4 != 5:
-            self.drops.count(DropReason.BAD_DATA_OFFSET, n)
+            self.drops.count(DropReason.BAD_DATA_OFFSET, len(packet))
             return None
+        mv = packet if type(packet) is memoryview else memoryview(packet)
         peer.segments += 1
         reasm = self.reassembler
         frame = reasm.add(src, dst, ack, seq, mv[l4 + TCP_HEADER_LEN : end], now, tos)

@@ -47,10 +47,10 @@ def parse_outer(packet: Buffer, offset: int = 0) -> OuterFields | DropReason:
     """Check the outer IP header at ``offset`` and locate the TCP-like header.
 
     Returns ``(src, dst, tos, l4, end)`` or the reason the packet is unusable:
-    ``OUTER_BAD_IP`` (not IPv4/IPv6, bad header or total length, or a total length
-    past the buffer), ``OUTER_NOT_TCP``, ``OUTER_FRAGMENT`` (IPv4), or
-    ``OUTER_TRUNCATED`` (no room for the 20-byte TCP-like header).  IPv6 extension
-    headers are not followed: STT senders do not use them (``OUTER_NOT_TCP``).
+    ``OUTER_BAD_IP`` (not IPv4/IPv6, bad header or total length), ``OUTER_NOT_TCP``,
+    ``OUTER_FRAGMENT`` (IPv4), or ``OUTER_TRUNCATED`` (the buffer ends before the IP
+    packet does, or no room for the 20-byte TCP-like header).  IPv6 extension headers
+    are not followed: STT senders do not use them (``OUTER_NOT_TCP``).
     Bytes after ``end`` (Ethernet padding) are ignored.
     """
     n = len(packet) - offset
@@ -64,8 +64,10 @@ def parse_outer(packet: Buffer, offset: int = 0) -> OuterFields | DropReason:
             packet, offset
         )
         ihl = (vihl & 0x0F) * 4
-        if ihl < 20 or total < ihl or total > n:
+        if ihl < 20 or total < ihl:
             return DropReason.OUTER_BAD_IP
+        if total > n:
+            return DropReason.OUTER_TRUNCATED  # the buffer ends before the packet does
         if proto != IPPROTO_TCP:
             return DropReason.OUTER_NOT_TCP
         if frag & (IPV4_MF | IPV4_FRAG_MASK):
@@ -77,7 +79,7 @@ def parse_outer(packet: Buffer, offset: int = 0) -> OuterFields | DropReason:
             return DropReason.OUTER_TRUNCATED
         first, plen, nh, _hop, src, dst = _IPV6_FIXED.unpack_from(packet, offset)
         if IPV6_HLEN + plen > n:
-            return DropReason.OUTER_BAD_IP
+            return DropReason.OUTER_TRUNCATED
         if nh != IPPROTO_TCP:
             return DropReason.OUTER_NOT_TCP
         tos = (first >> 20) & 0xFF

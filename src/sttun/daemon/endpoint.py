@@ -404,7 +404,15 @@ class Daemon:
         mv = self._rx_mv
         receive = self.core.receive
         for _ in range(BATCH):
-            n = recv(buf)
+            try:
+                n = recv(buf)
+            except OSError as exc:
+                # e.g. ENETDOWN: the kernel reports a link going down once on the
+                # bound socket; the socket keeps working when the link comes back.
+                log.warning("underlay %s: receive failed: %s", u.ifname, exc)
+                for rt in u.tunnels:
+                    rt.state = "down"
+                return
             if not n:
                 return
             if n < VNET_HDR_LEN + ETH_HLEN:
