@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.sttun_hosts import OVERLAY6_B, OVERLAY_B, ping, tcp_transfer, tunnel_pair
+from tests.e2e.sttun_hosts import (
+    OVERLAY6_B,
+    OVERLAY_B,
+    Tunnelled,
+    ping,
+    tcp_transfer,
+    tunnel_pair,
+)
 from tests.netns import need_root
 
 pytestmark = pytest.mark.netns
@@ -20,10 +27,8 @@ def _root() -> None:
     need_root()
 
 
-def _counters_agree(t: object) -> None:
-    from tests.e2e.sttun_hosts import Tunnelled
-
-    assert isinstance(t, Tunnelled)
+def _counters_agree(t: Tunnelled) -> None:
+    """B received no more than A sent, and something arrived; both tunnels up."""
     sb = t.b.tunnel(t.dev)  # B first: A's counters can only grow meanwhile
     sa = t.a.tunnel(t.dev)
     assert sb["rx"]["frames"] > 0
