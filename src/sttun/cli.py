@@ -168,7 +168,9 @@ def _add_up(sub: Any) -> None:
     t.add_argument("--mtu", metavar="N", help="TAP (overlay) MTU, 68..65000 (default: 1500)")
     t.add_argument("--bridge", metavar="BR", help="add the TAP device to this Linux bridge")
     t.add_argument(
-        "--tos", metavar="T", help="outer DSCP 0..63 or 'inherit' (default: 0; ECN always copied)"
+        "--tos",
+        metavar="T",
+        help="outer DSCP 0..63 or 'inherit' (default: inherit; ECN always copied)",
     )
     t.add_argument("--ttl", metavar="T", help="outer TTL 1..255 or 'inherit' (default: 64)")
     t.add_argument(

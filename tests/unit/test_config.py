@@ -211,7 +211,7 @@ def test_defaults(write) -> None:
     )
     t = cfg.tunnels[0]
     assert (t.dev, t.dst_port, t.mtu, t.tos, t.ttl, t.df, t.offload, t.persist) == (
-        "t0", 7471, 1500, 0, 64, True, True, False,
+        "t0", 7471, 1500, "inherit", 64, True, True, False,
     )  # fmt: skip
     assert t.bridge is None and t.underlay_mtu is None and t.family == 4
     assert cfg.instance == "sttun"

@@ -57,7 +57,10 @@ MAX_OVERLAY_MTU = 65000  # inner frame + 18-byte STT header must fit a 64 KB fra
 DEFAULT_MTU = 1500
 MIN_UNDERLAY_MTU = {4: 68, 6: 1280}  # RFC 791 / RFC 8200 minimum link MTUs
 MAX_UNDERLAY_MTU = 65535
-DEFAULT_TOS = 0  # OVS default
+# "inherit": the uniform DSCP model by default (issue 6, protocol.md §6): the outer
+# header copies the inner DSCP and decapsulation copies the outer DSCP back in, so a
+# re-marking in the underlay reaches the tenant.  Open vSwitch defaults to 0 (pipe).
+DEFAULT_TOS: Inherit = "inherit"
 DEFAULT_TTL = 64  # OVS DEFAULT_TTL
 DEFAULT_INSTANCE = "sttun"
 RUN_DIR = "/run/sttun"
@@ -92,7 +95,7 @@ OVS_OPTION_NAMES: Mapping[str, str | None] = {
 """Each ``[[tunnel]]`` key and the Open vSwitch STT option it mirrors (for docs)."""
 
 _IFNAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
-_INSTANCE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,31}")
+_INSTANCE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")  # nft table names: no "-"
 _SIZE_RE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
