@@ -21,6 +21,7 @@ metrics, and signal handling (SIGTERM/SIGINT stop, SIGHUP reloads).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -55,6 +56,9 @@ ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 #: Frames handled per readiness event before other descriptors get a turn.
 BATCH = 64
+#: Frames held per tunnel while its next hop is being resolved (Linux keeps a few
+#: too: neighbour ``unres_qlen``); more are dropped as ``tx_no_neighbour``.
+PENDING_MAX = 64
 #: How often the loop refreshes the published statistics and retries neighbours.
 HOUSEKEEPING_INTERVAL = 1.0
 #: The largest TSO frame the overlay stack may hand to a TAP: keeps every inner
@@ -89,6 +93,8 @@ class TunnelRuntime:
     nexthop: str = ""
     state: str = "down"
     log: logging.LoggerAdapter[logging.Logger] | None = None
+    #: Frames (vnet header + frame, copied) read while the next hop was unresolved.
+    pending: collections.deque[bytes] = field(default_factory=collections.deque)
 
     @property
     def offload(self) -> bool:
@@ -260,13 +266,21 @@ class Daemon:
         u = rt.underlay
         if u is None:
             return
+        encap = rt.tunnel.encapsulator
         mac = netlink.neighbour(u.ifindex, rt.nexthop)
         if mac is None:
             netlink.resolve(u.ifindex, rt.nexthop)
-            rt.tunnel.encapsulator.l2 = b""
+            encap.l2 = b""
             return
         etype = ETH_P_IPV6 if len(rt.tunnel.spec.remote) == 16 else ETH_P_IP
-        rt.tunnel.encapsulator.l2 = _ETH.pack(bytes.fromhex(mac.replace(":", "")), u.mac, etype)
+        l2 = _ETH.pack(bytes.fromhex(mac.replace(":", "")), u.mac, etype)
+        if l2 != encap.l2:
+            if not encap.l2 and rt.log:
+                rt.log.info("next hop %s resolved (%s)", rt.nexthop, mac)
+            encap.l2 = l2
+        while rt.pending:
+            held = rt.pending.popleft()
+            self._transmit(rt, u, memoryview(held)[VNET_HDR_LEN:], *VNET_HDR.unpack_from(held))
 
     def _start_control(self) -> None:
         from sttun.daemon.control import ControlServer
@@ -350,53 +364,66 @@ class Daemon:
         tap = rt.tap
         u = rt.underlay
         buf = self._tap_buf
-        mv = self._tap_mv
-        unpack = VNET_HDR.unpack_from
-        encap = rt.tunnel.encapsulator
-        gso = rt.offload
-        if u is None or not encap.l2:
-            # no next-hop MAC yet: count what we cannot send, keep resolution going
+        if u is None or not rt.tunnel.encapsulator.l2:
+            # No next-hop MAC yet: hold a few frames, count the rest, keep resolving.
             for _ in range(BATCH):
                 n = tap.read_into(buf)
                 if not n:
                     break
-                encap.drops.count(DropReason.TX_NO_NEIGHBOUR, n - VNET_HDR_LEN)
+                if len(rt.pending) < PENDING_MAX:
+                    rt.pending.append(bytes(buf[:n]))
+                else:
+                    rt.tunnel.encapsulator.drops.count(DropReason.TX_NO_NEIGHBOUR, n - VNET_HDR_LEN)
             self._refresh_l2(rt)
             return
-        send = u.sock.send
-        encap_gso = encap.encap_gso
+        mv = self._tap_mv
+        unpack = VNET_HDR.unpack_from
+        transmit = self._transmit
         for _ in range(BATCH):
             n = tap.read_into(buf)
             if not n:
                 return
-            if n <= VNET_HDR_LEN:
-                continue
-            flags, gso_type, hdr_len, gso_size, cstart, coff = unpack(buf)
-            frame = mv[VNET_HDR_LEN:n]
-            try:
-                if gso:
-                    packet = encap_gso(frame, flags, gso_type, gso_size, cstart, coff)
-                    if packet is not None:
-                        send(packet)
-                        continue
-                vnet = (
-                    VnetHdr(flags, gso_type, hdr_len, gso_size, cstart, coff)
-                    if flags or gso_type
-                    else None
-                )
-                packets = encap.encap(frame, vnet, gso=gso)
-                if gso:
-                    for parts in packets:
-                        send(parts)
-                else:
-                    for parts in packets:
-                        send([VNET_NONE, *parts])
-            except OSError as exc:
-                encap.drops.count(DropReason.TX_ERROR, n - VNET_HDR_LEN)
-                if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
-                    rt.state = "down"
-                if rt.log:
-                    rt.log.debug("send failed: %s", exc)
+            if n > VNET_HDR_LEN:
+                transmit(rt, u, mv[VNET_HDR_LEN:n], *unpack(buf))
+
+    def _transmit(
+        self,
+        rt: TunnelRuntime,
+        u: Underlay,
+        frame: memoryview,
+        flags: int,
+        gso_type: int,
+        hdr_len: int,
+        gso_size: int,
+        cstart: int,
+        coff: int,
+    ) -> None:
+        """Encapsulate one frame read from the TAP and send it on the underlay."""
+        encap = rt.tunnel.encapsulator
+        send = u.sock.send
+        try:
+            if rt.config.offload:
+                packet = encap.encap_gso(frame, flags, gso_type, gso_size, cstart, coff)
+                if packet is not None:
+                    send(packet)
+                    return
+            vnet = (
+                VnetHdr(flags, gso_type, hdr_len, gso_size, cstart, coff)
+                if flags or gso_type
+                else None
+            )
+            if rt.config.offload:
+                for parts in encap.encap(frame, vnet, gso=True):
+                    send(parts)
+            else:
+                for parts in encap.encap(frame, vnet, gso=False):
+                    send([VNET_NONE, *parts])
+        except OSError as exc:
+            encap.drops.count(DropReason.TX_ERROR, len(frame))
+            if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
+                rt.state = "down"
+            if rt.log:
+                rt.log.debug("send failed: %s", exc)
 
     def _on_underlay(self, u: Underlay) -> None:
         recv = u.sock.recv_into
@@ -410,8 +437,8 @@ class Daemon:
                 # e.g. ENETDOWN: the kernel reports a link going down once on the
                 # bound socket; the socket keeps working when the link comes back.
                 log.warning("underlay %s: receive failed: %s", u.ifname, exc)
-                for rt in u.tunnels:
-                    rt.state = "down"
+                for down in u.tunnels:
+                    down.state = "down"
                 return
             if not n:
                 return
@@ -476,8 +503,6 @@ class Daemon:
                 self._refresh_l2(rt)
                 if rt.tunnel.encapsulator.l2:
                     rt.state = "up"
-                    if rt.log:
-                        rt.log.info("next hop %s resolved", rt.nexthop)
         if self.snapshot is not None:
             self.snapshot.publish(self.show_data())
 
