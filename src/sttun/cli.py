@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _not_root(command: str) -> bool:
     if os.geteuid() != 0:
-        print(f"{PROG} {command}: must be run as root ({ROOT_REASON})", file=sys.stderr)
+        print(f"{PROG}: error: {command} must be run as root ({ROOT_REASON})", file=sys.stderr)
         return True
     return False
 

@@ -124,7 +124,9 @@ def test_not_root(two_hosts: TwoHosts, tmp_path: Path) -> None:
     sock = tmp_path / "s.sock"
     status, lines = up(two_hosts.a, sock, *tunnel_args(two_hosts), prefix=nobody)
     assert status == 2
-    assert lines == ["sttun up: must be run as root (CAP_NET_ADMIN needed for TAP and AF_PACKET)"]
+    assert lines == [
+        "sttun: error: up must be run as root (CAP_NET_ADMIN needed for TAP and AF_PACKET)"
+    ]
     assert_nothing_left(two_hosts.a, sock)
 
 
@@ -145,8 +147,10 @@ def test_remote_not_routable(two_hosts: TwoHosts, tmp_path: Path) -> None:
     status, lines = up(two_hosts.a, sock, *args)
     assert status == 1
     line = error_line(lines)
-    # today: "sttun: error: no route to 198.19.0.2: (101, 'Network is unreachable')"
-    assert line.startswith("sttun: error: no route to 198.19.0.2"), line
+    assert line == (
+        "sttun: error: tunnel stt0: remote_ip 198.19.0.2: no route to 198.19.0.2 "
+        "(Network is unreachable)"
+    ), line
     assert "Network is unreachable" in line
     assert_nothing_left(two_hosts.a, sock)
 
@@ -158,7 +162,10 @@ def test_remote_is_local(two_hosts: TwoHosts, tmp_path: Path) -> None:
     status, lines = up(two_hosts.a, sock, *args)
     assert status == 1
     line = error_line(lines)
-    assert line == "sttun: error: 198.18.0.7 is a local address of this host, not a remote one"
+    assert line == (
+        "sttun: error: tunnel stt0: remote_ip 198.18.0.7: 198.18.0.7 is a local address "
+        "of this host, not a remote one"
+    )
     assert_nothing_left(two_hosts.a, sock)
 
 

@@ -117,14 +117,14 @@ def test_up_not_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
     monkeypatch.setitem(sys.modules, "sttun.daemon.endpoint", None)  # must not be reached
     assert cli.main(list(UP)) == 2
     assert capsys.readouterr().err == (
-        "sttun up: must be run as root (CAP_NET_ADMIN needed for TAP and AF_PACKET)\n"
+        "sttun: error: up must be run as root (CAP_NET_ADMIN needed for TAP and AF_PACKET)\n"
     )
 
 
 def test_demo_not_root(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert cli.main(["demo"]) == 2
-    assert capsys.readouterr().err.startswith("sttun demo: must be run as root (")
+    assert capsys.readouterr().err.startswith("sttun: error: demo must be run as root (")
 
 
 def test_up_without_endpoint(

@@ -222,6 +222,7 @@ class Endpoint:
         rx = target.rx
         rx.frames += 1
         rx.bytes += len(result.inner)
+        rx.segments += reasm.completed_segments
         return target, result
 
     # -- time -----------------------------------------------------------------------
@@ -242,7 +243,6 @@ class Endpoint:
         tunnels = {}
         for name, t in self.tunnels.items():
             s = t.stats()
-            s["rx"]["segments"] = self._peers[(t.spec.remote, t.spec.local)].segments
             tunnels[name] = s
         return {
             "segments_in": self.segments_in,

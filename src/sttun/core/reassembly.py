@@ -90,7 +90,18 @@ _EVICTIONS = frozenset(
 class _Frame:
     """One partial STT frame.  Internal: one object per frame, none per segment."""
 
-    __slots__ = ("buf", "ce", "charge", "covered", "deadline", "ivs", "length", "src", "tos")
+    __slots__ = (
+        "buf",
+        "ce",
+        "charge",
+        "covered",
+        "deadline",
+        "ivs",
+        "length",
+        "segs",
+        "src",
+        "tos",
+    )
 
     def __init__(
         self, src: Hashable, length: int, charge: int, deadline: float, tos: int, ce: bool
@@ -106,6 +117,7 @@ class _Frame:
         self.covered = 0
         self.tos = tos
         self.ce = ce
+        self.segs = 1  # segments stored (the first one included)
 
 
 class Reassembler:
@@ -160,6 +172,8 @@ class Reassembler:
         self.completed_tos: int = 0
         #: True if any accepted segment of the frame last returned had ECN CE.
         self.completed_ce: bool = False
+        #: Segments that made up the frame last returned by add().
+        self.completed_segments: int = 0
         #: Bytes charged for partial frames right now (buffers + ENTRY_OVERHEAD each).
         self.bytes_held: int = 0
         #: Highest ``bytes_held`` seen.
@@ -237,6 +251,7 @@ class Reassembler:
             self.frames_completed += 1
             self.completed_tos = tos & 0xFF
             self.completed_ce = tos & 3 == 3
+            self.completed_segments = 1
             if isinstance(payload, bytearray):
                 return memoryview(payload)
             return payload
@@ -307,6 +322,7 @@ class Reassembler:
                 fr.covered += n - overlap
             if off == 0:
                 fr.tos = tos & 0xFF
+        fr.segs += 1
         if tos & 3 == 3:
             fr.ce = True
         if fr.covered != length:
@@ -319,6 +335,7 @@ class Reassembler:
         self.frames_completed += 1
         self.completed_tos = fr.tos
         self.completed_ce = fr.ce
+        self.completed_segments = fr.segs
         return memoryview(fr.buf)
 
     # ------------------------------------------------------------------ timers

@@ -170,7 +170,7 @@ class ControlServer:
     # --- set-up and tear-down ---
 
     @staticmethod
-    def _check_existing(path: str) -> None:
+    def check_existing(path: str) -> None:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -198,7 +198,7 @@ class ControlServer:
                 os.makedirs(parent, mode=0o755, exist_ok=True)
             except OSError as e:
                 raise SetupError(f"cannot create {parent}: {e.strerror or e}") from None
-        self._check_existing(path)
+        self.check_existing(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # the file is born 0600: no window with wider access
         try:

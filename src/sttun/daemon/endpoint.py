@@ -158,6 +158,10 @@ class Daemon:
     def start(self) -> None:
         """Create every kernel object; on failure undo what was done and raise."""
         try:
+            # before touching the host: refuse if another daemon serves this socket
+            from sttun.daemon.control import ControlServer
+
+            ControlServer.check_existing(self.config.control_socket)
             self._install_firewall()
             for cfg in self.config.tunnels:
                 self._add_tunnel(cfg)
@@ -192,7 +196,10 @@ class Daemon:
         return sorted({t.dst_port for t in self.config.tunnels})
 
     def _underlay_for(self, cfg: TunnelConfig) -> tuple[Underlay, netlink.Route]:
-        route = netlink.route_lookup(str(cfg.remote_ip))
+        try:
+            route = netlink.route_lookup(str(cfg.remote_ip))
+        except SetupError as exc:
+            raise SetupError(f"tunnel {cfg.name}: remote_ip {cfg.remote_ip}: {exc}") from exc
         if not netlink.is_local_address(str(cfg.local_ip)):
             raise SetupError(
                 f"tunnel {cfg.name}: local_ip {cfg.local_ip} is not an address of this host"
@@ -208,7 +215,7 @@ class Daemon:
             log.info("underlay %s: AF_PACKET socket open", route.ifname)
         return underlay, route
 
-    def _add_tunnel(self, cfg: TunnelConfig) -> None:
+    def _add_tunnel(self, cfg: TunnelConfig, tap: TapDevice | None = None) -> None:
         tlog = tunnel_logger("sttun.tunnel", cfg.name, cfg.in_key)
         underlay, route = self._underlay_for(cfg)
         if cfg.underlay_mtu is None:
@@ -217,14 +224,19 @@ class Daemon:
             mtu = cfg.underlay_mtu
         tunnel = self.core.add_tunnel(dataclasses.replace(_spec(cfg), underlay_mtu=mtu))
         try:
-            tap = TapDevice(
-                cfg.dev,
-                offload=True,
-                persist=cfg.persist,
-                mtu=cfg.mtu,
-                bridge=cfg.bridge,
-                up=True,
-            )
+            if tap is None:
+                tap = TapDevice(
+                    cfg.dev,
+                    offload=True,
+                    persist=cfg.persist,
+                    mtu=cfg.mtu,
+                    bridge=cfg.bridge,
+                    up=True,
+                )
+            else:  # a changed tunnel keeps its TAP (addresses, routes, bridge port)
+                tap.set_mtu(cfg.mtu)
+                if cfg.bridge:
+                    tap.set_bridge(cfg.bridge)
         except BaseException:
             self.core.remove_tunnel(cfg.name)
             raise
@@ -249,7 +261,7 @@ class Daemon:
             "on" if cfg.offload else "off",
         )
 
-    def _remove_tunnel(self, name: str) -> None:
+    def _remove_tunnel(self, name: str, keep_tap: bool = False) -> TapDevice:
         rt = self.tunnels.pop(name)
         fd = rt.tap.fileno()
         self._unregister(fd)
@@ -257,9 +269,11 @@ class Daemon:
         if rt.underlay is not None:
             rt.underlay.tunnels.remove(rt)
         self.core.remove_tunnel(name)
-        rt.tap.close(remove=not rt.config.persist)
+        if not keep_tap:
+            rt.tap.close(remove=not rt.config.persist)
         if rt.log:
-            rt.log.info("tunnel removed")
+            rt.log.info("tunnel removed" if not keep_tap else "tunnel stopped for a change")
+        return rt.tap
 
     def _refresh_l2(self, rt: TunnelRuntime) -> None:
         """Look up the next hop's MAC; without one, start resolution."""
@@ -520,8 +534,12 @@ class Daemon:
         added, removed, changed = diff_configs(self.config, new)
         for cfg in removed:
             self._remove_tunnel(cfg.name)
-        for _old, cfg in changed:
-            self._remove_tunnel(cfg.name)
+        kept: dict[str, TapDevice] = {}
+        for old_cfg, cfg in changed:
+            same_dev = old_cfg.dev == cfg.dev and old_cfg.persist == cfg.persist
+            tap = self._remove_tunnel(cfg.name, keep_tap=same_dev)
+            if same_dev:
+                kept[cfg.name] = tap
         self.config = new
         if self.firewall is not None:
             try:
@@ -529,10 +547,13 @@ class Daemon:
             except SttError as exc:
                 log.error("firewall update failed: %s", exc)
         for cfg in [*added, *(c for _o, c in changed)]:
+            reused = kept.pop(cfg.name, None)
             try:
-                self._add_tunnel(cfg)
+                self._add_tunnel(cfg, reused)
             except (SttError, OSError) as exc:
                 log.error("tunnel %s: cannot start: %s", cfg.name, exc)
+                if reused is not None:
+                    reused.close(remove=not cfg.persist)
         for u in self.underlays.values():
             with contextlib.suppress(SttError, OSError):
                 u.sock.set_ports(self._ports())

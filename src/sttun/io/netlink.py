@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -129,7 +130,9 @@ def route_lookup(remote_ip: str) -> Route:
         try:
             msgs = ipr.route("get", dst=str(ip))
         except Exception as e:
-            raise SetupError(f"no route to {ip}: {e}") from e
+            code = getattr(e, "code", None)
+            why = os.strerror(code) if isinstance(code, int) else str(e)
+            raise SetupError(f"no route to {ip} ({why})") from e
         if not msgs:
             raise SetupError(f"no route to {ip}")
         m = msgs[0]
