@@ -21,6 +21,7 @@ from sttun.core.encap import Encapsulator
 from sttun.io.pcap_write import PcapWriter
 from sttun.wire.ip import ip_bytes
 from sttun.wire.vnet import GsoType, VnetFlag, VnetHdr
+from tests.reference import naive_sum
 
 MACS = bytes.fromhex("020000000002020000000001")
 OUTER_L2 = bytes.fromhex("02000000000a02000000000b") + b"\x08\x00"
@@ -28,16 +29,6 @@ SRC, DST = ip_bytes("198.18.0.1"), ip_bytes("198.18.0.2")
 S4, D4 = ip_bytes("192.0.2.1"), ip_bytes("192.0.2.2")
 CTX_A, CTX_B = 0x1111, 0x0102030405060708
 MTU = 1500
-
-
-def naive_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for (w,) in struct.iter_unpack("!H", data):
-        s += w
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def inner_tcp(payload_len: int, sport: int, *, partial: bool = False) -> bytes:

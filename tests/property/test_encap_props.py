@@ -7,6 +7,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.reference import naive_sum
 
 from sttun.core.encap import Encapsulator
 from sttun.core.endpoint import Endpoint, TunnelSpec
@@ -21,17 +22,6 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 
 # -------------------------------------------------- independent reference code
-
-
-def naive_sum(data: bytes) -> int:
-    """RFC 1071 by the book: big-endian 16-bit words, end-around carry each step."""
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for (w,) in struct.iter_unpack("!H", data):
-        s += w
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def ones_add(a: int, b: int) -> int:

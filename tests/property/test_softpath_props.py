@@ -11,6 +11,7 @@ import struct
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.reference import naive_sum
 
 from sttun.core.softpath import complete, finish_checksum, segment_gso
 from sttun.errors import DecodeError
@@ -26,15 +27,6 @@ SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[Heal
 
 
 # ------------------------------------------------------------- naive reference
-def naive_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += data[i] * 256 + data[i + 1]
-        if s > 0xFFFF:
-            s -= 0xFFFF
-    return s
 
 
 def naive_csum(data: bytes) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.reference import naive_sum
 
 from sttun.wire.checksum import (
     add,
@@ -17,17 +18,6 @@ from sttun.wire.checksum import (
     update32,
     verify,
 )
-
-
-def naive_sum(data: bytes, initial: int = 0) -> int:
-    """RFC 1071 reference: add big-endian 16-bit words with end-around carry."""
-    if len(data) % 2:
-        data += b"\0"
-    s = initial
-    for i in range(0, len(data), 2):
-        s += (data[i] << 8) | data[i + 1]
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def naive_checksum(data: bytes, initial: int = 0) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from tests.reference import naive_sum
 
 from sttun.core import softpath
 from sttun.core.decap import Decapsulated, Decapsulator, DscpModel, decapsulate
@@ -20,16 +21,6 @@ S6, D6 = (
     bytes.fromhex("20010db8000100000000000000000002"),
 )
 P, C, V, T = 0x02, 0x01, 0x04, 0x08
-
-
-def naive_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += (data[i] << 8) | data[i + 1]
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def ip4(proto: int, plen: int, tos: int = 0) -> bytes:

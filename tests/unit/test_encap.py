@@ -7,6 +7,7 @@ import struct
 from typing import NamedTuple
 
 import pytest
+from tests.reference import naive_sum
 
 from sttun.core.api import encapsulate
 from sttun.core.drops import DropReason
@@ -22,16 +23,6 @@ L6, R6 = ip_bytes("2001:db8:0:1::1"), ip_bytes("2001:db8:0:1::2")
 S4, D4 = ip_bytes("192.0.2.1"), ip_bytes("192.0.2.2")
 S6, D6 = ip_bytes("2001:db8:1::1"), ip_bytes("2001:db8:1::2")
 ACK, PSH = 0x10, 0x08
-
-
-def naive_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += (data[i] << 8) | data[i + 1]
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 class Seg(NamedTuple):

@@ -7,6 +7,7 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from tests.reference import naive_sum
 
 from sttun.core.decap import DscpModel
 from sttun.core.drops import DropReason
@@ -21,16 +22,6 @@ A4, B4, X4 = ip_bytes("198.18.0.1"), ip_bytes("198.18.0.2"), ip_bytes("198.18.0.
 A6, B6 = ip_bytes("2001:db8:0:1::1"), ip_bytes("2001:db8:0:1::2")
 S4, D4 = ip_bytes("192.0.2.1"), ip_bytes("192.0.2.2")
 ACK, PSH, SYN, RST, FIN = 0x10, 0x08, 0x02, 0x04, 0x01
-
-
-def naive_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += (data[i] << 8) | data[i + 1]
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def inner_tcp(payload_len: int, tos: int = 0) -> bytes:

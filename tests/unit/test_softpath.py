@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from tests.reference import naive_sum
 
 from sttun.core.softpath import complete, finish_checksum, segment_gso
 from sttun.errors import DecodeError, TruncatedError
@@ -30,15 +31,6 @@ FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 1, 2, 4, 8, 16, 32, 64, 128
 
 
 # --------------------------------------------------------------------- reference
-def naive_sum(data: bytes) -> int:
-    """RFC 1071 ones'-complement sum, one 16-bit word at a time."""
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += (data[i] << 8) | data[i + 1]
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from tests.reference import naive_sum
 
 from sttun.errors import DecodeError, EncodeError, TruncatedError
 from sttun.wire.ether import (
@@ -31,16 +32,6 @@ from sttun.wire.ip import (
 MACS = bytes.fromhex("020000000002020000000001")
 A4, B4 = ip_bytes("192.0.2.1"), ip_bytes("192.0.2.2")
 A6, B6 = ip_bytes("2001:db8:1::1"), ip_bytes("2001:db8:1::2")
-
-
-def naive_sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = 0
-    for i in range(0, len(data), 2):
-        s += (data[i] << 8) | data[i + 1]
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
 
 
 def test_ip_bytes_and_text() -> None:
