@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sttun import __version__
+from sttun.tools.report import human_bytes
 
 if TYPE_CHECKING:
     from sttun.daemon.metrics import ShowData
@@ -486,17 +487,6 @@ _COLUMNS = (
     ("DROPS", True),
     ("REASM", True),
 )  # (heading, right-aligned)
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` → ``"1.5 KiB"``; under 1 KiB as plain bytes."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def human_duration(seconds: float) -> str:

@@ -43,6 +43,7 @@ from typing import Any
 
 from sttun import __version__
 from sttun.errors import SetupError
+from sttun.tools.report import human_bytes
 from sttun.tools.topology import (
     STT_DEV,
     UNDERLAY_DEV,
@@ -237,17 +238,6 @@ def _plain_table(headings: list[str], rows: list[list[str]]) -> str:
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` → ``"1.5 KiB"``."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            break
-    return f"{n:.1f} {unit}"
 
 
 def gbits(bits_per_second: float) -> str:
