@@ -69,6 +69,11 @@ def _fold_csum(s: int) -> int:
     return ~s & 0xFFFF
 
 
+def ip_checksum(header: bytes | bytearray) -> int:
+    """The IPv4 header checksum of ``header`` (its checksum field must be zero)."""
+    return _fold_csum(ones_sum(header))
+
+
 def stt_header(
     key: int,
     *,

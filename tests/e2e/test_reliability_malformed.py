@@ -103,7 +103,7 @@ def _truncated(w: World) -> bytes:
     ip = bytearray(full[:20])
     struct.pack_into("!H", ip, 2, 20 + len(tcp))
     struct.pack_into("!H", ip, 10, 0)
-    struct.pack_into("!H", ip, 10, sc._fold_csum(sc.ones_sum(ip)))
+    struct.pack_into("!H", ip, 10, sc.ip_checksum(ip))
     return bytes(ip) + tcp
 
 
