@@ -69,3 +69,18 @@ def test_segment_sequences(
     check_limits(ep)
     assert ep.reassembler.entries == 0
     assert ep.reassembler.bytes_held == 0
+
+
+def test_too_many_frames_keeps_the_limits() -> None:
+    """The one reassembly drop the long atheris run's corpus did not reach."""
+    ep = make_endpoint(small=True)
+    src, dst = ADDRS[0]
+    limit = ep.reassembler.max_frames
+    for ack in range(limit + 4):
+        pkt = build_packet(src, dst, b"\0" * 10, seq=100 << 16, ack=ack)
+        receive_checked(ep, pkt, 1.0, False)
+    assert ep.reassembler.entries == limit
+    assert ep.stats()["drops"] == {"too_many_frames": 4}
+    ep.handle_timeout(1e9)
+    assert ep.reassembler.entries == 0
+    assert ep.reassembler.bytes_held == 0
