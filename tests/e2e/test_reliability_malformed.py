@@ -250,11 +250,6 @@ def test_serving_after_malformed(world: World) -> None:
     assert world.hub.proc.poll() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Reassembler.add returns a whole-in-one-segment frame (n == L) before it "
-    "consults or records the late-key memory, so an exact duplicate is delivered again",
-)
 def test_duplicate_whole_frame_delivered_once(world: World) -> None:
     """A frame that fits one segment, sent twice with the same frame id: delivered
     once, the copy counted (late_segment) - as for frames of several segments."""

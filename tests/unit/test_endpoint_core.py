@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from collections.abc import Callable
@@ -35,11 +36,14 @@ def inner_tcp(payload_len: int, tos: int = 0) -> bytes:
     return MACS + b"\x08\x00" + bytes(ip) + bytes(tcp)
 
 
+_FRAME_IDS = itertools.count(1000)
+
+
 def outer(
     payload: bytes,
     *,
     seq: int | None = None,
-    ack: int = 1,
+    ack: int | None = None,
     src: bytes = A4,
     dst: bytes = B4,
     sport: int = 40000,
@@ -51,7 +55,13 @@ def outer(
     proto: int = 6,
     good_csum: bool = True,
 ) -> bytes:
-    """One outer IPv4/IPv6 packet carrying a TCP-like header and ``payload``."""
+    """One outer IPv4/IPv6 packet carrying a TCP-like header and ``payload``.
+
+    Without ``seq`` the payload is a whole frame and gets a fresh frame id (ACK),
+    as a real sender's would be; with ``seq`` (a segment) the default ACK is 1.
+    """
+    if ack is None:
+        ack = next(_FRAME_IDS) if seq is None else 1
     if seq is None:
         seq = len(payload) << 16
     tcp = bytearray(struct.pack("!HHIIBBHHH", sport, dport, seq, ack, doff << 4, flags, 0, 0, 0))
@@ -396,7 +406,6 @@ def _tunnel_drop(reason: DropReason) -> Callable[[Tunnel], None]:
 TX_REACH = {r: _tunnel_drop(r) for r in (DropReason.TX_BAD_INNER, DropReason.TX_FRAME_TOO_BIG)}
 #: produced by the I/O layer / daemon, not by the sans-I/O core
 NOT_CORE = {
-    DropReason.BAD_INNER_PACKET,
     DropReason.TX_NO_NEIGHBOUR,
     DropReason.TX_NO_ROUTE,
     DropReason.TX_ERROR,

@@ -498,9 +498,9 @@ def test_single_segment_fast_path_returns_payload_itself() -> None:
     got = r.add(SRC, DST, 1, 1500 << 16, frame, 0.0)
     assert got is frame
     view = memoryview(frame)
-    assert r.add(SRC, DST, 1, 1500 << 16, view, 0.0) is view
+    assert r.add(SRC, DST, 2, 1500 << 16, view, 0.0) is view
     ba = bytearray(frame)
-    got_ba = r.add(SRC, DST, 1, 1500 << 16, ba, 0.0)
+    got_ba = r.add(SRC, DST, 3, 1500 << 16, ba, 0.0)
     assert isinstance(got_ba, memoryview) and got_ba.obj is ba
     assert r.frames_completed == 3
     assert r.peak_bytes == 0
@@ -560,8 +560,21 @@ def test_single_segment_ecn() -> None:
     r.add(SRC, DST, 1, 10 << 16, b"0123456789", 0.0, 0xB8 | CE)
     assert r.completed_tos == 0xB8 | CE
     assert r.completed_ce is True
-    r.add(SRC, DST, 1, 10 << 16, b"0123456789", 0.0, 0xB8 | ECT0)
+    r.add(SRC, DST, 2, 10 << 16, b"0123456789", 0.0, 0xB8 | ECT0)
     assert r.completed_ce is False
+
+
+def test_single_segment_duplicate_not_delivered_twice() -> None:
+    """A whole one-segment frame seen again within the timeout is a late copy."""
+    r = Reassembler(timeout=5.0)
+    frame = make_frame(300, seed=51)
+    assert r.add(SRC, DST, 9, 300 << 16, frame, 0.0) is frame
+    assert r.add(SRC, DST, 9, 300 << 16, frame, 1.0) is None
+    assert r.drops[DropReason.LATE_SEGMENT] == 1
+    assert r.add(SRC2, DST, 9, 300 << 16, frame, 1.0) is frame  # another source: own ids
+    r.handle_timeout(6.0)
+    assert r.add(SRC, DST, 9, 300 << 16, frame, 6.0) is frame  # id reused after the timeout
+    assert r.frames_completed == 3
 
 
 # --------------------------------------------------------------------- deadlines

@@ -246,8 +246,16 @@ class Reassembler:
             self.drops.count(DropReason.SEGMENT_PAST_END, n)
             return None
         if n == length:
-            # Whole frame in one segment (off is 0): no table, no copy (OVS does the
-            # same, protocol.md §3.3 step 4).
+            # Whole frame in one segment (off is 0): no partial-frame table, no copy
+            # (OVS does the same, protocol.md §3.3 step 4).  The key is remembered
+            # like any completed frame's, so a duplicate is not delivered twice.
+            key = (src, dst, ack)
+            recent = self._recent
+            seen = recent.get(key)
+            if seen is not None and seen[0] > self._clock and seen[1] in (length, -1):
+                self.drops.count(DropReason.LATE_SEGMENT, n)
+                return None
+            self._remember(key, length)
             self.frames_completed += 1
             self.completed_tos = tos & 0xFF
             self.completed_ce = tos & 3 == 3

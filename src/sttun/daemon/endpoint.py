@@ -59,6 +59,9 @@ BATCH = 64
 #: Frames held per tunnel while its next hop is being resolved (Linux keeps a few
 #: too: neighbour ``unres_qlen``); more are dropped as ``tx_no_neighbour``.
 PENDING_MAX = 64
+#: How long a send waits for room in a full socket buffer before the packet counts
+#: as dropped (``tx_error``).
+SEND_WAIT = 0.01
 #: How often the loop refreshes the published statistics and retries neighbours.
 HOUSEKEEPING_INTERVAL = 1.0
 #: The largest TSO frame the overlay stack may hand to a TAP: keeps every inner
@@ -93,6 +96,8 @@ class TunnelRuntime:
     nexthop: str = ""
     state: str = "down"
     log: logging.LoggerAdapter[logging.Logger] | None = None
+    #: The last route lookup for the remote failed (frames count as tx_no_route).
+    no_route: bool = False
     #: Frames (vnet header + frame, copied) read while the next hop was unresolved.
     pending: collections.deque[bytes] = field(default_factory=collections.deque)
 
@@ -125,7 +130,9 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        budget = config.reassembly_source_budget or DEFAULT_SOURCE_BUDGET
+        budget = config.reassembly_source_budget or min(
+            DEFAULT_SOURCE_BUDGET, config.reassembly_high_water // 2
+        )
         self.core = Endpoint(
             reassembler=Reassembler(
                 timeout=config.reassembly_timeout,
@@ -379,16 +386,21 @@ class Daemon:
         u = rt.underlay
         buf = self._tap_buf
         if u is None or not rt.tunnel.encapsulator.l2:
-            # No next-hop MAC yet: hold a few frames, count the rest, keep resolving.
+            # No route: drop.  No next-hop MAC yet: hold a few frames, count the
+            # rest, keep resolving.
+            drops = rt.tunnel.encapsulator.drops
             for _ in range(BATCH):
                 n = tap.read_into(buf)
                 if not n:
                     break
-                if len(rt.pending) < PENDING_MAX:
+                if rt.no_route:
+                    drops.count(DropReason.TX_NO_ROUTE, n - VNET_HDR_LEN)
+                elif len(rt.pending) < PENDING_MAX:
                     rt.pending.append(bytes(buf[:n]))
                 else:
-                    rt.tunnel.encapsulator.drops.count(DropReason.TX_NO_NEIGHBOUR, n - VNET_HDR_LEN)
-            self._refresh_l2(rt)
+                    drops.count(DropReason.TX_NO_NEIGHBOUR, n - VNET_HDR_LEN)
+            if not rt.no_route:
+                self._refresh_l2(rt)
             return
         mv = self._tap_mv
         unpack = VNET_HDR.unpack_from
@@ -419,7 +431,8 @@ class Daemon:
             if rt.config.offload:
                 packet = encap.encap_gso(frame, flags, gso_type, gso_size, cstart, coff)
                 if packet is not None:
-                    send(packet)
+                    if not send(packet):
+                        self._send_when_writable(rt, u, packet)
                     return
             vnet = (
                 VnetHdr(flags, gso_type, hdr_len, gso_size, cstart, coff)
@@ -427,17 +440,27 @@ class Daemon:
                 else None
             )
             if rt.config.offload:
-                for parts in encap.encap(frame, vnet, gso=True):
-                    send(parts)
+                packets = encap.encap(frame, vnet, gso=True)
             else:
-                for parts in encap.encap(frame, vnet, gso=False):
-                    send([VNET_NONE, *parts])
+                packets = [[VNET_NONE, *parts] for parts in encap.encap(frame, vnet, gso=False)]
+            for parts in packets:
+                if not send(parts):
+                    self._send_when_writable(rt, u, parts)
         except OSError as exc:
             encap.drops.count(DropReason.TX_ERROR, len(frame))
             if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
                 rt.state = "down"
             if rt.log:
                 rt.log.debug("send failed: %s", exc)
+
+    def _send_when_writable(self, rt: TunnelRuntime, u: Underlay, parts: list[Any]) -> None:
+        """The socket's send buffer is full: wait a little for room (back-pressure, as a
+        blocking send would), then send; count the packet as dropped if it stays full."""
+        _r, writable, _x = select.select([], [u.sock], [], SEND_WAIT)
+        if not writable or not u.sock.send(parts):
+            rt.tunnel.encapsulator.drops.count(
+                DropReason.TX_ERROR, sum(len(p) for p in parts) - VNET_HDR_LEN
+            )
 
     def _on_underlay(self, u: Underlay) -> None:
         recv = u.sock.recv_into
@@ -489,34 +512,44 @@ class Daemon:
 
     def _refresh_routes(self) -> None:
         for rt in self.tunnels.values():
+            self._refresh_route(rt)
+
+    def _refresh_route(self, rt: TunnelRuntime) -> None:
+        """Look the route to the remote up again; re-home, re-resolve, or mark down."""
+        encap = rt.tunnel.encapsulator
+        try:
+            route = netlink.route_lookup(str(rt.config.remote_ip))
+        except (SttError, OSError) as exc:
+            if not rt.no_route and rt.log:
+                rt.log.warning("no route to the remote any more: %s", exc)
+            rt.no_route = True
+            rt.state = "down"
+            encap.l2 = b""
+            return
+        if rt.no_route and rt.log:
+            rt.log.info("route to the remote is back via %s", route.ifname)
+        rt.no_route = False
+        if rt.underlay is not None and route.ifname != rt.underlay.ifname:
+            # the route moved to another interface: re-home the tunnel
+            rt.underlay.tunnels.remove(rt)
             try:
-                route = netlink.route_lookup(str(rt.config.remote_ip))
-            except (SttError, OSError):
-                rt.state = "down"
-                continue
-            if rt.underlay is not None and route.ifname != rt.underlay.ifname:
-                # the route moved to another interface: re-home the tunnel
-                rt.underlay.tunnels.remove(rt)
-                try:
-                    rt.underlay, _r = self._underlay_for(rt.config)
-                except (SttError, OSError) as exc:
-                    rt.state = "error"
-                    if rt.log:
-                        rt.log.warning("cannot use the new underlay: %s", exc)
-                    continue
-                rt.underlay.tunnels.append(rt)
-            rt.nexthop = route.gateway or str(rt.config.remote_ip)
-            if rt.config.underlay_mtu is None and route.mtu:
-                rt.tunnel.encapsulator.underlay_mtu = route.mtu
-            self._refresh_l2(rt)
-            rt.state = "up" if rt.tunnel.encapsulator.l2 else "down"
+                rt.underlay, _r = self._underlay_for(rt.config)
+            except (SttError, OSError) as exc:
+                rt.state = "error"
+                if rt.log:
+                    rt.log.warning("cannot use the new underlay: %s", exc)
+                return
+            rt.underlay.tunnels.append(rt)
+        rt.nexthop = route.gateway or str(rt.config.remote_ip)
+        if rt.config.underlay_mtu is None and route.mtu:
+            encap.underlay_mtu = route.mtu
+        self._refresh_l2(rt)
+        rt.state = "up" if encap.l2 else "down"
 
     def _housekeeping(self) -> None:
         for rt in self.tunnels.values():
             if not rt.tunnel.encapsulator.l2:
-                self._refresh_l2(rt)
-                if rt.tunnel.encapsulator.l2:
-                    rt.state = "up"
+                self._refresh_route(rt)
         if self.snapshot is not None:
             self.snapshot.publish(self.show_data())
 
@@ -569,6 +602,7 @@ class Daemon:
         """The :class:`~sttun.daemon.metrics.ShowData` of this daemon, now."""
         core = self.core.stats()
         reasm = core["reassembly"]
+        by_source = self.core.reassembler.bytes_by_source
         tunnels = []
         for name, rt in self.tunnels.items():
             t = core["tunnels"].get(name, {})
@@ -589,7 +623,7 @@ class Daemon:
                     "tx": t.get("tx"),
                     "rx": t.get("rx"),
                     "drops": t.get("drops", {}),
-                    "reassembly": _reassembly_view(reasm, rt),
+                    "reassembly": _reassembly_view(reasm, by_source, rt),
                     "software_completions": t.get("software_completions", 0),
                     "vlan_without_v": t.get("vlan_without_v", 0),
                     "ce_marked": t.get("ce_marked", 0),
@@ -659,9 +693,11 @@ def _keys(cfg: TunnelConfig) -> str:
     return f"in {cfg.in_key:#x} / out {cfg.out_key:#x}"
 
 
-def _reassembly_view(reasm: dict[str, Any], rt: TunnelRuntime) -> dict[str, int]:
-    by_source = reasm.get("bytes_by_source", {}) or {}
-    held = by_source.get(rt.tunnel.spec.remote, 0) if isinstance(by_source, dict) else 0
+def _reassembly_view(
+    reasm: dict[str, Any], by_source: dict[Any, int], rt: TunnelRuntime
+) -> dict[str, int]:
+    """A tunnel's share of the reassembler: the bytes held for its remote address."""
+    held = by_source.get(rt.tunnel.spec.remote, 0)
     return {
         "entries": reasm.get("entries", 0),
         "bytes": held,
@@ -679,10 +715,12 @@ def run(config: DaemonConfig) -> int:
             "sttun up: must be run as root (CAP_NET_ADMIN needed for TAP and AF_PACKET)"
         )
     daemon = Daemon(config)
-    daemon.start()
+    # Handlers first: a SIGTERM during start-up then stops cleanly once the kernel
+    # objects exist (rules and TAPs removed), instead of killing a half-set-up host.
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+    daemon.start()
     log.info(
         "sttun %s running: %d tunnel(s), control socket %s",
         config.instance,
