@@ -25,7 +25,7 @@ from fuzz.common import FuzzFinding, Input, Target, check, main
 from sttun.core.softpath import complete
 from sttun.errors import DecodeError
 from sttun.wire.checksum import ones_sum
-from sttun.wire.ip import pseudo_sum
+from sttun.wire.ip import IPV6_EXT_HEADERS, pseudo_sum
 from sttun.wire.vnet import GsoType, VnetFlag, VnetHdr
 
 _TPIDS = (0x8100, 0x88A8)
@@ -128,7 +128,7 @@ def _locate(piece: bytes, verify: bool = True) -> tuple[bytes, bytes, int, int, 
         nh = piece[off + 6]
         end = off + 40 + int.from_bytes(piece[off + 4 : off + 6], "big")
         pos = off + 40
-        while nh in (0, 43, 60):
+        while nh in IPV6_EXT_HEADERS:  # the same set softpath steps over
             nh, pos = piece[pos], pos + (piece[pos + 1] + 1) * 8
         if nh == 44:
             return None
