@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,14 @@ def _parse_atheris(log: str) -> dict[str, Any]:
     crash = "Uncaught Python exception" in log or "ERROR: libFuzzer" in log or bool(artifacts)
     what = ""
     if crash:
+        # atheris prints the exception on the line after this banner; later lines
+        # may hold interpreter-shutdown noise.
+        m = re.search(r"=== Uncaught Python exception: ===\n(.*)", log)
         excs = _PY_EXC.findall(log)
-        what = excs[-1] if excs else ("timeout" if "timeout" in log else "crash")
+        if m:
+            what = m.group(1).strip()
+        else:
+            what = excs[0] if excs else ("timeout" if "timeout" in log else "crash")
     done = _DONE.findall(log)
     return {
         "execs": n,
@@ -162,9 +169,10 @@ def table(runs: list[dict[str, Any]]) -> str:
         ft = max(int(r["ft"]) for r in mine)
         engines = "+".join(sorted({str(r["engine"]) for r in mine}))
         finds = [str(f["what"]) for r in mine for f in r["findings"]]
+        kinds = "; ".join(f"{n}x {w}" for w, n in Counter(finds).items())
         rows.append(
             f"| {target} | {engines} | {secs / 60:.1f} | {execs:,} | {execs / max(secs, 1):,.0f}"
-            f" | {cov}/{ft} | {len(finds)}{': ' + '; '.join(finds) if finds else ''} |"
+            f" | {cov}/{ft} | {len(finds)}{': ' + kinds if finds else ''} |"
         )
     return "\n".join(rows)
 
