@@ -18,8 +18,10 @@ high water.
 from __future__ import annotations
 
 import contextlib
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import tomllib
 
@@ -28,6 +30,7 @@ from sttun.daemon.config import DaemonConfig, load_config, parse_config
 from sttun.errors import ConfigError
 
 _DIR = tempfile.mkdtemp(prefix="sttun-fuzz-config-")
+atexit.register(shutil.rmtree, _DIR, True)
 _PATH = os.path.join(_DIR, "sttun.toml")
 
 _TUNNEL_KEYS = (
