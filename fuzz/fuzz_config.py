@@ -17,8 +17,8 @@ high water.
 
 from __future__ import annotations
 
-import contextlib
 import atexit
+import contextlib
 import json
 import os
 import shutil
