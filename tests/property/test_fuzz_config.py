@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 from fuzz.common import time_limit
 from fuzz.fuzz_config import _DAEMON_KEYS, _STRINGS, _TUNNEL_KEYS, TARGET
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from tests.property.fuzz_cases import fuzz_settings, target_tests
 
 from sttun.daemon.config import load_config, parse_config
 from sttun.errors import ConfigError
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+SETTINGS = fuzz_settings(200)
+test_seeds, test_any_bytes = target_tests(TARGET, 200)
 
 scalars = st.one_of(
     st.sampled_from(_STRINGS),
@@ -98,19 +100,6 @@ def toml_document(doc: dict[str, object]) -> str:
             lines.append("[[tunnel]]")
             lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in t.items()]
     return "\n".join(lines) + "\n"
-
-
-@pytest.mark.parametrize("seed", TARGET.seeds(), ids=lambda b: b[:4].hex())
-def test_seeds(seed: bytes) -> None:
-    with time_limit(TARGET.time_limit):
-        TARGET.one_input(seed)
-
-
-@SETTINGS
-@given(st.binary(max_size=TARGET.max_len))
-def test_any_bytes(data: bytes) -> None:
-    with time_limit(TARGET.time_limit):
-        TARGET.one_input(data)
 
 
 @SETTINGS

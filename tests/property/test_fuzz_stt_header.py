@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from fuzz.common import time_limit
 from fuzz.fuzz_stt_header import TARGET
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from tests.property.fuzz_cases import fuzz_settings, target_tests
 
 from sttun.errors import TruncatedError
 from sttun.wire.stt import STT_HEADER_LEN, SttHeader
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-@pytest.mark.parametrize("seed", TARGET.seeds(), ids=lambda b: b[:4].hex())
-def test_seeds(seed: bytes) -> None:
-    with time_limit(TARGET.time_limit):
-        TARGET.one_input(seed)
-
-
-@SETTINGS
-@given(st.binary(max_size=TARGET.max_len))
-def test_any_bytes(data: bytes) -> None:
-    with time_limit(TARGET.time_limit):
-        TARGET.one_input(data)
+SETTINGS = fuzz_settings(300)
+test_seeds, test_any_bytes = target_tests(TARGET, 300)
 
 
 @SETTINGS
