@@ -66,14 +66,15 @@ def _base36(n: int) -> str:
 def unique_suffix() -> str:
     """A short name suffix unique to this process and call: pid, counter, random.
 
-    At most 9 characters (pid <= 4194304 gives 5 base-36 digits, the counter 2 until
-    it passes 1296, two random characters), so ``"v" + role + suffix`` with a role of
-    up to 5 characters still fits the 15-character interface name limit.
+    At most 9 characters: the pid in base 36 (<= 5 digits for pid <= 4194304), the
+    call counter as exactly 3 base-36 digits (unique for 46656 calls, and fixed width
+    so that no two (pid, counter) pairs run together into the same text), and one
+    random character against leftovers of an earlier process with the same pid.
+    ``"v" + role + suffix`` with a role of up to 5 characters fits 15 characters.
     """
     pid = _base36(os.getpid())
-    ctr = _base36(next(_counter) % 1296)
-    rnd = "".join(random.choice(_B36) for _ in range(2))
-    return f"{pid}{ctr}{rnd}"
+    ctr = _base36(next(_counter) % 46656).rjust(3, "0")
+    return f"{pid}{ctr}{random.choice(_B36)}"
 
 
 def ifname(role: str, suffix: str | None = None) -> str:
