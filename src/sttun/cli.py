@@ -233,6 +233,16 @@ def _add_show(sub: Any) -> None:
     p.set_defaults(func=_cmd_show)
 
 
+def _add_port_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--port",
+        metavar="P",
+        type=_port,
+        action="append",
+        help="STT destination port (repeatable; default: 7471)",
+    )
+
+
 def _add_verify_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-verify-checksum",
@@ -261,13 +271,7 @@ def _add_tools(sub: Any) -> None:
         action="append",
         help="keep only this context id (repeatable; default: all)",
     )
-    p.add_argument(
-        "--port",
-        metavar="P",
-        type=_port,
-        action="append",
-        help="STT destination port (repeatable; default: 7471)",
-    )
+    _add_port_flag(p)
     p.add_argument(
         "--split-by-context", metavar="DIR", help="write one pcap per context id into DIR"
     )
@@ -326,13 +330,7 @@ def _add_tools(sub: Any) -> None:
     )
     p.add_argument("input", metavar="IN", help="capture file (pcap or pcapng)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
-        "--port",
-        metavar="P",
-        type=_port,
-        action="append",
-        help="STT destination port (repeatable; default: 7471)",
-    )
+    _add_port_flag(p)
     _add_verify_flag(p)
     p.set_defaults(func=_tool("inspect"))
 

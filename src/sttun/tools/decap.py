@@ -36,6 +36,8 @@ from typing import IO, TYPE_CHECKING, Any
 from sttun.tools.report import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    checksum_note,
+    end_notes,
     fail,
     human_bytes,
     open_error,
@@ -290,17 +292,11 @@ def print_summary(s: dict[str, Any], stream: IO[str]) -> None:
             else ""
         )
         + (f" -> {', '.join(s['outputs'])}" if s["outputs"] else ""),
-        f"TCP checksums: {ck['verified']} verified, {ck['offloaded']} offloaded (not checkable),"
-        f" {ck['unchecked']} not checked",
+        checksum_note(ck),
     ]
     if s["partial_checksums_completed"]:
         notes.append(f"inner checksums completed (P flag): {s['partial_checksums_completed']}")
-    if s["incomplete_at_eof"]:
-        notes.append(f"incomplete frames at end of capture: {s['incomplete_at_eof']}")
-    if s["truncated"]:
-        notes.append(f"note: the capture ends in a cut record: {s['truncated']}")
-    if s["interrupted"]:
-        notes.append("interrupted: the output holds the frames written so far")
+    notes += end_notes(s, "the output holds the frames written so far")
     print_tables(
         [
             ("frames per context id", ["CONTEXT", "FRAMES", "BYTES", ""], rows, {1, 2, 3}),

@@ -26,7 +26,9 @@ from typing import Any
 from sttun.tools.report import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    checksum_note,
     context_text,
+    end_notes,
     fail,
     human_bytes,
     open_error,
@@ -270,15 +272,9 @@ def print_report(rep: dict[str, Any], stream: Any = None) -> None:
         f"{rep['input']}: {rep['format']}, {rep['packets']} packets, {rep['segments']} STT"
         f" segments, {rep['frames']} frames; skipped: {skipped['not_ip']} not IP,"
         f" {skipped['not_tcp']} not TCP, {skipped['other_port']} other ports",
-        f"TCP checksums: {ck['verified']} verified, {ck['offloaded']} offloaded (not checkable),"
-        f" {ck['unchecked']} not checked",
+        checksum_note(ck),
     ]
-    if rep["incomplete_at_eof"]:
-        notes.append(f"incomplete frames at end of capture: {rep['incomplete_at_eof']}")
-    if rep["truncated"]:
-        notes.append(f"note: the capture ends in a cut record: {rep['truncated']}")
-    if rep["interrupted"]:
-        notes.append("interrupted: the report covers the packets read so far")
+    notes += end_notes(rep, "the report covers the packets read so far")
     print_tables(
         [
             ("STT traffic", headings, rows, {3, 4, 5, 6}),

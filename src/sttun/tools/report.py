@@ -46,6 +46,26 @@ def human_bytes(n: float) -> str:
     return f"{n / 1024:.1f} TiB"
 
 
+def checksum_note(ck: dict[str, int]) -> str:
+    """The summary line on outer TCP checksums, shared by decap and inspect."""
+    return (
+        f"TCP checksums: {ck['verified']} verified, {ck['offloaded']} offloaded "
+        f"(not checkable), {ck['unchecked']} not checked"
+    )
+
+
+def end_notes(summary: dict[str, Any], interrupted: str) -> list[str]:
+    """Notes on how a scan ended: frames left incomplete, a cut last record, Ctrl-C."""
+    notes = []
+    if summary["incomplete_at_eof"]:
+        notes.append(f"incomplete frames at end of capture: {summary['incomplete_at_eof']}")
+    if summary["truncated"]:
+        notes.append(f"note: the capture ends in a cut record: {summary['truncated']}")
+    if summary["interrupted"]:
+        notes.append(f"interrupted: {interrupted}")
+    return notes
+
+
 def print_json(data: Any, stream: IO[str] | None = None) -> None:
     """``data`` as indented JSON, one document, on ``stream`` (default stdout)."""
     out = sys.stdout if stream is None else stream
