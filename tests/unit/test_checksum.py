@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -148,3 +150,20 @@ def test_verify_with_checksum_in_place(data: bytes) -> None:
         bad = bytearray(data + c.to_bytes(2, "big"))
         bad[0] ^= 0x01
         assert not verify(bad)
+
+
+# Sizes around the strategy changes of ones_sum (one read / two halves / 4 KB chunks
+# folded in halves), odd and even, random bytes and the extremes.
+_BOUNDARY_SIZES = [1023, 1024, 1025, 1026, 6143, 6144, 6145, 6146, 8191, 8192, 8193,
+                   65535, 65536, 65538]  # fmt: skip
+
+
+@pytest.mark.parametrize("n", _BOUNDARY_SIZES)
+def test_ones_sum_large_buffers_match_naive(n: int) -> None:
+    rnd = random.Random(n)
+    for data in (rnd.randbytes(n), b"\xff" * n, bytes(n - 1) + b"\x01"):
+        assert normal(ones_sum(data)) == normal(naive_sum(data))
+        assert normal(ones_sum(memoryview(data), 0x1234)) == normal(naive_sum(data, 0x1234))
+        half = n // 2 + 1  # an odd cut: the second part starts at an odd offset
+        assert normal(ones_sum_parts([data[:half], data[half:]])) == normal(naive_sum(data))
+    assert ones_sum(bytes(n)) == 0

@@ -26,6 +26,7 @@ import struct
 from typing import Final
 
 from sttun.core.drops import DropReason
+from sttun.wire.checksum import little_endian_value
 from sttun.wire.ip import IPPROTO_TCP, IPV4_FRAG_MASK, IPV4_MF, IPV6_HLEN
 from sttun.wire.stt import TCP_CSUM_OFFSET, TCP_HEADER_LEN
 
@@ -111,9 +112,11 @@ def tcp_checksum_ok(packet: Buffer, l3: int, l4: int, end: int) -> bool:
     else:
         start = l3 + 8  # IPv6 addresses (8..40) are followed by the TCP header
         extra = IPPROTO_TCP + tcp_len
-    if (end - start) & 1:
-        extra <<= 8
-    return (int.from_bytes(packet[start:end], "big") + extra) % _FOLD == 0
+    # ones_sum reads little-endian (chunked for large pieces), so the extra words
+    # go in byte-swapped; an odd length needs no shift in that order.
+    extra %= _FOLD
+    extra = ((extra & 0xFF) << 8) | (extra >> 8)
+    return (little_endian_value(packet[start:end]) + extra) % _FOLD == 0
 
 
 def checksum_is_partial(packet: Buffer, l3: int, l4: int, end: int) -> bool:

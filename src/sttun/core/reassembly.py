@@ -226,13 +226,15 @@ class Reassembler:
         from several segments is a ``memoryview`` of a fresh buffer the caller owns.
         """
         self.segments_in += 1
-        if now > self._clock:
-            self._clock = now
-        if type(payload) is memoryview and (
-            payload.ndim != 1 or payload.itemsize != 1 or not payload.c_contiguous
-        ):
-            payload = _as_bytes_view(payload)
+        clock = self._clock
+        if now > clock:
+            self._clock = clock = now
         n = len(payload)
+        if type(payload) is memoryview and (payload.nbytes != n or not payload.c_contiguous):
+            # Not a flat byte view (items wider than a byte, several dimensions, or
+            # strided): take its bytes.
+            payload = _as_bytes_view(payload)
+            n = len(payload)
         if n == 0:
             self.drops.count(DropReason.EMPTY_SEGMENT, 0)
             return None
@@ -252,7 +254,7 @@ class Reassembler:
             key = (src, dst, ack)
             recent = self._recent
             seen = recent.get(key)
-            if seen is not None and seen[0] > self._clock and seen[1] in (length, -1):
+            if seen is not None and seen[0] > clock and seen[1] in (length, -1):
                 self.drops.count(DropReason.LATE_SEGMENT, n)
                 return None
             self._remember(key, length)
@@ -266,7 +268,7 @@ class Reassembler:
 
         key = (src, dst, ack)
         fr = self._frames.get(key)
-        if fr is not None and fr.deadline <= self._clock:
+        if fr is not None and fr.deadline <= clock:
             # Stale: OVS no longer matches an entry older than the timeout.
             self._drop(key, DropReason.REASSEMBLY_TIMEOUT, tombstone=False)
             self.timeouts += 1
@@ -287,7 +289,7 @@ class Reassembler:
         else:
             buf = fr.buf
             i = bisect_right(ivs, off)
-            if not i & 1 and bisect_left(ivs, end, i) == i:
+            if not i & 1 and (i == len(ivs) or ivs[i] >= end):
                 # Lands in a hole (no stored byte in [off, end)); at most touches the
                 # ranges either side, which then merge.
                 buf[off:end] = payload
@@ -333,7 +335,7 @@ class Reassembler:
         fr.segs += 1
         if tos & 3 == 3:
             fr.ce = True
-        if fr.covered != length:
+        if fr.covered < length:
             return None
 
         # Complete.

@@ -2,7 +2,10 @@
 
 The ones'-complement sum of a buffer equals the buffer read as one big integer,
 modulo 0xFFFF, because 2**16 ≡ 1 (mod 0xFFFF).  ``int.from_bytes`` and the
-big-integer modulo run in C, so a 64 KB buffer takes about 100 µs.  The buffer is
+big-integer modulo run in C.  The modulo divides once per 30-bit digit, so large
+buffers are read in even-sized chunks whose values are added (an even byte offset
+is a multiple of 2**16, ≡ 1) and the total is folded in halves at 16-bit
+boundaries before the one small modulo: a 64 KB buffer takes about 55 µs.  The buffer is
 read little-endian (CPython converts that order faster) and the 16-bit result is
 byte-swapped at the end: the ones'-complement sum is byte-order independent
 (RFC 1071 §2(B)).  Zero padding of an odd-length buffer at its end does not change
@@ -22,12 +25,41 @@ from collections.abc import Iterable
 Buffer = bytes | bytearray | memoryview
 
 
+_CHUNK = 4096  # bytes per int.from_bytes call for large buffers (fastest measured)
+_SPLIT = 1024  # above this, two half-size reads and one add beat one read
+_FOLD_TO = 512  # fold a large total in halves until it has about this many bits
+
+
+def little_endian_value(data: Buffer) -> int:
+    """An integer congruent (mod 0xFFFF) to ``data`` read as one little-endian number.
+
+    Its residue modulo 0xFFFF is the byte-swapped ones'-complement sum of ``data``.
+    """
+    n = len(data)
+    if n <= _SPLIT:
+        return int.from_bytes(data, "little")
+    mv = data if isinstance(data, memoryview) else memoryview(data)
+    if n <= 6 * _SPLIT:
+        h = (n >> 2) << 1  # even split point: the second half's weight is 2**(16k)
+        return int.from_bytes(mv[:h], "little") + int.from_bytes(mv[h:], "little")
+    v = 0
+    fb = int.from_bytes
+    for i in range(0, n, _CHUNK):
+        v += fb(mv[i : i + _CHUNK], "little")
+    k = v.bit_length() >> 1
+    while k > _FOLD_TO:
+        k &= ~15
+        v = (v & ((1 << k) - 1)) + (v >> k)
+        k = v.bit_length() >> 1
+    return v
+
+
 def ones_sum(data: Buffer, initial: int = 0) -> int:
     """Return the folded ones'-complement sum of ``data`` plus ``initial``.
 
     An odd-length buffer is summed as if padded with one zero byte.
     """
-    v = int.from_bytes(data, "little")
+    v = little_endian_value(data)
     if initial:
         v += ((initial & 0xFF) << 8) | (initial >> 8)
     if not v:
@@ -48,7 +80,7 @@ def ones_sum_parts(parts: Iterable[Buffer], initial: int = 0) -> int:
         n = len(p)
         if not n:
             continue
-        v = int.from_bytes(p, "little")
+        v = little_endian_value(p)
         total += v << 8 if odd else v
         if n & 1:
             odd = not odd
