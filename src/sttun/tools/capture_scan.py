@@ -84,8 +84,10 @@ FrameSink = Callable[[int, bytes, bytes, Buffer], None]
 #: ``reason`` is the drop reason if this segment was refused, else None.
 SegmentSink = Callable[[bytes, bytes, int, int, int, memoryview, "DropReason | None"], None]
 
-# Ethernet + IPv4 (no options) + TCP in one call: EtherType, 10 IPv4, 9 TCP fields.
-_ETH_IP4_TCP: Final = struct.Struct("!12xHBBHHHBBH4s4sHHIIBBHHH")
+# Ethernet + IPv4 (no options) + TCP in one call, only the fields the loop reads:
+# EtherType; IPv4 version/IHL, TOS, total length, fragment word, protocol,
+# addresses; TCP ports, SEQ, ACK, data offset.
+_ETH_IP4_TCP: Final = struct.Struct("!12xHBBH2xHxB2x4s4sHHIIB7x")
 _FAST_LEN: Final = _ETH_IP4_TCP.size  # 54
 
 
@@ -219,16 +221,18 @@ def _loop(
     # The pending run: consecutive in-order segments of one frame, joined and given
     # to the reassembler in one piece once complete (see the module doc); replayed
     # segment by segment if anything else comes first.
-    run: list[tuple[bytes, bytes, int, int, memoryview, int, int]] = []
-    run_len = run_seq = 0
+    # Its segments as (ts, seq, payload, tos); all share run_src/run_dst/run_ack.
+    run: list[tuple[int, int, memoryview, int]] = []
+    run_src = run_dst = b""
+    run_ack = run_len = run_seq = 0
     try:
         for ts, linktype, data, orig in reader:
             packets += 1
             n = len(data)
             # ---- outer headers: fast path (Ethernet, IPv4 without options, TCP)
             if linktype == eth and n >= _FAST_LEN:
-                (et, vihl, tos, total, _id, frag, _ttl, proto, _c, src, dst,
-                 sport, dport, seq, ack, doffb, _f, _w, _s, _u) = unpack_fast(data, 0)  # fmt: skip
+                (et, vihl, tos, total, frag, proto, src, dst,
+                 sport, dport, seq, ack, doffb) = unpack_fast(data, 0)  # fmt: skip
                 fast = (
                     et == 0x0800
                     and vihl == 0x45
@@ -248,14 +252,22 @@ def _loop(
                 segments += 1
                 if verify:
                     # tcp_checksum_ok() inline: addresses + segment in one slice,
-                    # read as two big-endian halves, the second of even length (so
-                    # hi * 256**len(lo) ≡ hi): the modulo then runs on half the digits.
+                    # read big-endian as four parts, the last three of even length
+                    # (so each part's weight 256**k is ≡ 1): the modulo then runs on
+                    # a quarter of the digits.
                     extra = 6 + total - 20
                     if total & 1:
                         extra <<= 8
-                    mid = end - ((total - 12) >> 1 & ~1)
+                    q = (total - 12) >> 2 & ~1
+                    m3 = end - q
+                    m2 = m3 - q
+                    m1 = m2 - q
                     ok = (
-                        from_bytes(data[26:mid], "big") + from_bytes(data[mid:end], "big") + extra
+                        from_bytes(data[26:m1], "big")
+                        + from_bytes(data[m1:m2], "big")
+                        + from_bytes(data[m2:m3], "big")
+                        + from_bytes(data[m3:end], "big")
+                        + extra
                     ) % 0xFFFF == 0
             else:
                 # ---- outer headers: general path
@@ -323,28 +335,33 @@ def _loop(
                 nxt = (seq & 0xFFFF) + plen
                 if (
                     seq == run_seq
-                    and ack == run[0][2]
+                    and ack == run_ack
+                    and src == run_src
+                    and dst == run_dst
                     and plen
                     and nxt <= run_len
-                    and src == run[0][0]
-                    and dst == run[0][1]
                 ):
-                    run.append((src, dst, ack, seq, payload, tos, ts))
+                    run.append((ts, seq, payload, tos))
                     if nxt == run_len:  # complete: one piece, as from GRO
-                        joined = b"".join([seg[4] for seg in run])
-                        first = run[0]
+                        # a view of immutable bytes: slices of it are not copies,
+                        # and a PcapWriter may queue them by reference
+                        joined = memoryview(b"".join([seg[2] for seg in run]))
+                        tos0 = run[0][3]
                         run = []
-                        feed(ts, src, dst, ack, run_len << 16, joined, first[5])
+                        feed(ts, src, dst, ack, run_len << 16, joined, tos0)
                     else:
                         run_seq = (run_len << 16) | nxt
                     continue
                 pending = run
                 run = []
                 for seg in pending:
-                    feed(seg[6], seg[0], seg[1], seg[2], seg[3], seg[4], seg[5])
+                    feed(seg[0], run_src, run_dst, run_ack, seg[1], seg[2], seg[3])
             length = seq >> 16
             if not seq & 0xFFFF and 0 < plen < length and not reasm.entries:
-                run = [(src, dst, ack, seq, payload, tos, ts)]
+                run = [(ts, seq, payload, tos)]
+                run_src = src
+                run_dst = dst
+                run_ack = ack
                 run_len = length
                 run_seq = seq + plen
                 continue
@@ -353,7 +370,7 @@ def _loop(
         pending = run
         run = []
         for seg in pending:
-            feed(seg[6], seg[0], seg[1], seg[2], seg[3], seg[4], seg[5])
+            feed(seg[0], run_src, run_dst, run_ack, seg[1], seg[2], seg[3])
         res.packets += packets
         res.segments += segments
         res.frames += frame_count[0]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import struct
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from sttun.errors import DecodeError, EncodeError, TruncatedError
 from sttun.wire.checksum import checksum, ones_sum
+
+if TYPE_CHECKING:
+    import ipaddress
+
+# ipaddress and socket are imported where used: the capture tools import this
+# module for its constants and should start fast.
 
 IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 IPV4_HLEN = IPV4_HEADER.size  # 20
@@ -43,6 +47,8 @@ def ip_bytes(addr: str | bytes | ipaddress.IPv4Address | ipaddress.IPv6Address) 
         if len(addr) not in (4, 16):
             raise EncodeError(f"address: expected 4 or 16 bytes, got {len(addr)}")
         return addr
+    import ipaddress
+
     try:
         return ipaddress.ip_address(addr).packed
     except ValueError:
@@ -51,6 +57,8 @@ def ip_bytes(addr: str | bytes | ipaddress.IPv4Address | ipaddress.IPv6Address) 
 
 def ip_text(packed: bytes | memoryview) -> str:
     """Text form of a packed 4- or 16-byte address."""
+    import socket
+
     b = bytes(packed)
     return socket.inet_ntop(socket.AF_INET if len(b) == 4 else socket.AF_INET6, b)
 

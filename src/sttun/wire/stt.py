@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from sttun.errors import DecodeError, EncodeError, TruncatedError
@@ -59,22 +58,69 @@ class TcpFlag(enum.IntFlag):
     CWR = 0x80
 
 
-@dataclass(slots=True)
 class SttHeader:
     """The 18-byte STT frame header that starts every STT frame.
 
     ``vlan_tci`` is the raw 16-bit field: PCP (3 bits) | V (1 bit) | VLAN ID (12
     bits); use :attr:`vlan_present`, :attr:`vlan_id` and :attr:`pcp` to read it.
+    Fields compare by value (``==``); instances are mutable and so not hashable.
+    (Written out rather than a dataclass: ``dataclasses`` costs the capture tools
+    several milliseconds of start-up.)
     """
 
-    version: int = STT_VERSION
-    flags: int = 0
-    l4_offset: int = 0
-    reserved: int = 0
-    mss: int = 0
-    vlan_tci: int = 0
-    context_id: int = 0
-    pad: int = 0
+    __slots__ = _FIELDS = (
+        "version",
+        "flags",
+        "l4_offset",
+        "reserved",
+        "mss",
+        "vlan_tci",
+        "context_id",
+        "pad",
+    )
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        version: int = STT_VERSION,
+        flags: int = 0,
+        l4_offset: int = 0,
+        reserved: int = 0,
+        mss: int = 0,
+        vlan_tci: int = 0,
+        context_id: int = 0,
+        pad: int = 0,
+    ) -> None:
+        self.version = version
+        self.flags = flags
+        self.l4_offset = l4_offset
+        self.reserved = reserved
+        self.mss = mss
+        self.vlan_tci = vlan_tci
+        self.context_id = context_id
+        self.pad = pad
+
+    def _values(self) -> tuple[int, ...]:
+        return (
+            self.version,
+            self.flags,
+            self.l4_offset,
+            self.reserved,
+            self.mss,
+            self.vlan_tci,
+            self.context_id,
+            self.pad,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, SttHeader)
+        return self._values() == other._values()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={v!r}" for n, v in zip(self._FIELDS, self._values(), strict=True))
+        return f"SttHeader({fields})"
 
     @property
     def vlan_present(self) -> bool:
