@@ -11,8 +11,8 @@ stderr, never a traceback (``--debug`` shows tracebacks of internal errors).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-import json
 import os
 import sys
 import textwrap
@@ -130,6 +130,37 @@ and a wire check.  Needs root.
 """
 
 
+def _help_width() -> int:
+    """Help text width as argparse computes it (terminal columns - 2), without
+    ``shutil``: argparse imports it in every formatter it makes, which is start-up
+    time every command pays (argparse makes a formatter per ``add_argument``)."""
+    global _HELP_WIDTH
+    if _HELP_WIDTH is None:
+        columns = 0
+        with contextlib.suppress(ValueError):
+            columns = int(os.environ.get("COLUMNS", "0"))
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        _HELP_WIDTH = max(columns - 2, 20)
+    return _HELP_WIDTH
+
+
+_HELP_WIDTH: int | None = None
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    """The help formatter of the ``sttun`` parser."""
+    return argparse.HelpFormatter(prog, width=_help_width())
+
+
+def _raw_formatter(prog: str) -> argparse.HelpFormatter:
+    """The help formatter of the subcommands (their descriptions are pre-wrapped)."""
+    return argparse.RawDescriptionHelpFormatter(prog, width=_help_width())
+
+
 def _subparser(
     sub: Any, name: str, help_text: str, description: str, epilog: str
 ) -> argparse.ArgumentParser:
@@ -138,7 +169,7 @@ def _subparser(
         help=help_text,
         description=textwrap.fill(description, 78),
         epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_raw_formatter,
     )
     return parser
 
@@ -368,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Userspace STT (Stateless Transport Tunneling, draft-davie-stt-08) "
         "for stock Linux.",
         epilog="Run `sttun COMMAND --help` for each command's options and examples.",
+        formatter_class=_formatter,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show a traceback for internal errors")
@@ -433,6 +465,8 @@ def _cmd_show(ns: argparse.Namespace) -> int:
     path = ns.control_socket or default_control_socket(ns.instance or "sttun")
     data: Any = query(path, "show", timeout=ns.timeout)
     if ns.json:
+        import json
+
         print(json.dumps(data, indent=2))
         return EXIT_OK
     if sys.stdout.isatty():

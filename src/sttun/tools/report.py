@@ -6,7 +6,6 @@ text otherwise (pipes, files, tests); rich is imported only in the first case.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -69,6 +68,8 @@ def end_notes(summary: dict[str, Any], interrupted: str) -> list[str]:
 def print_json(data: Any, stream: IO[str] | None = None) -> None:
     """``data`` as indented JSON, one document, on ``stream`` (default stdout)."""
     out = sys.stdout if stream is None else stream
+    import json  # here, not at the top: the tools start faster without it
+
     out.write(json.dumps(data, indent=2) + "\n")
     out.flush()
 
