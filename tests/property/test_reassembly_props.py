@@ -82,6 +82,45 @@ def test_reassembly_gives_the_frame_or_nothing(
     assert r.bytes_held == 0
 
 
+@settings(max_examples=300, deadline=None)
+@given(delivery(), st.integers(0, 80), st.integers(-100, 100))
+def test_reassembly_in_the_receive_buffer(
+    case: tuple[bytes, list[tuple[int, bytes]], bool], header: int, slack: int
+) -> None:
+    """Like the daemon: every segment arrives in one receive buffer at ``header``,
+    offered with ``room``; the buffer is overwritten by the next packet unless the
+    reassembler kept it, and a kept one is replaced.  Frames come out exactly as
+    without ``room`` (a buffer kept without saying so would be scribbled over)."""
+    frame, segs, complete = case
+    size = max(header + len(frame) + slack, header + max((len(p) for _, p in segs), default=0))
+    r = Reassembler()
+    rx = bytearray(size)
+    out = []
+    kept = 0
+    for seq, payload in segs:
+        rx[header : header + len(payload)] = payload
+        got = r.add(SRC, DST, 1, seq, memoryview(rx)[header : header + len(payload)], 0.0,
+                    room=(rx, header))  # fmt: skip
+        if got is not None:
+            out.append(bytes(got))
+        if r.kept:
+            r.kept = False
+            kept += 1
+            rx = bytearray(size)
+        else:
+            rx[:] = b"\xa5" * size  # the next receive overwrites everything
+    assert len(out) <= 1
+    assert all(o == frame for o in out)
+    assert kept <= len(segs)
+    corrupted = len(segs) > sum(1 for s, p in segs if frame[s & 0xFFFF :][: len(p)] == p)
+    if complete and not corrupted:
+        assert out == [frame]
+    if not complete:
+        assert out == []
+    r.flush()
+    assert r.bytes_held == 0
+
+
 segment = st.tuples(
     st.sampled_from(["s1", "s2", "s3"]),  # src
     st.sampled_from(["d1", "d2"]),  # dst

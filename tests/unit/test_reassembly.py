@@ -725,3 +725,49 @@ def test_out_of_range_seq_never_raises(seq: int) -> None:
     r.add(SRC, DST, 1, seq, b"y" * 10, float("nan"))
     r.flush()
     assert_empty(r)
+
+
+# --- building a frame in the caller's receive buffer (``room``) ---------------------
+
+
+def test_room_first_piece_is_kept_in_place_and_completed_there() -> None:
+    frame = bytes(random.Random(5).randbytes(5000))
+    rx = bytearray(64 + 6000)
+    rx[64 : 64 + 4000] = frame[:4000]
+    r = Reassembler()
+    assert r.add(SRC, DST, 9, 5000 << 16, memoryview(rx)[64:4064], 0.0, room=(rx, 64)) is None
+    assert r.kept
+    assert r.bytes_held == 5000 + ENTRY_OVERHEAD  # charged as if allocated
+    r.kept = False
+    got = r.add(SRC, DST, 9, 5000 << 16 | 4000, frame[4000:], 0.0)
+    assert got is not None and bytes(got) == frame
+    assert isinstance(got, memoryview) and got.obj is rx  # no copy: the frame is in rx
+    assert not r.kept
+    assert r.entries == 0 and r.bytes_held == 0
+
+
+@pytest.mark.parametrize(
+    ("what", "offset", "room_size"),
+    [("not the first piece", 1000, 6000), ("no space for the whole frame", 0, 4999)],
+)
+def test_room_is_not_used(what: str, offset: int, room_size: int) -> None:
+    frame = bytes(random.Random(6).randbytes(5000))
+    rx = bytearray(room_size)
+    piece = frame[offset : offset + 1000]
+    rx[:1000] = piece
+    r = Reassembler()
+    assert r.add(SRC, DST, 9, 5000 << 16 | offset, memoryview(rx)[:1000], 0.0, room=(rx, 0)) is None
+    assert not r.kept, what
+    rx[:] = bytes(room_size)  # the caller reuses its buffer: the frame must not change
+    for start in range(0, 5000, 1000):
+        if start != offset:
+            got = r.add(SRC, DST, 9, 5000 << 16 | start, frame[start : start + 1000], 0.0)
+    assert got is not None and bytes(got) == frame
+
+
+def test_room_is_not_kept_when_the_frame_is_refused() -> None:
+    rx = bytearray(70000)
+    r = Reassembler(source_budget=1000)
+    assert r.add(SRC, DST, 9, 5000 << 16, memoryview(rx)[:100], 0.0, room=(rx, 0)) is None
+    assert not r.kept
+    assert r.drops[DropReason.SOURCE_BUDGET] == 1

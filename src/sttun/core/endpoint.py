@@ -170,7 +170,12 @@ class Endpoint:
 
     # -- receive --------------------------------------------------------------------
     def receive(
-        self, packet: Buffer, now: float, *, csum_ok: bool = False
+        self,
+        packet: Buffer,
+        now: float,
+        *,
+        csum_ok: bool = False,
+        room: tuple[bytearray, int] | None = None,
     ) -> tuple[Tunnel, Decapsulated] | None:
         """Feed one outer IP packet (starting at the IP header).
 
@@ -179,7 +184,9 @@ class Endpoint:
         it is verified here.  Returns the tunnel and decapsulated frame when this
         packet completes one, else None (and a drop is counted where one applies).
         The returned inner frame may point into ``packet``: use it before reusing
-        the receive buffer.
+        the receive buffer.  ``room = (buffer, offset)``: ``packet`` is
+        ``buffer[offset:]`` and the reassembler may keep ``buffer`` to build a frame
+        in place (see :meth:`Reassembler.add`; check ``reassembler.kept``).
         """
         self.segments_in += 1
         # Fast path: IPv4 without options, TCP, not a fragment, length consistent;
@@ -217,7 +224,11 @@ class Endpoint:
         mv = packet if type(packet) is memoryview else memoryview(packet)
         peer.segments += 1
         reasm = self.reassembler
-        frame = reasm.add(src, dst, ack, seq, mv[l4 + TCP_HEADER_LEN : end], now, tos)
+        start = l4 + TCP_HEADER_LEN
+        frame = reasm.add(
+            src, dst, ack, seq, mv[start:end], now, tos,
+            None if room is None else (room[0], room[1] + start),
+        )  # fmt: skip
         if frame is None:
             return None
         first_tos = reasm.completed_tos

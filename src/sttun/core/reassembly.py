@@ -104,13 +104,22 @@ class _Frame:
     )
 
     def __init__(
-        self, src: Hashable, length: int, charge: int, deadline: float, tos: int, ce: bool
+        self,
+        src: Hashable,
+        length: int,
+        charge: int,
+        deadline: float,
+        tos: int,
+        ce: bool,
+        buf: memoryview | None = None,
     ) -> None:
         self.src = src
         self.length = length
         self.charge = charge
         self.deadline = deadline
-        self.buf = bytearray(length)
+        # The frame's bytes: a fresh buffer, or the caller's receive buffer kept in
+        # place (see Reassembler.add, ``room``).
+        self.buf: bytearray | memoryview = bytearray(length) if buf is None else buf
         # Covered byte ranges as a flat sorted list [s0, e0, s1, e1, ...] of half-open
         # intervals, merged so that e_k < s_(k+1) (never touching).
         self.ivs: list[int] = []
@@ -174,6 +183,8 @@ class Reassembler:
         self.completed_ce: bool = False
         #: Segments that made up the frame last returned by add().
         self.completed_segments: int = 0
+        #: Set when add() kept the caller's buffer (``room``); the caller resets it.
+        self.kept: bool = False
         #: Bytes charged for partial frames right now (buffers + ENTRY_OVERHEAD each).
         self.bytes_held: int = 0
         #: Highest ``bytes_held`` seen.
@@ -208,6 +219,7 @@ class Reassembler:
         payload: bytes | bytearray | memoryview,
         now: float,
         tos: int = 0,
+        room: tuple[bytearray, int] | None = None,
     ) -> bytes | memoryview | None:
         """Take one segment payload; return the completed STT frame, or None.
 
@@ -224,6 +236,15 @@ class Reassembler:
         it is ``payload`` itself (a ``memoryview`` of it if it was a bytearray).  The
         caller must finish with it before reusing its receive buffer.  A frame built
         from several segments is a ``memoryview`` of a fresh buffer the caller owns.
+
+        ``room = (buffer, offset)`` says ``payload`` is ``buffer[offset:offset +
+        len(payload)]`` of a receive buffer the caller is willing to give up.  When
+        such a segment starts a new frame at offset 0 and ``buffer`` has space for the
+        whole frame after ``offset``, the frame is assembled in place there instead
+        of being copied into a fresh buffer (for GRO, which usually delivers a 64 KB
+        frame as one big piece and a short tail): :attr:`kept` becomes True, and the
+        caller must then leave ``buffer`` alone (receive into another one) and reset
+        :attr:`kept`.  The completed frame is a view of ``buffer``.
         """
         self.segments_in += 1
         clock = self._clock
@@ -274,7 +295,7 @@ class Reassembler:
             self.timeouts += 1
             fr = None
         if fr is None:
-            self._start(key, src, length, off, end, payload, tos)
+            self._start(key, src, length, off, end, payload, tos, room)
             return None
         if fr.length != length:
             self._drop(key, DropReason.LENGTH_MISMATCH, extra=n, any_length=True)
@@ -408,8 +429,10 @@ class Reassembler:
         end: int,
         payload: bytes | bytearray | memoryview,
         tos: int,
+        room: tuple[bytearray, int] | None = None,
     ) -> None:
-        """First segment of a (so far) unknown frame: check limits, then allocate."""
+        """First segment of a (so far) unknown frame: check limits, then allocate
+        (or keep the caller's buffer, see ``room`` in :meth:`add`)."""
         n = end - off
         recent = self._recent.get(key)
         if recent is not None:
@@ -423,8 +446,15 @@ class Reassembler:
         charge = length + ENTRY_OVERHEAD
         if not self._make_room(src, charge, n):
             return
-        fr = _Frame(src, length, charge, self._clock + self.timeout, tos & 0xFF, tos & 3 == 3)
-        fr.buf[off:end] = payload
+        kept = None
+        if room is not None and off == 0:
+            owner, base = room
+            if len(owner) - base >= length:
+                kept = memoryview(owner)[base : base + length]  # payload is already there
+                self.kept = True
+        fr = _Frame(src, length, charge, self._clock + self.timeout, tos & 0xFF, tos & 3 == 3, kept)
+        if kept is None:
+            fr.buf[off:end] = payload
         fr.ivs.extend((off, end))
         fr.covered = n
         self._frames[key] = fr

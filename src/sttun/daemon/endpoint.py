@@ -72,6 +72,11 @@ _ETH = struct.Struct("!6s6sH")
 _IP_ETHERTYPES = (ETH_P_IP, ETH_P_IPV6)
 #: vnet flags saying the kernel checked (DATA_VALID) or will compute (NEEDS_CSUM) the sum.
 _CSUM_TRUSTED = int(VnetFlag.NEEDS_CSUM | VnetFlag.DATA_VALID)
+#: Where the outer IP header starts in a receive buffer (after vnet + Ethernet).
+_IP_OFFSET = VNET_HDR_LEN + ETH_HLEN
+#: Receive buffers kept for reuse after frames were built in them (a few suffice:
+#: GRO'd frames complete one after another).
+RX_SPARES = 4
 
 
 @dataclass
@@ -159,6 +164,9 @@ class Daemon:
         self._tap_mv = memoryview(self._tap_buf)
         self._rx_buf = bytearray(RECV_SIZE)
         self._rx_mv = memoryview(self._rx_buf)
+        # Receive buffers the reassembler built frames in (kept in place, see
+        # Reassembler.add ``room``), back from the TAP write, for the next swap.
+        self._rx_spare: list[bytearray] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ------------------------------------------------------------------ set-up
@@ -467,6 +475,7 @@ class Daemon:
         buf = self._rx_buf
         mv = self._rx_mv
         receive = self.core.receive
+        reasm = self.core.reassembler
         for _ in range(BATCH):
             try:
                 n = recv(buf)
@@ -485,7 +494,15 @@ class Daemon:
             if etype not in _IP_ETHERTYPES:
                 continue  # the BPF filter lets only IP through; a VLAN'd frame, skip
             csum_ok = bool(buf[0] & _CSUM_TRUSTED)
-            result = receive(mv[VNET_HDR_LEN + ETH_HLEN : n], time.monotonic(), csum_ok=csum_ok)
+            result = receive(
+                mv[_IP_OFFSET:n], time.monotonic(), csum_ok=csum_ok, room=(buf, _IP_OFFSET)
+            )
+            if reasm.kept:
+                # The reassembler builds a frame in this buffer: receive into another.
+                reasm.kept = False
+                spare = self._rx_spare
+                buf = self._rx_buf = spare.pop() if spare else bytearray(RECV_SIZE)
+                mv = self._rx_mv = memoryview(buf)
             if result is None:
                 continue
             tunnel, dec = result
@@ -498,6 +515,14 @@ class Daemon:
                 tunnel.drops.count(DropReason.TX_ERROR, len(dec.inner))
                 if rt.log:
                     rt.log.debug("TAP write failed: %s", exc)
+            owner = dec.inner.obj if type(dec.inner) is memoryview else None
+            if (
+                owner is not buf
+                and type(owner) is bytearray
+                and len(owner) == RECV_SIZE
+                and len(self._rx_spare) < RX_SPARES
+            ):
+                self._rx_spare.append(owner)  # a frame built in place is written: reuse
 
     def _on_netlink(self) -> None:
         try:
