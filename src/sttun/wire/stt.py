@@ -156,18 +156,7 @@ class SttHeader:
     def pack_into(self, buf: bytearray | memoryview, offset: int = 0) -> None:
         """Write the header into ``buf`` at ``offset``."""
         try:
-            STT_HEADER.pack_into(
-                buf,
-                offset,
-                self.version,
-                self.flags,
-                self.l4_offset,
-                self.reserved,
-                self.mss,
-                self.vlan_tci,
-                self.context_id,
-                self.pad,
-            )
+            STT_HEADER.pack_into(buf, offset, *self._values())
         except struct.error as exc:
             raise EncodeError(f"STT header field out of range: {exc} ({self!r})") from None
 
