@@ -149,16 +149,20 @@ class SttHeader:
 
     def pack(self) -> bytes:
         """The 18 wire bytes; raises :class:`EncodeError` for out-of-range fields."""
-        buf = bytearray(STT_HEADER_LEN)
-        self.pack_into(buf, 0)
-        return bytes(buf)
+        try:
+            return STT_HEADER.pack(*self._values())
+        except struct.error as exc:
+            raise self._range_error(exc) from None
 
     def pack_into(self, buf: bytearray | memoryview, offset: int = 0) -> None:
         """Write the header into ``buf`` at ``offset``."""
         try:
             STT_HEADER.pack_into(buf, offset, *self._values())
         except struct.error as exc:
-            raise EncodeError(f"STT header field out of range: {exc} ({self!r})") from None
+            raise self._range_error(exc) from None
+
+    def _range_error(self, exc: struct.error) -> EncodeError:
+        return EncodeError(f"STT header field out of range: {exc} ({self!r})")
 
     @classmethod
     def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> SttHeader:
