@@ -161,8 +161,19 @@ def ping(ns: Netns, addr: str, count: int = 3, timeout: float = 30.0) -> str:
     return res.stdout
 
 
-def tcp_transfer(sender: Netns, receiver: Netns, addr: str, nbytes: int, port: int = 5201) -> None:
-    """Send ``nbytes`` of pseudo-random data over TCP; assert the sha256 matches."""
+def tcp_transfer(
+    sender: Netns,
+    receiver: Netns,
+    addr: str,
+    nbytes: int,
+    port: int = 5201,
+    io_timeout: float = 60.0,
+) -> None:
+    """Send ``nbytes`` of pseudo-random data over TCP; assert the sha256 matches.
+
+    ``io_timeout``: how long one blocking socket call may wait (a lossy path needs
+    more patience: TCP backs off exponentially when a retransmission is lost too).
+    """
     server = (
         "import hashlib,socket,sys\n"
         "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n"
@@ -178,7 +189,7 @@ def tcp_transfer(sender: Netns, receiver: Netns, addr: str, nbytes: int, port: i
     client = (
         "import hashlib,socket,sys\n"
         "n=int(sys.argv[3]);h=hashlib.sha256();blk=bytes(range(256))*4096\n"
-        "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=60)\n"
+        "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=float(sys.argv[4]))\n"
         "sent=0;i=0\n"
         "while sent<n:\n"
         "    b=hashlib.sha256(i.to_bytes(8,'big')).digest()*32768\n"
@@ -190,8 +201,11 @@ def tcp_transfer(sender: Netns, receiver: Netns, addr: str, nbytes: int, port: i
     )
     assert srv.stdout is not None
     assert srv.stdout.readline().strip() == "ready"
-    res = sender.run([sys.executable, "-c", client, addr, str(port), str(nbytes)], timeout=300)
-    out, _ = srv.communicate(timeout=120)
+    res = sender.run(
+        [sys.executable, "-c", client, addr, str(port), str(nbytes), str(io_timeout)],
+        timeout=max(300.0, 2 * io_timeout),
+    )
+    out, _ = srv.communicate(timeout=max(120.0, io_timeout))
     sent = res.stdout.split()
     got = out.split()
     assert int(sent[0]) == nbytes

@@ -63,7 +63,10 @@ def test_loss(tmp_path: Path, percent: int, size_mib: int) -> None:
         line.r.run(["nft", "-f", "-"], input=ruleset.encode())
         with start_pair(line.a, line.b, line.ip_a, line.ip_b, tmp_path, daemon=DAEMON) as p:
             t0 = time.monotonic()
-            tcp_transfer(line.a, line.b, OVERLAY_B, size_mib * MiB)
+            # A lost tail is retransmitted after a timeout that doubles each time the
+            # retransmission is lost too (a 64 KB one survives 5% loss 1 time in 10):
+            # a socket call may wait minutes.
+            tcp_transfer(line.a, line.b, OVERLAY_B, size_mib * MiB, io_timeout=240.0)
             elapsed = time.monotonic() - t0
             dropped = line.r.run(["nft", "list", "chain", "inet", "loss", "filt"]).stdout
             sb, sa = p.b.show(), p.a.show()
