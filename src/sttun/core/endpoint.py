@@ -192,16 +192,14 @@ class Endpoint:
         # Fast path: IPv4 without options, TCP, not a fragment, length consistent;
         # one unpack for both headers.  Anything else takes parse_outer (which
         # classifies the drop reasons).
+        fast = False
         if len(packet) >= _V4_TCP_LEN and packet[0] == 0x45:
             tos, total, frag, proto, src, dst, dport, seq, ack, doff = _V4_TCP.unpack_from(packet)
-            if proto == 6 and not frag & 0x3FFF and _V4_TCP_LEN <= total <= len(packet):
-                l4 = 20
-                end = total
-            else:
-                l4 = -1
+            fast = proto == 6 and not frag & 0x3FFF and _V4_TCP_LEN <= total <= len(packet)
+        if fast:
+            l4 = 20
+            end = total
         else:
-            l4 = -1
-        if l4 < 0:
             outer = parse_outer(packet)
             if isinstance(outer, DropReason):
                 self.drops.count(outer, len(packet))

@@ -112,8 +112,8 @@ def tcp_checksum_ok(packet: Buffer, l3: int, l4: int, end: int) -> bool:
     else:
         start = l3 + 8  # IPv6 addresses (8..40) are followed by the TCP header
         extra = IPPROTO_TCP + tcp_len
-    # ones_sum reads little-endian (chunked for large pieces), so the extra words
-    # go in byte-swapped; an odd length needs no shift in that order.
+    # little_endian_value reads the segment little-endian (in parts when large), so
+    # the extra words go in byte-swapped; an odd length needs no shift in that order.
     extra %= _FOLD
     extra = ((extra & 0xFF) << 8) | (extra >> 8)
     return (little_endian_value(packet[start:end]) + extra) % _FOLD == 0

@@ -173,7 +173,7 @@ class PcapWriter:
             if done < len(batch) and n:
                 queue[done] = bytes(memoryview(queue[done])[n:])  # partly written
             del queue[:done]
-            self._queued = sum(len(p) for p in queue[:-1])
+        self._queued = 0  # only the open buffer is left
 
     def flush(self) -> None:
         """Write every buffered record to the file and flush the file object."""
