@@ -7,6 +7,9 @@ and on top of it one of four overlays:
 * ``vxlan``      — the kernel's VXLAN device (dstport 4789, MTU 1450);
 * ``sttun``      — sttun endpoints, TAP offloads on (TAP MTU 1500);
 * ``sttun-soft`` — sttun with ``--no-offload`` (segmentation and checksums in Python);
+* ``null-tunnel`` — ``bench/null_tunnel.py``: sttun's data path (TAP, ``AF_PACKET``,
+  GSO/GRO, one Python process per host) with no STT work at all, the ceiling of
+  the design on this machine;
 
 each in two underlay variants:
 
@@ -21,7 +24,7 @@ time from /proc/stat, which is what the kernel tunnel costs); ``iperf3 -u -l 64 
 (packets per second received); ``ping -c 200 -i 0.01`` (p50/p99 RTT).
 
 Every (variant, mode) point builds fresh hosts and removes them afterwards; points
-are interleaved (veth vxlan sttun sttun-soft, veth vxlan ...) for every repetition,
+are interleaved (veth vxlan sttun sttun-soft null-tunnel, veth vxlan ...) for every repetition,
 and the medians over repetitions are compared as ratios against vxlan and veth from
 the same run.  Writes ``bench/results/latest.json`` and ``latest.png`` (``--quick``:
 ``quick.json``/``quick.png``, 1 s per point, 1 repetition) and prints a table.
@@ -53,7 +56,12 @@ from common import (
 from sttun.errors import SetupError
 from sttun.tools.topology import Endpoint, TwoHosts, check_support
 
-MODES = ("veth", "vxlan", "sttun", "sttun-soft")
+MODES = ("veth", "vxlan", "sttun", "sttun-soft", "null-tunnel")
+NULL_TUNNEL = Path(__file__).resolve().parent / "null_tunnel.py"
+NULL_DEV = "nul0"
+OVERLAY_MTU = {"veth": 1500, "vxlan": 1450, "sttun": 1500, "sttun-soft": 1500, "null-tunnel": 1500}
+#: Seconds the null tunnel gets to create its TAP.
+NULL_START_TIMEOUT = 10.0
 VARIANTS = ("tso", "wire")
 BASELINES = ("vxlan", "veth")
 IPERF_PORT = 5201
@@ -79,6 +87,7 @@ class Point:
         self.mode, self.variant = mode, variant
         self.hosts = TwoHosts(prefix="sttun-bench")
         self.endpoints: tuple[Endpoint, ...] = ()
+        self.null_procs: list[subprocess.Popen[bytes]] = []
         self.server: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Point:
@@ -91,6 +100,8 @@ class Point:
                 h.add_overlay_on_underlay()
             elif self.mode == "vxlan":
                 h.add_vxlan()
+            elif self.mode == "null-tunnel":
+                self.start_null_tunnel()
             else:
                 self.endpoints = h.start_sttun(
                     key=STT_KEY, offload=self.mode == "sttun", instance="bench"
@@ -115,11 +126,37 @@ class Point:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def start_null_tunnel(self) -> None:
+        """``bench/null_tunnel.py`` in both hosts, the overlay addresses on its TAP."""
+        h = self.hosts
+        addr_a, addr_b, _ = h.underlay
+        h.a.run(["ping", "-c", "1", "-W", "2", addr_b])  # both neighbour entries
+        for host, local, remote in ((h.a, addr_a, addr_b), (h.b, addr_b, addr_a)):
+            argv = [sys.executable, str(NULL_TUNNEL), "--local-ip", local, "--remote-ip",
+                    remote, "--dev", NULL_DEV]  # fmt: skip
+            proc = host.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.null_procs.append(proc)
+            deadline = time.monotonic() + NULL_START_TIMEOUT
+            while host.run(["ip", "link", "show", NULL_DEV], check=False).returncode:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    raise SetupError(f"null tunnel in {host.name} did not start: {err.strip()}")
+                time.sleep(0.05)
+        h.add_overlay(NULL_DEV)
+
     def close(self) -> None:
         """Stop the server and the endpoints, delete the hosts."""
         if self.server is not None and self.server.poll() is None:
             self.server.kill()
             self.server.wait()
+        for proc in self.null_procs:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         self.hosts.close()
 
     @property
@@ -128,10 +165,12 @@ class Point:
         return self.hosts.overlay[1]
 
     def sttun_cpu(self) -> float | None:
-        """CPU seconds used so far by the sttun processes (None without sttun)."""
-        if not self.endpoints:
+        """CPU seconds used so far by the sttun (or null tunnel) processes; None
+        for the kernel's devices."""
+        pids = [ep.pid for ep in self.endpoints] + [p.pid for p in self.null_procs]
+        if not pids:
             return None
-        return sum(process_cpu(ep.pid) for ep in self.endpoints)
+        return sum(process_cpu(pid) for pid in pids)
 
     def iperf3(self, *args: str, timeout: float) -> dict[str, Any]:
         """``iperf3 -c b ARGS -J`` from host a; the JSON result (one retry if busy)."""
@@ -377,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "modes": args.modes,
             "variants": args.variants,
             "metrics": {m: {"unit": u, "higher_is_better": h} for m, (u, h) in METRICS.items()},
-            "overlay_mtu": {"veth": 1500, "vxlan": 1450, "sttun": 1500, "sttun-soft": 1500},
+            "overlay_mtu": OVERLAY_MTU,
             "wall_seconds": round(time.monotonic() - started, 1),
             **summary,
             "runs": runs,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "throughput.py"
-MODES = {"veth", "vxlan", "sttun", "sttun-soft"}
+MODES = {"veth", "vxlan", "sttun", "sttun-soft", "null-tunnel"}
 VARIANTS = {"tso", "wire"}
 
 

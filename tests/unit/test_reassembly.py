@@ -746,6 +746,49 @@ def test_room_first_piece_is_kept_in_place_and_completed_there() -> None:
     assert r.entries == 0 and r.bytes_held == 0
 
 
+@pytest.mark.parametrize("tail_start", [4000, 4500])  # touching the first piece, or not
+def test_room_first_piece_after_the_tail_takes_the_tail_in(tail_start: int) -> None:
+    """GRO's usual order: the short tail, then the big first piece.  The frame moves
+    into the first piece's receive buffer (the few tail bytes are copied, not the
+    piece)."""
+    frame = bytes(random.Random(7).randbytes(5000))
+    r = Reassembler()
+    tail = bytearray(70000)
+    tail[:1000] = frame[4000:]
+    got = r.add(SRC, DST, 9, 5000 << 16 | tail_start, memoryview(tail)[tail_start - 4000 : 1000],
+                0.0, room=(tail, tail_start - 4000))  # fmt: skip
+    assert got is None and not r.kept  # not at offset 0: its own buffer
+    tail[:] = bytes(70000)  # the caller reuses that receive buffer
+    rx = bytearray(64 + 6000)
+    rx[64 : 64 + 4000] = frame[:4000]
+    got = r.add(SRC, DST, 9, 5000 << 16, memoryview(rx)[64:4064], 0.0, room=(rx, 64))
+    if tail_start > 4000:
+        assert got is None and r.kept
+        r.kept = False
+        got = r.add(SRC, DST, 9, 5000 << 16 | 4000, frame[4000:tail_start], 0.0)
+    assert got is not None and bytes(got) == frame
+    assert isinstance(got, memoryview) and got.obj is rx
+    assert r.kept or tail_start > 4000
+    assert r.entries == 0 and r.bytes_held == 0
+    assert r.frames_completed == 1
+
+
+def test_room_first_piece_overlapping_stored_bytes_is_checked_not_kept() -> None:
+    frame = bytes(random.Random(8).randbytes(5000))
+    r = Reassembler()
+    assert r.add(SRC, DST, 9, 5000 << 16 | 3000, frame[3000:], 0.0) is None
+    rx = bytearray(6000)
+    rx[:4000] = frame[:3999] + b"!"  # overlaps the stored bytes with a different one
+    got = r.add(SRC, DST, 9, 5000 << 16, memoryview(rx)[:4000], 0.0, room=(rx, 0))
+    assert got is None and not r.kept
+    assert r.drops[DropReason.OVERLAP_CONFLICT] == 1
+    rx[:4000] = frame[:4000]  # the same bytes: completes, in the frame's own buffer
+    assert r.add(SRC, DST, 10, 5000 << 16 | 3000, frame[3000:], 0.0) is None
+    got = r.add(SRC, DST, 10, 5000 << 16, memoryview(rx)[:4000], 0.0, room=(rx, 0))
+    assert got is not None and bytes(got) == frame and not r.kept
+    assert got.obj is not rx
+
+
 @pytest.mark.parametrize(
     ("what", "offset", "room_size"),
     [("not the first piece", 1000, 6000), ("no space for the whole frame", 0, 4999)],

@@ -239,12 +239,14 @@ class Reassembler:
 
         ``room = (buffer, offset)`` says ``payload`` is ``buffer[offset:offset +
         len(payload)]`` of a receive buffer the caller is willing to give up.  When
-        such a segment starts a new frame at offset 0 and ``buffer`` has space for the
-        whole frame after ``offset``, the frame is assembled in place there instead
-        of being copied into a fresh buffer (for GRO, which usually delivers a 64 KB
-        frame as one big piece and a short tail): :attr:`kept` becomes True, and the
-        caller must then leave ``buffer`` alone (receive into another one) and reset
-        :attr:`kept`.  The completed frame is a view of ``buffer``.
+        such a segment is the offset-0 piece of a frame and ``buffer`` has space for
+        the whole frame after ``offset``, the frame is assembled in place there
+        instead of the piece being copied (for GRO, which delivers a 64 KB frame as
+        one big piece and a short tail, usually the tail first): a new frame starts
+        in ``buffer``, and a frame that so far holds only bytes after the piece moves
+        them into ``buffer``.  :attr:`kept` then becomes True, and the caller must
+        leave ``buffer`` alone (receive into another one) and reset :attr:`kept`.
+        The completed frame is a view of ``buffer``.
         """
         self.segments_in += 1
         clock = self._clock
@@ -302,7 +304,30 @@ class Reassembler:
             return None
 
         ivs = fr.ivs
-        if off == ivs[-1]:
+        if (
+            off == 0
+            and room is not None
+            and end <= ivs[0]
+            and type(fr.buf) is bytearray
+            and len(room[0]) - room[1] >= length
+        ):
+            # The big first piece after a short later one (GRO's usual order): move
+            # the few stored bytes next to it in the caller's buffer rather than
+            # copying the piece into the frame's own buffer.
+            owner, base = room
+            old = fr.buf
+            fr.buf = view = memoryview(owner)[base : base + length]
+            for k in range(0, len(ivs), 2):
+                lo = ivs[k]
+                hi = ivs[k + 1]
+                view[lo:hi] = old[lo:hi]
+            if ivs[0] == end:
+                ivs[0] = 0
+            else:
+                ivs[0:0] = (0, end)
+            fr.covered += n
+            self.kept = True
+        elif off == ivs[-1]:
             # In order: starts exactly where the highest covered range ends.
             fr.buf[off:end] = payload
             ivs[-1] = end

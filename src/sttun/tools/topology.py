@@ -339,7 +339,7 @@ class TwoHosts:
     # -- overlays ----------------------------------------------------------------
     def add_overlay_on_underlay(self) -> str:
         """Put the overlay addresses on the veth itself (no tunnel); returns the device."""
-        self._add_overlay(UNDERLAY_DEV)
+        self.add_overlay(UNDERLAY_DEV)
         return UNDERLAY_DEV
 
     def add_vxlan(self, vni: int = 42, dev: str = VXLAN_DEV, mtu: int | None = None) -> str:
@@ -354,7 +354,7 @@ class TwoHosts:
                 "dev", UNDERLAY_DEV,
             )  # fmt: skip
             host.ip("link", "set", dev, "up")
-        self._add_overlay(dev)
+        self.add_overlay(dev)
         return dev
 
     def start_sttun(
@@ -386,7 +386,7 @@ class TwoHosts:
                 *([] if offload else ["--no-offload"]), *extra,
             ]  # fmt: skip
             eps.append(self._start_endpoint(host, argv, dev, detach))
-        self._add_overlay(dev)
+        self.add_overlay(dev)
         return eps[0], eps[1]
 
     def _start_endpoint(self, host: Host, argv: list[str], dev: str, detach: bool) -> Endpoint:
@@ -420,7 +420,8 @@ class TwoHosts:
             f"sttun up in {host.name} did not come up in {START_TIMEOUT:g}s: {_tail(ep.log_text())}"
         )
 
-    def _add_overlay(self, dev: str) -> None:
+    def add_overlay(self, dev: str) -> None:
+        """Put the overlay addresses (IPv4 and IPv6) on ``dev`` in both hosts, link up."""
         oa, ob, plen = self.overlay
         a6, b6, plen6 = OVERLAY6
         for host, addr, addr6 in ((self.a, oa, a6), (self.b, ob, b6)):
