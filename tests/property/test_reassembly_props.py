@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable
+from random import Random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -90,26 +91,34 @@ def check_outcome(
 
 
 @settings(max_examples=300, deadline=None)
-@given(delivery(), st.integers(0, 80), st.integers(-100, 100))
+@given(delivery(), st.integers(0, 80), st.integers(-100, 100), st.randoms(use_true_random=False))
 def test_reassembly_in_the_receive_buffer(
-    case: tuple[bytes, list[tuple[int, bytes]], bool], header: int, slack: int
+    case: tuple[bytes, list[tuple[int, bytes]], bool], header: int, slack: int, rnd: Random
 ) -> None:
     """Like the daemon: every segment arrives in one receive buffer at ``header``,
     offered with ``room``; the buffer is overwritten by the next packet unless the
-    reassembler kept it, and a kept one is replaced.  Frames come out exactly as
-    without ``room`` (a buffer kept without saying so would be scribbled over)."""
+    reassembler kept it, and a kept one is replaced.  Frames, their TOS and CE come
+    out exactly as without ``room`` (a buffer kept without saying so would be
+    scribbled over)."""
     frame, segs, complete = case
+    toses = [rnd.randrange(256) for _ in segs]
     size = max(header + len(frame) + slack, header + max((len(p) for _, p in segs), default=0))
     r = Reassembler()
+    plain = Reassembler()
     rx = bytearray(size)
     out = []
     kept = 0
-    for seq, payload in segs:
+    for (seq, payload), tos in zip(segs, toses, strict=True):
         rx[header : header + len(payload)] = payload
         got = r.add(SRC, DST, 1, seq, memoryview(rx)[header : header + len(payload)], 0.0,
-                    room=(rx, header))  # fmt: skip
-        if got is not None:
+                    tos, room=(rx, header))  # fmt: skip
+        want = plain.add(SRC, DST, 1, seq, payload, 0.0, tos)
+        assert (got is None) == (want is None)
+        if got is not None and want is not None:
             out.append(bytes(got))
+            assert bytes(got) == bytes(want)
+            assert (r.completed_tos, r.completed_ce) == (plain.completed_tos, plain.completed_ce)
+            assert r.completed_segments == plain.completed_segments
         if r.kept:
             r.kept = False
             kept += 1

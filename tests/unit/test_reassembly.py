@@ -756,12 +756,12 @@ def test_room_first_piece_after_the_tail_takes_the_tail_in(tail_start: int) -> N
     tail = bytearray(70000)
     tail[:1000] = frame[4000:]
     got = r.add(SRC, DST, 9, 5000 << 16 | tail_start, memoryview(tail)[tail_start - 4000 : 1000],
-                0.0, room=(tail, tail_start - 4000))  # fmt: skip
+                0.0, tos=0x03, room=(tail, tail_start - 4000))  # fmt: skip
     assert got is None and not r.kept  # not at offset 0: its own buffer
     tail[:] = bytes(70000)  # the caller reuses that receive buffer
     rx = bytearray(64 + 6000)
     rx[64 : 64 + 4000] = frame[:4000]
-    got = r.add(SRC, DST, 9, 5000 << 16, memoryview(rx)[64:4064], 0.0, room=(rx, 64))
+    got = r.add(SRC, DST, 9, 5000 << 16, memoryview(rx)[64:4064], 0.0, tos=0xB8, room=(rx, 64))
     if tail_start > 4000:
         assert got is None and r.kept
         r.kept = False
@@ -771,6 +771,8 @@ def test_room_first_piece_after_the_tail_takes_the_tail_in(tail_start: int) -> N
     assert r.kept or tail_start > 4000
     assert r.entries == 0 and r.bytes_held == 0
     assert r.frames_completed == 1
+    # the offset-0 segment's TOS, CE from any segment
+    assert r.completed_tos == 0xB8 and r.completed_ce
 
 
 def test_room_first_piece_overlapping_stored_bytes_is_checked_not_kept() -> None:

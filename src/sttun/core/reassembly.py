@@ -326,6 +326,7 @@ class Reassembler:
             else:
                 ivs[0:0] = (0, end)
             fr.covered += n
+            fr.tos = tos & 0xFF
             self.kept = True
         elif off == ivs[-1]:
             # In order: starts exactly where the highest covered range ends.
