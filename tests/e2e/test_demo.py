@@ -147,10 +147,18 @@ def test_demo_keep_then_down() -> None:
     assert not any(n in again.stdout for n in names)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_interrupted_cleans_up() -> None:
     _need()
     before = Snapshot()
-    proc = subprocess.Popen(DEMO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background commands with SIGINT ignored,
+    # and Python keeps it ignored: give the demo the default disposition, as a
+    # terminal user's Ctrl-C would find it.
+    proc = subprocess.Popen(DEMO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)  # fmt: skip
     assert proc.stdout is not None
     seen = []
     deadline = time.monotonic() + 120

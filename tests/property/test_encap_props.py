@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import random
 import struct
+import zlib
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.reference import naive_sum
 
-from sttun.core.encap import Encapsulator
+from sttun.core.encap import Encapsulator, flow_source_port
 from sttun.core.endpoint import Endpoint, TunnelSpec
 from sttun.wire.ip import ip_bytes
 from sttun.wire.stt import SttHeader
@@ -219,3 +220,39 @@ def test_gso_super_packet_matches_kernel_model(
         assert model_data == b"".join(p[ip_hlen + 20 :] for p in sw)
     else:
         assert model == sw
+
+
+def _flow_key(frame: bytes) -> bytes:
+    """What the outer source port is derived from (protocol.md #45), spelled out:
+    IPv4/IPv6 addresses plus, for unfragmented TCP/UDP, the two L4 ports; the MAC
+    addresses for anything else."""
+    if len(frame) >= 34 and frame[12:14] == b"\x08\x00":
+        l4 = 14 + (frame[14] & 0x0F) * 4
+        unfragmented = not (frame[20] & 0x3F or frame[21])
+        ports = frame[l4 : l4 + 4] if len(frame) >= l4 + 4 else b""
+        return frame[26:34] + (ports if frame[23] in (6, 17) and unfragmented else b"")
+    if len(frame) >= 54 and frame[12:14] == b"\x86\xdd":
+        return frame[22:54] + (frame[54:58] if frame[20] in (6, 17) and len(frame) >= 58 else b"")
+    return frame[0:12]
+
+
+@st.composite
+def ip_looking_frames(draw: st.DrawFn) -> bytes:
+    """Frames of 14..120 bytes, mostly IPv4 or IPv6 with TCP, UDP or another protocol,
+    any IHL, fragmented or not."""
+    f = bytearray(draw(st.binary(min_size=14, max_size=120)))
+    f[12:14] = draw(st.sampled_from([b"\x08\x00", b"\x86\xdd", b"\x81\x00", bytes(2)]))
+    if len(f) > 23:
+        f[14] = 0x40 | draw(st.sampled_from([5, 5, 5, 6, 15, 3]))
+        f[23] = draw(st.sampled_from([6, 17, 1]))
+        f[20] = draw(st.sampled_from([6, 17, 0, 0x20, 44]))
+        f[21] = draw(st.sampled_from([0, 0, 1]))
+    return bytes(f)
+
+
+@given(ip_looking_frames())
+def test_flow_source_port_hashes_the_flow_key(frame: bytes) -> None:
+    h = zlib.crc32(_flow_key(frame))
+    want = 0x8000 | ((h ^ (h >> 15)) & 0x7FFF)
+    assert flow_source_port(frame) == want
+    assert flow_source_port(memoryview(frame)) == want

@@ -54,6 +54,7 @@ class Decapsulator:
         dscp_model: DscpModel = DscpModel.UNIFORM,
     ) -> None:
         self.vlan_policy = vlan_policy
+        self._uniform = False
         self.dscp_model = dscp_model
         #: frames whose TCI was non-zero with V clear (protocol.md #33)
         self.vlan_without_v = 0
@@ -61,6 +62,16 @@ class Decapsulator:
         self.csum_both_flags = 0
         #: frames marked CE because an outer segment carried CE
         self.ce_marked = 0
+
+    @property
+    def dscp_model(self) -> DscpModel:
+        """Whether the outer DSCP is copied into the inner packet."""
+        return self._dscp_model
+
+    @dscp_model.setter
+    def dscp_model(self, model: DscpModel) -> None:
+        self._dscp_model = model
+        self._uniform = model is DscpModel.UNIFORM
 
     def decap(self, frame: Buffer, tos: int = 0, ce: bool = False) -> Decapsulated | DropReason:
         """Decapsulate one complete STT frame.
@@ -83,7 +94,7 @@ class Decapsulator:
             return vnet
         if flags & 3 == 3:
             self.csum_both_flags += 1
-        dscp = tos >> 2 if self.dscp_model is DscpModel.UNIFORM else None
+        dscp = tos >> 2 if self._uniform else None
         if ce or dscp is not None:
             marked = self._mark(inner, dscp, ce)
             if isinstance(marked, DropReason):
@@ -105,9 +116,11 @@ class Decapsulator:
 
     def _mark(self, inner: Buffer, dscp: int | None, ce: bool) -> Buffer | DropReason:
         """Apply the outer DSCP (uniform model) and CE to the inner IP header."""
-        et = inner[12:14]
-        if et == b"\x08\x00" and len(inner) >= 34:
+        et = (inner[12] << 8) | inner[13] if len(inner) >= 14 else 0
+        if et == 0x0800 and len(inner) >= 34:
             old = inner[15]
+            if not ce and old >> 2 == dscp:
+                return inner  # the common case: nothing to change
             new = _new_tos(old, dscp, ce)
             if isinstance(new, DropReason):
                 return new
@@ -117,8 +130,10 @@ class Decapsulator:
             out[15] = new
             (csum,) = _U16.unpack_from(out, 24)
             _U16.pack_into(out, 24, update16(csum, (out[14] << 8) | old, (out[14] << 8) | new))
-        elif et == b"\x86\xdd" and len(inner) >= 54:
+        elif et == 0x86DD and len(inner) >= 54:
             old = ((inner[14] & 0x0F) << 4) | (inner[15] >> 4)
+            if not ce and old >> 2 == dscp:
+                return inner
             new = _new_tos(old, dscp, ce)
             if isinstance(new, DropReason):
                 return new

@@ -104,21 +104,24 @@ def flow_source_port(frame: Buffer) -> int:
     addresses for anything else.  Every segment of a frame and every frame of one
     inner flow get the same port (draft §2.5, protocol.md #45).
     """
+    # crc32(b, crc32(a)) == crc32(a + b): where addresses and ports are adjacent
+    # (IPv4 without options, IPv6) they are hashed with one call.
     n = len(frame)
-    et = frame[12:14]
     h: int
-    if et == b"\x08\x00" and n >= 34:
-        h = zlib.crc32(frame[26:34])
-        proto = frame[23]
-        l4 = 14 + (frame[14] & 0x0F) * 4
-        not_fragment = not (frame[20] & 0x3F or frame[21])
-        if proto in _HASHED_L4 and n >= l4 + 4 and not_fragment:
-            h = zlib.crc32(frame[l4 : l4 + 4], h)
-    elif et == b"\x86\xdd" and n >= 54:
-        h = zlib.crc32(frame[22:54])
-        nh = frame[20]
-        if nh in _HASHED_L4 and n >= 58:
-            h = zlib.crc32(frame[54:58], h)
+    if n >= 34 and frame[12] == 0x08 and frame[13] == 0x00:
+        ihl = frame[14] & 0x0F
+        if frame[23] in _HASHED_L4 and not (frame[20] & 0x3F or frame[21]):
+            if ihl == 5:
+                h = zlib.crc32(frame[26:38] if n >= 38 else frame[26:34])
+            else:
+                l4 = 14 + ihl * 4
+                h = zlib.crc32(frame[26:34])
+                if n >= l4 + 4:
+                    h = zlib.crc32(frame[l4 : l4 + 4], h)
+        else:
+            h = zlib.crc32(frame[26:34])
+    elif n >= 54 and frame[12] == 0x86 and frame[13] == 0xDD:
+        h = zlib.crc32(frame[22:58] if frame[20] in _HASHED_L4 and n >= 58 else frame[22:54])
     else:
         h = zlib.crc32(frame[0:12])
     return SPORT_BASE | ((h ^ (h >> 15)) & SPORT_MASK)

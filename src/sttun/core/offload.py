@@ -153,12 +153,29 @@ def rx_vnet(flags: int, l4_offset: int, mss: int, inner_len: int) -> VnetHdr | D
     """
     if not flags & _P:
         return VNET_DATA_VALID if flags & _C else VNET_NONE_HDR
-    csum_offset, gso_type, min_l4, l4_len = _RX_BY_BITS[flags & (_V4 | _T)]
+    bits = flags & (_V4 | _T)
+    csum_offset, gso_type, min_l4, l4_len = _RX_BY_BITS[bits]
     if l4_offset < min_l4 or l4_offset + l4_len > inner_len:
         return DropReason.BAD_L4_OFFSET
-    if mss and gso_type:
-        return VnetHdr(_NEEDS_CSUM, gso_type, l4_offset + l4_len, mss, l4_offset, csum_offset)
-    return VnetHdr(_NEEDS_CSUM, 0, 0, 0, l4_offset, csum_offset)
+    if not gso_type:
+        mss = 0
+    key = (bits, l4_offset, mss)
+    vnet = _RX_VNET_MEMO.get(key)
+    if vnet is None:
+        if len(_RX_VNET_MEMO) >= _RX_VNET_MEMO_MAX:
+            _RX_VNET_MEMO.clear()
+        if mss:
+            vnet = VnetHdr(_NEEDS_CSUM, gso_type, l4_offset + l4_len, mss, l4_offset, csum_offset)
+        else:
+            vnet = VnetHdr(_NEEDS_CSUM, 0, 0, 0, l4_offset, csum_offset)
+        _RX_VNET_MEMO[key] = vnet
+    return vnet
+
+
+#: rx_vnet's results by (V|T bits, L4 offset, MSS): a tunnel sees a handful of
+#: combinations, so the headers are built once (immutable tuples, safe to share).
+_RX_VNET_MEMO: dict[tuple[int, int, int], VnetHdr] = {}
+_RX_VNET_MEMO_MAX = 256
 
 
 VNET_NONE_HDR = VnetHdr()
