@@ -30,6 +30,7 @@ import ipaddress
 import itertools
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -328,6 +329,8 @@ class Capture:
     ) -> None:
         self.ns, self.dev, self.path, self.bpf, self.snaplen = ns, dev, Path(path), bpf, snaplen
         self.proc: subprocess.Popen[bytes] | None = None
+        #: packets tcpdump reported "dropped by kernel" (known after stop; None if unknown)
+        self.dropped: int | None = None
 
     def __enter__(self) -> Capture:
         argv = [
@@ -376,7 +379,10 @@ class Capture:
             self.proc.kill()
             self.proc.wait()
         if self.proc.stderr is not None:
+            tail = self.proc.stderr.read().decode(errors="replace")
             self.proc.stderr.close()
+            m = re.search(r"(\d+) packets? dropped by kernel", tail)
+            self.dropped = int(m.group(1)) if m else None
         self.proc = None
 
     def count(self, display_filter: str = "") -> int:
