@@ -54,8 +54,7 @@ class Decapsulator:
         dscp_model: DscpModel = DscpModel.UNIFORM,
     ) -> None:
         self.vlan_policy = vlan_policy
-        self._uniform = False
-        self.dscp_model = dscp_model
+        self.dscp_model = dscp_model  # sets _uniform too
         #: frames whose TCI was non-zero with V clear (protocol.md #33)
         self.vlan_without_v = 0
         #: frames with both C and P set (P wins, #9)
