@@ -61,6 +61,16 @@ def _fold(s: int) -> int:
     return s
 
 
+class _Partial:
+    """A frame whose pieces are still arriving."""
+
+    __slots__ = ("frame", "got")
+
+    def __init__(self, length: int) -> None:
+        self.frame = bytearray(length)
+        self.got = 0
+
+
 class NullTunnel:
     """One host's end: TAP ``dev`` <-> ``AF_PACKET`` on the route to ``remote``."""
 
@@ -96,13 +106,14 @@ class NullTunnel:
         self.vnet_gso = _VNET.pack(_NEEDS_CSUM, _GSO_TCPV4, HDR_LEN, seg, ETH_LEN + 20, 16)
         self.vnet_one = _VNET.pack(_NEEDS_CSUM, 0, 0, 0, ETH_LEN + 20, 16)
         self.frame_id = 0
-        self.pending: dict[int, list[int | bytearray]] = {}
+        self.pending: dict[int, _Partial] = {}
+        self.tap_buf = bytearray(TAP_READ_SIZE)
+        self.rx_buf = bytearray(RECV_SIZE)
         self.stopping = False
 
     def from_tap(self) -> None:
         """Read frames from the TAP, send each as one (GSO) packet."""
-        tap, send, hdr = self.tap, self.sock.send, self.header
-        buf = bytearray(TAP_READ_SIZE)
+        tap, send, hdr, buf = self.tap, self.sock.send, self.header, self.tap_buf
         mv = memoryview(buf)
         for _ in range(64):
             n = tap.read_into(buf)
@@ -123,32 +134,30 @@ class NullTunnel:
 
     def from_underlay(self) -> None:
         """Receive pieces, put frames together, write each to the TAP."""
-        recv, write, pending = self.sock.recv_into, self.tap.writev, self.pending
-        buf = bytearray(RECV_SIZE)
+        recv, write, pending, buf = self.sock.recv_into, self.tap.writev, self.pending, self.rx_buf
         mv = memoryview(buf)
         for _ in range(64):
             n = recv(buf)
-            if n <= RX_PAYLOAD:
+            if not n:
                 return
+            if n <= RX_PAYLOAD:
+                continue
             seq, fid = _SEQ_ACK.unpack_from(buf, VNET_LEN + ETH_LEN + 20 + 4)
             length, off = seq >> 16, seq & 0xFFFF
             size = n - RX_PAYLOAD
             if off == 0 and size >= length:
                 write([mv[RX_PAYLOAD : RX_PAYLOAD + length]])
                 continue
-            entry = pending.get(fid)
-            if entry is None:
+            part = pending.get(fid)
+            if part is None:
                 if len(pending) >= PENDING_MAX:
                     del pending[next(iter(pending))]
-                entry = pending[fid] = [bytearray(length), 0]
-            frame = entry[0]
-            assert isinstance(frame, bytearray)
-            frame[off : off + size] = mv[RX_PAYLOAD:n]
-            got = int(entry[1]) + size
-            entry[1] = got
-            if got >= length:
+                part = pending[fid] = _Partial(length)
+            part.frame[off : off + size] = mv[RX_PAYLOAD:n]
+            part.got += size
+            if part.got >= length:
                 del pending[fid]
-                write([frame])
+                write([part.frame])
 
     def run(self) -> None:
         """Serve until :meth:`stop`."""

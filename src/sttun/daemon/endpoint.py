@@ -77,8 +77,6 @@ _IP_OFFSET = VNET_HDR_LEN + ETH_HLEN
 #: Receive buffers kept for reuse after frames were built in them (a few suffice:
 #: GRO'd frames complete one after another).
 RX_SPARES = 4
-#: Packed vnet headers remembered (bounded: MSS and L4 offset come from the wire).
-VNET_CACHE_MAX = 256
 
 
 @dataclass
@@ -169,8 +167,6 @@ class Daemon:
         # Receive buffers the reassembler built frames in (kept in place, see
         # Reassembler.add ``room``), back from the TAP write, for the next swap.
         self._rx_spare: list[bytearray] = []
-        #: Packed vnet headers for the TAP, by header (a tunnel sees only a few).
-        self._vnet_bytes: dict[VnetHdr, bytes] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ------------------------------------------------------------------ set-up
@@ -514,12 +510,7 @@ class Daemon:
             if rt is None:
                 continue
             try:
-                vnet = self._vnet_bytes.get(dec.vnet)
-                if vnet is None:
-                    if len(self._vnet_bytes) >= VNET_CACHE_MAX:
-                        self._vnet_bytes.clear()
-                    vnet = self._vnet_bytes[dec.vnet] = dec.vnet.pack()
-                rt.tap.write(vnet, dec.inner)
+                rt.tap.write(dec.vnet.pack(), dec.inner)
             except OSError as exc:
                 tunnel.drops.count(DropReason.TX_ERROR, len(dec.inner))
                 if rt.log:
