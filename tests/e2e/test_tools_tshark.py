@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from sttun.io.pcap import CaptureReader
+from sttun.tools.demo import TSHARK_CHECKSUM_FIELDS, tshark_checksum_verdict
+from sttun.wire.checksum import checksum, ones_sum
 from tests.netns import Capture, TwoHosts
 from tests.unit.test_tools_decap import decap_json, frames_of, inner_udp, run, write_pcap
 
@@ -124,3 +127,34 @@ def test_real_traffic_captured_by_tcpdump_and_tshark(
         assert summary["drops"] == {}, summary
         assert summary["checksums"]["verified"] == len(packets), summary
         assert [f for _t, f in frames_of(out / "ctx-77.pcap")] == want
+
+
+def _tcp_with_checksum(field: int | None) -> bytes:
+    """An IPv4/TCP packet to the STT port whose correct checksum is 0x0000 (two payload
+    bytes chosen for it); ``field`` overrides the stored checksum."""
+    src, dst = socket.inet_aton("198.18.0.1"), socket.inet_aton("198.18.0.2")
+    tcp = bytearray(struct.pack("!HHIIBBHHH", 40000, 7471, 1, 1, 0x50, 0x18, 1000, 0, 0))
+    tcp += b"sttun checksum" + bytes(2)
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+    struct.pack_into("!H", tcp, len(tcp) - 2, (0xFFFF - ones_sum(pseudo + tcp)) % 0xFFFF)
+    assert checksum(pseudo + tcp) == 0  # 0x0000 is the right value
+    if field is not None:
+        struct.pack_into("!H", tcp, 16, field)
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0,
+                               src, dst))  # fmt: skip
+    struct.pack_into("!H", ip, 10, checksum(ip))
+    return bytes(12) + b"\x08\x00" + bytes(ip) + bytes(tcp)
+
+
+def test_checksum_verdict_matches_tshark_on_linux_mangled_zero(tmp_path: Path) -> None:
+    """Linux stores a checksum that folds to 0x0000 as 0xffff; tshark calls that bad,
+    the demo and the tests count it good; a really wrong checksum stays bad."""
+    pcap = write_pcap(tmp_path / "zero.pcap",
+                      [_tcp_with_checksum(None), _tcp_with_checksum(0xFFFF),
+                       _tcp_with_checksum(0x1234)])  # fmt: skip
+    args = ["-o", "tcp.check_checksum:TRUE", "-T", "fields"]
+    for f in TSHARK_CHECKSUM_FIELDS:
+        args += ["-e", f]
+    rows = tshark_fields(pcap, *args)
+    assert [r[0] for r in rows] == ["1", "0", "0"]  # what tshark itself says
+    assert [tshark_checksum_verdict(*r) for r in rows] == ["good", "good", "bad"]

@@ -526,17 +526,38 @@ def tshark_capture(path: Path) -> TsharkView:
     rows = _tshark(
         path,
         ["tcp.check_checksum:TRUE"],
-        ["tcp.checksum.status", "tcp.srcport", "tcp.flags.reset"],
+        [*TSHARK_CHECKSUM_FIELDS, "tcp.srcport", "tcp.flags.reset"],
     )
     checksums: Counter[str] = Counter()
     rsts = 0
     for r in rows:
-        r += [""] * (3 - len(r))
-        status = r[0].split(",")[0]
-        checksums[{"1": "good", "0": "bad"}.get(status, "unverified")] += 1
-        if r[1].split(",")[0] == str(STT_PORT) and r[2].split(",")[0] in ("1", "True"):
+        r += [""] * (5 - len(r))
+        first = [x.split(",")[0] for x in r]
+        checksums[tshark_checksum_verdict(*first[:3])] += 1
+        if first[3] == str(STT_PORT) and first[4] in ("1", "True"):
             rsts += 1
     return TsharkView(len(rows), contexts, frames, sizes, checksums, rsts)
+
+
+#: The tshark fields :func:`tshark_checksum_verdict` reads, in its argument order.
+TSHARK_CHECKSUM_FIELDS = ("tcp.checksum.status", "tcp.checksum", "tcp.checksum_calculated")
+
+
+def tshark_checksum_verdict(status: str, field: str, calculated: str) -> str:
+    """``good``, ``bad`` or ``unverified`` for one segment, from tshark's fields.
+
+    A segment whose checksum should be 0x0000 may carry 0xffff: the same number in
+    ones' complement, and what Linux writes when it completes a checksum in software
+    (``skb_checksum_help``: a sum folding to 0 is stored as ``CSUM_MANGLED_0``),
+    about one segment in 65536.  Receivers accept both; tshark calls 0xffff bad
+    (RFC 1624).  That one case counts as good here, every other mismatch as bad.
+    """
+    if status == "1":
+        return "good"
+    if status == "0":
+        mangled_zero = field.lower() == "0xffff" and calculated.lower() == "0x0000"
+        return "good" if mangled_zero else "bad"
+    return "unverified"
 
 
 def _counter_row(label: str, data: dict[str, Any]) -> list[str]:
