@@ -46,11 +46,13 @@ class DropReason(enum.Enum):
     BAD_L4_OFFSET = "bad_l4_offset"  # P set, L4 offset too small or past the frame (#7, #8)
     UNKNOWN_CONTEXT = "unknown_context"  # context id no tunnel from this source uses
     ECN_CE_NOT_ECT = "ecn_ce_not_ect"  # outer CE but inner packet not ECN-capable (#37)
+    RX_TAP_ERROR = "rx_tap_error"  # the TAP refused a decapsulated frame or took part of it
     # --- transmit ---
     TX_FRAME_TOO_BIG = "tx_frame_too_big"  # inner frame > 65517 bytes cannot be sent
     TX_BAD_INNER = "tx_bad_inner"  # inner frame malformed (shorter than Ethernet, ...)
     TX_NO_NEIGHBOUR = "tx_no_neighbour"  # next hop MAC unresolved
     TX_NO_ROUTE = "tx_no_route"  # no route to the remote (lost after start-up)
+    TX_UNDERLAY_MTU = "tx_underlay_mtu"  # the route's MTU is below the underlay minimum
     TX_ERROR = "tx_error"  # the sink refused the packet, or its buffer stayed full
 
 

@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sttun.core.decap import Decapsulated, Decapsulator, DscpModel
 from sttun.core.drops import DropCounters, DropReason
 from sttun.core.encap import DEFAULT_TTL, DEFAULT_UNDERLAY_MTU, Encapsulator, Packet
-from sttun.core.outer import parse_outer, tcp_checksum_ok
-from sttun.core.reassembly import Reassembler
+from sttun.core.outer import parse_segment, tcp_checksum_ok
+from sttun.core.reassembly import Completed, Pending, Reassembler
 from sttun.core.vlan import DEFAULT_VLAN_POLICY, VlanPolicy
-from sttun.wire.stt import MIN_FRAME_LEN, STT_PORT, TCP_HEADER, TCP_HEADER_LEN
+from sttun.wire.stt import MIN_FRAME_LEN, STT_PORT, TCP_HEADER_LEN
 from sttun.wire.vnet import VnetHdr
 
 Buffer = bytes | bytearray | memoryview
-_IPV4_FIXED = struct.Struct("!BBHHHBBH4s4s")
-_IPV6_FIXED = struct.Struct("!IHBB16s16s")
 _CONTEXT_ID = struct.Struct("!Q")  # at byte 8 of the STT header
-# IPv4 header without options + TCP-like header, the fields receive() needs:
-# TOS, total length, fragment word, protocol, addresses; dport, SEQ, ACK, data offset.
-_V4_TCP = struct.Struct("!xBH2xHxB2x4s4s2xHIIB7x")
-_V4_TCP_LEN = _V4_TCP.size
+_new_tuple = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +92,20 @@ class Tunnel:
             "vlan_without_v": self.decapsulator.vlan_without_v,
             "ce_marked": self.decapsulator.ce_marked,
         }
+
+
+class Delivered(NamedTuple):
+    """A frame :meth:`Endpoint.receive` delivered: the tunnel it is for, the
+    decapsulated frame, and the caller's receive buffer it was built in (the
+    caller's again once ``frame.inner`` has been used; None if there is none)."""
+
+    tunnel: Tunnel
+    frame: Decapsulated
+    buffer: bytearray | None
+
+
+#: What one :meth:`Endpoint.receive` call did with a packet.
+Received = Delivered | Pending | DropReason
 
 
 class _Peer:
@@ -176,61 +185,46 @@ class Endpoint:
         *,
         csum_ok: bool = False,
         room: tuple[bytearray, int] | None = None,
-    ) -> tuple[Tunnel, Decapsulated] | None:
-        """Feed one outer IP packet (starting at the IP header).
+    ) -> Received:
+        """Feed one outer IP packet (starting at the IP header); say what became of it.
 
         ``csum_ok`` says the kernel or NIC has already validated (or will compute)
         the TCP checksum (``virtio_net_hdr`` DATA_VALID or NEEDS_CSUM); otherwise
-        it is verified here.  Returns the tunnel and decapsulated frame when this
-        packet completes one, else None (and a drop is counted where one applies).
-        The returned inner frame may point into ``packet``: use it before reusing
+        it is verified here.  Returns :class:`Delivered` when this packet completes
+        a frame for a tunnel, :class:`~sttun.core.reassembly.Pending` while its frame
+        has holes, or the :class:`~sttun.core.drops.DropReason` it was dropped for
+        (counted here or in the reassembler).
+
+        The delivered inner frame may point into ``packet``: use it before reusing
         the receive buffer.  ``room = (buffer, offset)``: ``packet`` is
         ``buffer[offset:]`` and the reassembler may keep ``buffer`` to build a frame
-        in place (see :meth:`Reassembler.add`; check ``reassembler.kept``).
+        in place: the result is then :attr:`Pending.KEPT <sttun.core.reassembly.Pending.KEPT>`
+        (receive into another buffer), and :attr:`Delivered.buffer` gives it back.
         """
         self.segments_in += 1
-        # Fast path: IPv4 without options, TCP, not a fragment, length consistent;
-        # one unpack for both headers.  Anything else takes parse_outer (which
-        # classifies the drop reasons).
-        fast = False
-        if len(packet) >= _V4_TCP_LEN and packet[0] == 0x45:
-            tos, total, frag, proto, src, dst, dport, seq, ack, doff = _V4_TCP.unpack_from(packet)
-            fast = proto == 6 and not frag & 0x3FFF and _V4_TCP_LEN <= total <= len(packet)
-        if fast:
-            l4 = 20
-            end = total
-        else:
-            outer = parse_outer(packet)
-            if isinstance(outer, DropReason):
-                self.drops.count(outer, len(packet))
-                return None
-            src, dst, tos, l4, end = outer
-            _sport, dport, seq, ack, doff, _fl, _w, _cs, _u = TCP_HEADER.unpack_from(packet, l4)
+        seg = parse_segment(packet)
+        if isinstance(seg, DropReason):
+            return self._drop(seg, len(packet))
+        src, dst, tos, _sport, dport, seq, ack, doff, l4, end = seg
         if dport not in self.ports:
-            self.drops.count(DropReason.WRONG_PORT, len(packet))
-            return None
+            return self._drop(DropReason.WRONG_PORT, len(packet))
         peer = self._peers.get((src, dst))
         if peer is None:
-            self.drops.count(DropReason.UNKNOWN_SOURCE, len(packet))
-            return None
+            return self._drop(DropReason.UNKNOWN_SOURCE, len(packet))
         if not csum_ok and not tcp_checksum_ok(packet, 0, l4, end):
-            self.drops.count(DropReason.BAD_TCP_CHECKSUM, len(packet))
-            return None
+            return self._drop(DropReason.BAD_TCP_CHECKSUM, len(packet))
         if doff >> 4 != 5:
-            self.drops.count(DropReason.BAD_DATA_OFFSET, len(packet))
-            return None
+            return self._drop(DropReason.BAD_DATA_OFFSET, len(packet))
         mv = packet if type(packet) is memoryview else memoryview(packet)
         peer.segments += 1
-        reasm = self.reassembler
         start = l4 + TCP_HEADER_LEN
-        frame = reasm.add(
+        done = self.reassembler.add(
             src, dst, ack, seq, mv[start:end], now, tos,
             None if room is None else (room[0], room[1] + start),
         )  # fmt: skip
-        if frame is None:
-            return None
-        first_tos = reasm.completed_tos
-        ce = reasm.completed_ce
+        if type(done) is not Completed:
+            return done  # type: ignore[return-value]  # Pending or DropReason
+        frame, first_tos, ce, segments, owner = done
         # The context id picks the tunnel, whose decapsulator (DSCP model, counters)
         # then runs; a frame for no tunnel is still classified (too short, bad
         # version, ...) before it counts as an unknown context.
@@ -240,16 +234,19 @@ class Endpoint:
         dec = target.decapsulator if target is not None else self._classifier
         result = dec.decap(frame, first_tos, ce)
         if isinstance(result, DropReason):
-            self.drops.count(result, len(frame))
-            return None
+            return self._drop(result, len(frame))
         if target is None:
-            self.drops.count(DropReason.UNKNOWN_CONTEXT, len(frame))
-            return None
+            return self._drop(DropReason.UNKNOWN_CONTEXT, len(frame))
         rx = target.rx
         rx.frames += 1
         rx.bytes += len(result.inner)
-        rx.segments += reasm.completed_segments
-        return target, result
+        rx.segments += segments
+        return _new_tuple(Delivered, (target, result, owner))
+
+    def _drop(self, reason: DropReason, nbytes: int) -> DropReason:
+        """Count a receive-side drop of ``nbytes``; return its reason."""
+        self.drops.count(reason, nbytes)
+        return reason
 
     # -- time -----------------------------------------------------------------------
     def next_deadline(self) -> float | None:

@@ -3,6 +3,9 @@
 Shared by the endpoint's receive path and the capture tools, so both count a bad
 outer packet under the same :class:`~sttun.core.drops.DropReason`:
 
+* :func:`parse_segment` — the one classifier of a received outer packet: the
+  checks of :func:`parse_outer`, then the TCP-like header's fields.  IPv4 without
+  options (every STT sender's packets) is decoded with one ``struct`` call.
 * :func:`parse_outer` — IPv4 or IPv6 header checks (version, header and total
   length, protocol TCP, not a fragment, room for the 20-byte TCP-like header).
 * :func:`tcp_checksum_ok` — the outer TCP checksum over pseudo-header and segment.
@@ -30,7 +33,14 @@ from sttun.wire.checksum import little_endian_value
 from sttun.wire.ip import IPPROTO_TCP, IPV4_FRAG_MASK, IPV4_MF, IPV6_HLEN
 from sttun.wire.stt import TCP_CSUM_OFFSET, TCP_HEADER_LEN
 
-__all__ = ["OuterFields", "checksum_is_partial", "parse_outer", "tcp_checksum_ok"]
+__all__ = [
+    "OuterFields",
+    "Segment",
+    "checksum_is_partial",
+    "parse_outer",
+    "parse_segment",
+    "tcp_checksum_ok",
+]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -38,10 +48,46 @@ Buffer = bytes | bytearray | memoryview
 #: offset of the TCP-like header and end of the IP packet (both from the buffer start).
 OuterFields = tuple[bytes, bytes, int, int, int]
 
+#: ``(src, dst, tos, sport, dport, seq, ack, doff, l4, end)``: what
+#: :func:`parse_segment` finds — the :data:`OuterFields` plus the TCP-like header's
+#: ports, SEQ, ACK and data-offset byte (``doff >> 4`` is the header length in words).
+Segment = tuple[bytes, bytes, int, int, int, int, int, int, int, int]
+
 _IPV4_FIXED: Final = struct.Struct("!BBHHHBBH4s4s")
+# IPv4 header without options + TCP-like header, the fields parse_segment returns:
+# TOS, total length, fragment word, protocol, addresses; ports, SEQ, ACK, data offset.
+_V4_TCP: Final = struct.Struct("!xBH2xHxB2x4s4sHHIIB")
+_V4_TCP_LEN: Final = 40
+_TCP_FIELDS: Final = struct.Struct("!HHIIB")
 _IPV6_FIXED: Final = struct.Struct("!IHBB16s16s")
 _U16: Final = struct.Struct("!H")
 _FOLD: Final = 0xFFFF
+
+
+def parse_segment(packet: Buffer, offset: int = 0) -> Segment | DropReason:
+    """Classify one received outer packet whose IP header starts at ``offset``.
+
+    Returns :data:`Segment` or the :class:`~sttun.core.drops.DropReason` of
+    :func:`parse_outer`.  Neither ports nor checksum nor data offset are judged
+    here: the caller decides what its ports are and whether the checksum was
+    already verified.
+    """
+    if len(packet) - offset >= _V4_TCP_LEN and packet[offset] == 0x45:
+        tos, total, frag, proto, src, dst, sport, dport, seq, ack, doff = _V4_TCP.unpack_from(
+            packet, offset
+        )
+        if (
+            proto == IPPROTO_TCP
+            and not frag & 0x3FFF
+            and _V4_TCP_LEN <= total <= len(packet) - offset
+        ):
+            return src, dst, tos, sport, dport, seq, ack, doff, offset + 20, offset + total
+    outer = parse_outer(packet, offset)
+    if isinstance(outer, DropReason):
+        return outer
+    src, dst, tos, l4, end = outer
+    sport, dport, seq, ack, doff = _TCP_FIELDS.unpack_from(packet, l4)
+    return src, dst, tos, sport, dport, seq, ack, doff, l4, end
 
 
 def parse_outer(packet: Buffer, offset: int = 0) -> OuterFields | DropReason:

@@ -34,9 +34,11 @@ Rules (protocol.md §3.2-3.3 and its recommendations, design.md §2):
 
 from __future__ import annotations
 
+import enum
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Hashable
+from typing import NamedTuple
 
 from sttun.core.drops import DropCounters, DropReason
 from sttun.errors import ConfigError
@@ -49,6 +51,9 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "ENTRY_OVERHEAD",
     "RECENT_PER_FRAME",
+    "AddResult",
+    "Completed",
+    "Pending",
     "Reassembler",
 ]
 
@@ -87,6 +92,44 @@ _EVICTIONS = frozenset(
 )
 
 
+class Completed(NamedTuple):
+    """A frame :meth:`Reassembler.add` finished.
+
+    ``frame``: the STT frame, exactly ``L`` bytes.  ``tos``: the outer TOS /
+    traffic class byte of its offset-0 segment.  ``ce``: any accepted segment
+    carried ECN CE.  ``segments``: how many segments made it up.  ``buffer``: the
+    caller's receive buffer the frame was built in (see ``room`` in
+    :meth:`Reassembler.add`) — the caller's again once it is done with ``frame`` —
+    or None when the frame is in the reassembler's own memory or is the payload
+    that was passed in.
+    """
+
+    frame: bytes | memoryview
+    tos: int
+    ce: bool
+    segments: int
+    buffer: bytearray | None
+
+
+class Pending(enum.Enum):
+    """:meth:`Reassembler.add` stored the segment; its frame is not complete yet."""
+
+    #: Copied into the reassembler's memory: the caller's buffer is free.
+    STORED = "stored"
+    #: Stored in place in the caller's receive buffer (``room``), which the
+    #: reassembler now holds: the caller must receive into another one.  The buffer
+    #: comes back as :attr:`Completed.buffer` when the frame completes.
+    KEPT = "kept"
+
+
+#: What one :meth:`Reassembler.add` call did with a segment.
+AddResult = Completed | Pending | DropReason
+
+_STORED = Pending.STORED
+_KEPT = Pending.KEPT
+_new_tuple = tuple.__new__
+
+
 class _Frame:
     """One partial STT frame.  Internal: one object per frame, none per segment."""
 
@@ -98,6 +141,7 @@ class _Frame:
         "deadline",
         "ivs",
         "length",
+        "owner",
         "segs",
         "src",
         "tos",
@@ -112,6 +156,7 @@ class _Frame:
         tos: int,
         ce: bool,
         buf: memoryview | None = None,
+        owner: bytearray | None = None,
     ) -> None:
         self.src = src
         self.length = length
@@ -120,6 +165,8 @@ class _Frame:
         # The frame's bytes: a fresh buffer, or the caller's receive buffer kept in
         # place (see Reassembler.add, ``room``).
         self.buf: bytearray | memoryview = bytearray(length) if buf is None else buf
+        # The caller's receive buffer ``buf`` lives in, if any.
+        self.owner = owner
         # Covered byte ranges as a flat sorted list [s0, e0, s1, e1, ...] of half-open
         # intervals, merged so that e_k < s_(k+1) (never touching).
         self.ivs: list[int] = []
@@ -177,14 +224,6 @@ class Reassembler:
         self.max_frames = max_frames
         #: Drop tallies (segments and frames this reassembler refused).
         self.drops: DropCounters = drops if drops is not None else DropCounters()
-        #: Outer TOS byte of the offset-0 segment of the frame last returned by add().
-        self.completed_tos: int = 0
-        #: True if any accepted segment of the frame last returned had ECN CE.
-        self.completed_ce: bool = False
-        #: Segments that made up the frame last returned by add().
-        self.completed_segments: int = 0
-        #: Set when add() kept the caller's buffer (``room``); the caller resets it.
-        self.kept: bool = False
         #: Bytes charged for partial frames right now (buffers + ENTRY_OVERHEAD each).
         self.bytes_held: int = 0
         #: Highest ``bytes_held`` seen.
@@ -220,22 +259,24 @@ class Reassembler:
         now: float,
         tos: int = 0,
         room: tuple[bytearray, int] | None = None,
-    ) -> bytes | memoryview | None:
-        """Take one segment payload; return the completed STT frame, or None.
+    ) -> AddResult:
+        """Take one segment payload; say what became of it.
 
         ``src``/``dst`` are the outer addresses (any hashable), ``ack`` the frame id,
         ``seq`` the raw 32-bit TCP SEQ (``L = seq >> 16``, offset ``seq & 0xFFFF``),
         ``payload`` the bytes after the 20-byte TCP-like header, ``now`` the current
         time in seconds and ``tos`` the outer IPv4 TOS / IPv6 traffic class byte.
 
-        The returned frame is exactly ``L`` bytes.  After a frame is returned,
-        :attr:`completed_tos` and :attr:`completed_ce` describe it.
+        Returns a :class:`Completed` when this segment finishes a frame, a
+        :class:`Pending` when it was stored and the frame still has holes, or the
+        :class:`~sttun.core.drops.DropReason` it (or the partial frame it belonged
+        to) was dropped for — also counted in :attr:`drops`.
 
         **Buffer ownership:** a frame that arrives whole in one segment (offset 0 and
         ``len(payload) == L``, the usual case with GRO) is returned *without a copy*:
         it is ``payload`` itself (a ``memoryview`` of it if it was a bytearray).  The
         caller must finish with it before reusing its receive buffer.  A frame built
-        from several segments is a ``memoryview`` of a fresh buffer the caller owns.
+        from several segments is a ``memoryview`` of a buffer the caller may keep.
 
         ``room = (buffer, offset)`` says ``payload`` is ``buffer[offset:offset +
         len(payload)]`` of a receive buffer the caller is willing to give up.  When
@@ -243,10 +284,10 @@ class Reassembler:
         the whole frame after ``offset``, the frame is assembled in place there
         instead of the piece being copied (for GRO, which delivers a 64 KB frame as
         one big piece and a short tail, usually the tail first): a new frame starts
-        in ``buffer``, and a frame that so far holds only bytes after the piece moves
-        them into ``buffer``.  :attr:`kept` then becomes True, and the caller must
-        leave ``buffer`` alone (receive into another one) and reset :attr:`kept`.
-        The completed frame is a view of ``buffer``.
+        in ``buffer`` (the result is :attr:`Pending.KEPT`: receive into another
+        buffer), and a frame that so far holds only bytes after the piece moves them
+        into ``buffer``.  The completed frame is then a view of ``buffer``, and
+        :attr:`Completed.buffer` hands ``buffer`` back.
         """
         self.segments_in += 1
         clock = self._clock
@@ -259,17 +300,14 @@ class Reassembler:
             payload = _as_bytes_view(payload)
             n = len(payload)
         if n == 0:
-            self.drops.count(DropReason.EMPTY_SEGMENT, 0)
-            return None
+            return self._refuse(DropReason.EMPTY_SEGMENT, 0)
         length = (seq >> 16) & 0xFFFF
         off = seq & 0xFFFF
         if length == 0:
-            self.drops.count(DropReason.ZERO_LENGTH_FRAME, n)
-            return None
+            return self._refuse(DropReason.ZERO_LENGTH_FRAME, n)
         end = off + n
         if end > length:
-            self.drops.count(DropReason.SEGMENT_PAST_END, n)
-            return None
+            return self._refuse(DropReason.SEGMENT_PAST_END, n)
         if n == length:
             # Whole frame in one segment (off is 0): no partial-frame table, no copy
             # (OVS does the same, protocol.md §3.3 step 4).  The key is remembered
@@ -278,16 +316,12 @@ class Reassembler:
             recent = self._recent
             seen = recent.get(key)
             if seen is not None and seen[0] > clock and seen[1] in (length, -1):
-                self.drops.count(DropReason.LATE_SEGMENT, n)
-                return None
+                return self._refuse(DropReason.LATE_SEGMENT, n)
             self._remember(key, length)
             self.frames_completed += 1
-            self.completed_tos = tos & 0xFF
-            self.completed_ce = tos & 3 == 3
-            self.completed_segments = 1
             if isinstance(payload, bytearray):
-                return memoryview(payload)
-            return payload
+                payload = memoryview(payload)
+            return _new_tuple(Completed, (payload, tos & 0xFF, tos & 3 == 3, 1, None))
 
         key = (src, dst, ack)
         fr = self._frames.get(key)
@@ -297,11 +331,11 @@ class Reassembler:
             self.timeouts += 1
             fr = None
         if fr is None:
-            self._start(key, src, length, off, end, payload, tos, room)
-            return None
+            return self._start(key, src, length, off, end, payload, tos, room)
         if fr.length != length:
             self._drop(key, DropReason.LENGTH_MISMATCH, extra=n, any_length=True)
-            return None
+            return DropReason.LENGTH_MISMATCH
+        stored = _STORED
 
         ivs = fr.ivs
         if (
@@ -327,7 +361,8 @@ class Reassembler:
                 ivs[0:0] = (0, end)
             fr.covered += n
             fr.tos = tos & 0xFF
-            self.kept = True
+            fr.owner = owner
+            stored = _KEPT
         elif off == ivs[-1]:
             # In order: starts exactly where the highest covered range ends.
             fr.buf[off:end] = payload
@@ -366,10 +401,9 @@ class Reassembler:
                         overlap += hi - lo
                         if buf[lo:hi] != payload[lo - off : hi - off]:
                             self._drop(key, DropReason.OVERLAP_CONFLICT, extra=n, any_length=True)
-                            return None
+                            return DropReason.OVERLAP_CONFLICT
                 if overlap == n:
-                    self.drops.count(DropReason.DUPLICATE_SEGMENT, n)
-                    return None
+                    return self._refuse(DropReason.DUPLICATE_SEGMENT, n)
                 # The overlapping bytes are identical, so writing the whole segment
                 # only fills the holes.
                 buf[off:end] = payload
@@ -383,17 +417,14 @@ class Reassembler:
         if tos & 3 == 3:
             fr.ce = True
         if fr.covered < length:
-            return None
+            return stored
 
         # Complete.
         del self._frames[key]
         self._release(key, fr)
         self._remember(key, length)
         self.frames_completed += 1
-        self.completed_tos = fr.tos
-        self.completed_ce = fr.ce
-        self.completed_segments = fr.segs
-        return memoryview(fr.buf)
+        return _new_tuple(Completed, (memoryview(fr.buf), fr.tos, fr.ce, fr.segs, fr.owner))
 
     # ------------------------------------------------------------------ timers
 
@@ -456,7 +487,7 @@ class Reassembler:
         payload: bytes | bytearray | memoryview,
         tos: int,
         room: tuple[bytearray, int] | None = None,
-    ) -> None:
+    ) -> Pending | DropReason:
         """First segment of a (so far) unknown frame: check limits, then allocate
         (or keep the caller's buffer, see ``room`` in :meth:`add`)."""
         n = end - off
@@ -464,21 +495,21 @@ class Reassembler:
         if recent is not None:
             expiry, rlen = recent
             if expiry > self._clock and (rlen < 0 or rlen == length):
-                self.drops.count(DropReason.LATE_SEGMENT, n)
-                return
+                return self._refuse(DropReason.LATE_SEGMENT, n)
             # Expired, or a different L: a new frame that reuses the id.
             del self._recent[key]
         self._expire()
         charge = length + ENTRY_OVERHEAD
-        if not self._make_room(src, charge, n):
-            return
-        kept = None
-        if room is not None and off == 0:
+        refused = self._make_room(src, charge, n)
+        if refused is not None:
+            return refused
+        kept = owner = None
+        if room is not None and off == 0 and len(room[0]) - room[1] >= length:
             owner, base = room
-            if len(owner) - base >= length:
-                kept = memoryview(owner)[base : base + length]  # payload is already there
-                self.kept = True
-        fr = _Frame(src, length, charge, self._clock + self.timeout, tos & 0xFF, tos & 3 == 3, kept)
+            kept = memoryview(owner)[base : base + length]  # payload is already there
+        fr = _Frame(
+            src, length, charge, self._clock + self.timeout, tos & 0xFF, tos & 3 == 3, kept, owner
+        )
         if kept is None:
             fr.buf[off:end] = payload
         fr.ivs.extend((off, end))
@@ -493,15 +524,19 @@ class Reassembler:
         self.bytes_held += charge
         if self.bytes_held > self.peak_bytes:
             self.peak_bytes = self.bytes_held
+        return _STORED if kept is None else _KEPT
 
-    def _make_room(self, src: Hashable, charge: int, n: int) -> bool:
-        """Evict so a new frame costing ``charge`` fits; False (counted) if it never can."""
+    def _refuse(self, reason: DropReason, nbytes: int) -> DropReason:
+        """Count one refused segment of ``nbytes`` payload bytes; return ``reason``."""
+        self.drops.count(reason, nbytes)
+        return reason
+
+    def _make_room(self, src: Hashable, charge: int, n: int) -> DropReason | None:
+        """Evict so a new frame costing ``charge`` fits; the (counted) reason if it never can."""
         if charge > self.source_budget:
-            self.drops.count(DropReason.SOURCE_BUDGET, n)
-            return False
+            return self._refuse(DropReason.SOURCE_BUDGET, n)
         if charge > self.high_water:
-            self.drops.count(DropReason.MEMORY_EVICTED, n)
-            return False
+            return self._refuse(DropReason.MEMORY_EVICTED, n)
         used = self._src_bytes.get(src, 0)
         if used + charge > self.source_budget:
             sf = self._src_frames[src]
@@ -513,7 +548,7 @@ class Reassembler:
         if self.bytes_held + charge > self.high_water:
             while frames and self.bytes_held + charge > self.low_water:
                 self._drop(next(iter(frames)), DropReason.MEMORY_EVICTED)
-        return True
+        return None
 
     def _expire(self) -> int:
         """Drop partial frames whose deadline has passed (they sit at the front)."""

@@ -14,17 +14,17 @@ configuration:
   reassembly, decapsulation) and write each complete inner frame, with its
   offload state as a ``virtio_net_hdr``, to the tunnel's TAP.
 
-Around it: the nftables rules that keep the host stack from answering STT
-segments with RSTs, the control socket (``sttun show``), the Prometheus
-metrics, and signal handling (SIGTERM/SIGINT stop, SIGHUP reloads).
+The per-frame work lives in :mod:`sttun.daemon.datapath`; this module sets up
+and tears down the devices and runs the loop.  Around it: the nftables rules
+that keep the host stack from answering STT segments with RSTs, the control
+socket (``sttun show``), the Prometheus metrics, and signal handling
+(SIGTERM/SIGINT stop, SIGHUP reloads).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-import errno
 import functools
 import logging
 import os
@@ -33,35 +33,25 @@ import signal
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sttun.core.decap import DscpModel
 from sttun.core.drops import DropReason
+from sttun.core.encap import DEFAULT_UNDERLAY_MTU, MIN_UNDERLAY_MTU
 from sttun.core.endpoint import Endpoint, Tunnel, TunnelSpec
 from sttun.core.reassembly import DEFAULT_SOURCE_BUDGET, Reassembler
 from sttun.daemon.config import DaemonConfig, TunnelConfig, diff_configs, reload_config
+from sttun.daemon.datapath import Datapath, TunnelRuntime, Underlay
 from sttun.daemon.logsetup import setup_logging, tunnel_logger
 from sttun.errors import ConfigError, SetupError, SttError
 from sttun.io import netlink
 from sttun.io.firewall import Firewall
-from sttun.io.packet_socket import RECV_SIZE, PacketSocket
-from sttun.io.tap import TAP_READ_SIZE, TapDevice
-from sttun.wire.vnet import VNET_HDR, VNET_HDR_LEN, VNET_NONE, VnetFlag, VnetHdr
+from sttun.io.packet_socket import PacketSocket
+from sttun.io.tap import TapDevice
+from sttun.wire.ip import ETH_P_IP, ETH_P_IPV6
 
 log = logging.getLogger("sttun.daemon")
 
-ETH_HLEN = 14
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-#: Frames handled per readiness event before other descriptors get a turn.
-BATCH = 64
-#: Frames held per tunnel while its next hop is being resolved (Linux keeps a few
-#: too: neighbour ``unres_qlen``); more are dropped as ``tx_no_neighbour``.
-PENDING_MAX = 64
-#: How long a send waits for room in a full socket buffer before the packet counts
-#: as dropped (``tx_error``).
-SEND_WAIT = 0.01
 #: How often the loop refreshes the published statistics and retries neighbours.
 HOUSEKEEPING_INTERVAL = 1.0
 #: The largest TSO frame the overlay stack may hand to a TAP: keeps every inner
@@ -69,47 +59,6 @@ HOUSEKEEPING_INTERVAL = 1.0
 #: fast path never has to re-segment in Python.
 TAP_GSO_MAX_SIZE = 65000
 _ETH = struct.Struct("!6s6sH")
-_IP_ETHERTYPES = (ETH_P_IP, ETH_P_IPV6)
-#: vnet flags saying the kernel checked (DATA_VALID) or will compute (NEEDS_CSUM) the sum.
-_CSUM_TRUSTED = int(VnetFlag.NEEDS_CSUM | VnetFlag.DATA_VALID)
-#: Where the outer IP header starts in a receive buffer (after vnet + Ethernet).
-_IP_OFFSET = VNET_HDR_LEN + ETH_HLEN
-#: Receive buffers kept for reuse after frames were built in them (a few suffice:
-#: GRO'd frames complete one after another).
-RX_SPARES = 4
-
-
-@dataclass
-class Underlay:
-    """One underlay interface: its AF_PACKET socket and the tunnels using it."""
-
-    ifname: str
-    ifindex: int
-    mac: bytes
-    sock: PacketSocket
-    tunnels: list[TunnelRuntime] = field(default_factory=list)
-
-
-@dataclass
-class TunnelRuntime:
-    """A configured tunnel with its kernel objects."""
-
-    config: TunnelConfig
-    tunnel: Tunnel
-    tap: TapDevice
-    underlay: Underlay | None = None
-    nexthop: str = ""
-    state: str = "down"
-    log: logging.LoggerAdapter[logging.Logger] | None = None
-    #: The last route lookup for the remote failed (frames count as tx_no_route).
-    no_route: bool = False
-    #: Frames (vnet header + frame, copied) read while the next hop was unresolved.
-    pending: collections.deque[bytes] = field(default_factory=collections.deque)
-
-    @property
-    def offload(self) -> bool:
-        """Whether this tunnel uses kernel GSO (else Python segments and checksums)."""
-        return self.config.offload
 
 
 def _spec(cfg: TunnelConfig) -> TunnelSpec:
@@ -149,8 +98,7 @@ class Daemon:
         self.started = time.time()
         self.tunnels: dict[str, TunnelRuntime] = {}
         self.underlays: dict[str, Underlay] = {}
-        self.by_tap_fd: dict[int, TunnelRuntime] = {}
-        self.by_sock_fd: dict[int, Underlay] = {}
+        self.datapath = Datapath(self.core, self._runtime_of, log=log)
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[], None]] = {}
         self.firewall: Firewall | None = None
@@ -160,13 +108,6 @@ class Daemon:
         self.snapshot: Any = None
         self.stopping = False
         self.reload_requested = False
-        self._tap_buf = bytearray(TAP_READ_SIZE)
-        self._tap_mv = memoryview(self._tap_buf)
-        self._rx_buf = bytearray(RECV_SIZE)
-        self._rx_mv = memoryview(self._rx_buf)
-        # Receive buffers the reassembler built frames in (kept in place, see
-        # Reassembler.add ``room``), back from the TAP write, for the next swap.
-        self._rx_spare: list[bytearray] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # ------------------------------------------------------------------ set-up
@@ -225,19 +166,20 @@ class Daemon:
             sock = PacketSocket(route.ifname, self._ports(), vnet_hdr=True)
             underlay = Underlay(route.ifname, ifindex, bytes.fromhex(mac.replace(":", "")), sock)
             self.underlays[route.ifname] = underlay
-            self.by_sock_fd[sock.fileno()] = underlay
-            self._register(sock.fileno(), functools.partial(self._on_underlay, underlay))
+            self._register(sock.fileno(), functools.partial(self.datapath.on_underlay, underlay))
             log.info("underlay %s: AF_PACKET socket open", route.ifname)
         return underlay, route
 
     def _add_tunnel(self, cfg: TunnelConfig, tap: TapDevice | None = None) -> None:
         tlog = tunnel_logger("sttun.tunnel", cfg.name, cfg.in_key)
         underlay, route = self._underlay_for(cfg)
-        if cfg.underlay_mtu is None:
-            mtu = route.mtu or 1500
-        else:
-            mtu = cfg.underlay_mtu
-        tunnel = self.core.add_tunnel(dataclasses.replace(_spec(cfg), underlay_mtu=mtu))
+        mtu = cfg.underlay_mtu if cfg.underlay_mtu is not None else route.mtu
+        usable = mtu is None or mtu >= MIN_UNDERLAY_MTU
+        tunnel = self.core.add_tunnel(
+            dataclasses.replace(
+                _spec(cfg), underlay_mtu=mtu if mtu and usable else DEFAULT_UNDERLAY_MTU
+            )
+        )
         try:
             if tap is None:
                 tap = TapDevice(
@@ -261,10 +203,12 @@ class Daemon:
         rt.nexthop = route.gateway or str(cfg.remote_ip)
         underlay.tunnels.append(rt)
         self.tunnels[cfg.name] = rt
-        self.by_tap_fd[tap.fileno()] = rt
-        self._register(tap.fileno(), functools.partial(self._on_tap, rt))
-        self._refresh_l2(rt)
-        rt.state = "up"
+        self._register(tap.fileno(), functools.partial(self.datapath.on_tap, rt))
+        if not usable:
+            self._block_small_mtu(rt, mtu or 0)
+        else:
+            self._refresh_l2(rt)
+            rt.state = "up"
         tlog.info(
             "tunnel up: dev %s, %s -> %s via %s, key %s, underlay MTU %d, offload %s",
             cfg.dev,
@@ -272,23 +216,22 @@ class Daemon:
             cfg.remote_ip,
             underlay.ifname,
             _keys(cfg),
-            mtu,
+            tunnel.encapsulator.underlay_mtu,
             "on" if cfg.offload else "off",
         )
 
     def _remove_tunnel(self, name: str, keep_tap: bool = False) -> TapDevice:
         rt = self.tunnels.pop(name)
-        fd = rt.tap.fileno()
-        self._unregister(fd)
-        self.by_tap_fd.pop(fd, None)
+        self._unregister(rt.tap.fileno())
         if rt.underlay is not None:
             rt.underlay.tunnels.remove(rt)
         self.core.remove_tunnel(name)
+        tap = _device(rt)
         if not keep_tap:
-            rt.tap.close(remove=not rt.config.persist)
+            tap.close(remove=not rt.config.persist)
         if rt.log:
             rt.log.info("tunnel removed" if not keep_tap else "tunnel stopped for a change")
-        return rt.tap
+        return tap
 
     def _refresh_l2(self, rt: TunnelRuntime) -> None:
         """Look up the next hop's MAC; without one, start resolution."""
@@ -307,9 +250,7 @@ class Daemon:
             if not encap.l2 and rt.log:
                 rt.log.info("next hop %s resolved (%s)", rt.nexthop, mac)
             encap.l2 = l2
-        while rt.pending:
-            held = rt.pending.popleft()
-            self._transmit(rt, u, memoryview(held)[VNET_HDR_LEN:], *VNET_HDR.unpack_from(held))
+        self.datapath.flush_pending(rt)
 
     def _start_control(self) -> None:
         from sttun.daemon.control import ControlServer
@@ -389,140 +330,10 @@ class Daemon:
                 self.reload_requested = False
                 self.reload()
 
-    def _on_tap(self, rt: TunnelRuntime) -> None:
-        tap = rt.tap
-        u = rt.underlay
-        buf = self._tap_buf
-        if u is None or not rt.tunnel.encapsulator.l2:
-            # No route: drop.  No next-hop MAC yet: hold a few frames, count the
-            # rest, keep resolving.
-            drops = rt.tunnel.encapsulator.drops
-            for _ in range(BATCH):
-                n = tap.read_into(buf)
-                if not n:
-                    break
-                if rt.no_route:
-                    drops.count(DropReason.TX_NO_ROUTE, n - VNET_HDR_LEN)
-                elif len(rt.pending) < PENDING_MAX:
-                    rt.pending.append(bytes(buf[:n]))
-                else:
-                    drops.count(DropReason.TX_NO_NEIGHBOUR, n - VNET_HDR_LEN)
-            if not rt.no_route:
-                self._refresh_l2(rt)
-            return
-        mv = self._tap_mv
-        unpack = VNET_HDR.unpack_from
-        transmit = self._transmit
-        for _ in range(BATCH):
-            n = tap.read_into(buf)
-            if not n:
-                return
-            if n > VNET_HDR_LEN:
-                transmit(rt, u, mv[VNET_HDR_LEN:n], *unpack(buf))
-
-    def _transmit(
-        self,
-        rt: TunnelRuntime,
-        u: Underlay,
-        frame: memoryview,
-        flags: int,
-        gso_type: int,
-        hdr_len: int,
-        gso_size: int,
-        cstart: int,
-        coff: int,
-    ) -> None:
-        """Encapsulate one frame read from the TAP and send it on the underlay."""
-        encap = rt.tunnel.encapsulator
-        send = u.sock.send
-        try:
-            if rt.config.offload:
-                packet = encap.encap_gso(frame, flags, gso_type, gso_size, cstart, coff)
-                if packet is not None:
-                    if not send(packet):
-                        self._send_when_writable(rt, u, packet)
-                    return
-            vnet = (
-                VnetHdr(flags, gso_type, hdr_len, gso_size, cstart, coff)
-                if flags or gso_type
-                else None
-            )
-            if rt.config.offload:
-                packets = encap.encap(frame, vnet, gso=True)
-            else:
-                packets = [[VNET_NONE, *parts] for parts in encap.encap(frame, vnet, gso=False)]
-            for parts in packets:
-                if not send(parts):
-                    self._send_when_writable(rt, u, parts)
-        except OSError as exc:
-            encap.drops.count(DropReason.TX_ERROR, len(frame))
-            if exc.errno in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
-                rt.state = "down"
-            if rt.log:
-                rt.log.debug("send failed: %s", exc)
-
-    def _send_when_writable(self, rt: TunnelRuntime, u: Underlay, parts: list[Any]) -> None:
-        """The socket's send buffer is full: wait a little for room (back-pressure, as a
-        blocking send would), then send; count the packet as dropped if it stays full."""
-        _r, writable, _x = select.select([], [u.sock], [], SEND_WAIT)
-        if not writable or not u.sock.send(parts):
-            rt.tunnel.encapsulator.drops.count(
-                DropReason.TX_ERROR, sum(len(p) for p in parts) - VNET_HDR_LEN
-            )
-
-    def _on_underlay(self, u: Underlay) -> None:
-        recv = u.sock.recv_into
-        buf = self._rx_buf
-        mv = self._rx_mv
-        receive = self.core.receive
-        reasm = self.core.reassembler
-        for _ in range(BATCH):
-            try:
-                n = recv(buf)
-            except OSError as exc:
-                # e.g. ENETDOWN: the kernel reports a link going down once on the
-                # bound socket; the socket keeps working when the link comes back.
-                log.warning("underlay %s: receive failed: %s", u.ifname, exc)
-                for down in u.tunnels:
-                    down.state = "down"
-                return
-            if not n:
-                return
-            if n < VNET_HDR_LEN + ETH_HLEN:
-                continue
-            etype = (buf[22] << 8) | buf[23]
-            if etype not in _IP_ETHERTYPES:
-                continue  # the BPF filter lets only IP through; a VLAN'd frame, skip
-            csum_ok = bool(buf[0] & _CSUM_TRUSTED)
-            result = receive(
-                mv[_IP_OFFSET:n], time.monotonic(), csum_ok=csum_ok, room=(buf, _IP_OFFSET)
-            )
-            if reasm.kept:
-                # The reassembler builds a frame in this buffer: receive into another.
-                reasm.kept = False
-                spare = self._rx_spare
-                buf = self._rx_buf = spare.pop() if spare else bytearray(RECV_SIZE)
-                mv = self._rx_mv = memoryview(buf)
-            if result is None:
-                continue
-            tunnel, dec = result
-            rt = self.tunnels.get(tunnel.spec.name)
-            if rt is None:
-                continue
-            try:
-                rt.tap.write(dec.vnet.pack(), dec.inner)
-            except OSError as exc:
-                tunnel.drops.count(DropReason.TX_ERROR, len(dec.inner))
-                if rt.log:
-                    rt.log.debug("TAP write failed: %s", exc)
-            owner = dec.inner.obj if type(dec.inner) is memoryview else None
-            if (
-                owner is not buf
-                and type(owner) is bytearray
-                and len(owner) == RECV_SIZE
-                and len(self._rx_spare) < RX_SPARES
-            ):
-                self._rx_spare.append(owner)  # a frame built in place is written: reuse
+    def _runtime_of(self, tunnel: Tunnel) -> TunnelRuntime | None:
+        """The runtime of a core tunnel, if it is still the configured one."""
+        rt = self.tunnels.get(tunnel.spec.name)
+        return rt if rt is not None and rt.tunnel is tunnel else None
 
     def _on_netlink(self) -> None:
         try:
@@ -545,15 +356,16 @@ class Daemon:
         try:
             route = netlink.route_lookup(str(rt.config.remote_ip))
         except (SttError, OSError) as exc:
-            if not rt.no_route and rt.log:
+            if rt.blocked is not DropReason.TX_NO_ROUTE and rt.log:
                 rt.log.warning("no route to the remote any more: %s", exc)
-            rt.no_route = True
+            rt.blocked = DropReason.TX_NO_ROUTE
             rt.state = "down"
             encap.l2 = b""
             return
-        if rt.no_route and rt.log:
-            rt.log.info("route to the remote is back via %s", route.ifname)
-        rt.no_route = False
+        if rt.blocked is DropReason.TX_NO_ROUTE:
+            if rt.log:
+                rt.log.info("route to the remote is back via %s", route.ifname)
+            rt.blocked = None
         if rt.underlay is not None and route.ifname != rt.underlay.ifname:
             # the route moved to another interface: re-home the tunnel
             rt.underlay.tunnels.remove(rt)
@@ -567,13 +379,34 @@ class Daemon:
             rt.underlay.tunnels.append(rt)
         rt.nexthop = route.gateway or str(rt.config.remote_ip)
         if rt.config.underlay_mtu is None and route.mtu:
+            if route.mtu < MIN_UNDERLAY_MTU:
+                self._block_small_mtu(rt, route.mtu)
+                return
+            if rt.blocked is DropReason.TX_UNDERLAY_MTU:
+                if rt.log:
+                    rt.log.info("underlay MTU %d is usable again: tunnel up", route.mtu)
+                rt.blocked = None
             encap.underlay_mtu = route.mtu
         self._refresh_l2(rt)
         rt.state = "up" if encap.l2 else "down"
 
+    def _block_small_mtu(self, rt: TunnelRuntime, mtu: int) -> None:
+        """The route's MTU is too small for STT: the tunnel is down (its frames are
+        counted as ``tx_underlay_mtu``) until a route change makes it usable."""
+        if rt.blocked is not DropReason.TX_UNDERLAY_MTU and rt.log:
+            rt.log.warning(
+                "underlay MTU %d of the route to %s is below %d: tunnel down until it grows",
+                mtu,
+                rt.config.remote_ip,
+                MIN_UNDERLAY_MTU,
+            )
+        rt.blocked = DropReason.TX_UNDERLAY_MTU
+        rt.state = "down"
+        rt.pending.clear()
+
     def _housekeeping(self) -> None:
         for rt in self.tunnels.values():
-            if not rt.tunnel.encapsulator.l2:
+            if not rt.tunnel.encapsulator.l2 or rt.blocked is not None:
                 self._refresh_route(rt)
         if self.snapshot is not None:
             self.snapshot.publish(self.show_data())
@@ -614,7 +447,7 @@ class Daemon:
                     reused.close(remove=not cfg.persist)
         for u in self.underlays.values():
             with contextlib.suppress(SttError, OSError):
-                u.sock.set_ports(self._ports())
+                _socket(u).set_ports(self._ports())
         log.info(
             "configuration reloaded: %d added, %d removed, %d changed",
             len(added),
@@ -689,7 +522,7 @@ class Daemon:
                 self._remove_tunnel(name)
         for u in self.underlays.values():
             with contextlib.suppress(Exception):
-                u.sock.close()
+                _socket(u).close()
         self.underlays.clear()
         if self.firewall is not None:
             try:
@@ -710,6 +543,16 @@ class Daemon:
             with contextlib.suppress(Exception):
                 self.watcher.close()
             self.watcher = None
+
+
+def _device(rt: TunnelRuntime) -> TapDevice:
+    """The TAP of a tunnel the daemon made (the data path sees it as a TapPort)."""
+    return cast(TapDevice, rt.tap)
+
+
+def _socket(u: Underlay) -> PacketSocket:
+    """The socket of an underlay the daemon opened (the data path sees an UnderlayPort)."""
+    return cast(PacketSocket, u.sock)
 
 
 def _keys(cfg: TunnelConfig) -> str:

@@ -39,6 +39,7 @@ design.md's 9-12 µs is the TSO-on case.  ``test_gso_send_cost`` in
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Iterable, Sequence
 
@@ -177,6 +178,11 @@ class PacketSocket:
             return self._sendmsg(parts)
         except BlockingIOError:
             return 0
+
+    def wait_writable(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for room in the send buffer; True if there is."""
+        _r, writable, _x = select.select([], [self._sock], [], timeout)
+        return bool(writable)
 
     def close(self) -> None:
         """Close the socket (idempotent)."""

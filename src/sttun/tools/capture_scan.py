@@ -34,14 +34,13 @@ from typing import Final
 
 from sttun.core.drops import DropCounters, DropReason
 from sttun.core.outer import checksum_is_partial, parse_outer, tcp_checksum_ok
-from sttun.core.reassembly import Reassembler
+from sttun.core.reassembly import AddResult, Completed, Reassembler
 from sttun.errors import CaptureError
 from sttun.io.pcap import LINKTYPE_ETHERNET, CaptureReader, l3_offset
 from sttun.wire.stt import STT_PORT, TCP_HEADER, TCP_HEADER_LEN
 
 __all__ = [
     "OFFLOAD_MIN_LEN",
-    "SEGMENT_REASONS",
     "FrameSink",
     "ScanResult",
     "SegmentSink",
@@ -62,19 +61,6 @@ OFFLINE_HIGH_WATER: Final = 256 * 1024 * 1024
 OFFLINE_LOW_WATER: Final = 192 * 1024 * 1024
 OFFLINE_SOURCE_BUDGET: Final = 128 * 1024 * 1024
 OFFLINE_MAX_FRAMES: Final = 16384
-
-#: Drop reasons the reassembler gives to one segment (not to a whole frame).
-SEGMENT_REASONS: Final = (
-    DropReason.EMPTY_SEGMENT,
-    DropReason.SEGMENT_PAST_END,
-    DropReason.ZERO_LENGTH_FRAME,
-    DropReason.DUPLICATE_SEGMENT,
-    DropReason.OVERLAP_CONFLICT,
-    DropReason.LENGTH_MISMATCH,
-    DropReason.LATE_SEGMENT,
-    DropReason.MEMORY_EVICTED,
-    DropReason.SOURCE_BUDGET,
-)
 
 #: ``on_frame(ts_ns, src, dst, frame)``: a complete STT frame (header + inner frame),
 #: with the timestamp of the segment that completed it and the packed outer addresses.
@@ -191,7 +177,6 @@ def _loop(
     add = reasm.add
     count = drops.count
     from_bytes = int.from_bytes
-    seg_counts = drops.packets
     eth = LINKTYPE_ETHERNET
     bad_csum = DropReason.BAD_TCP_CHECKSUM
     bad_doff = DropReason.BAD_DATA_OFFSET
@@ -205,7 +190,7 @@ def _loop(
 
     def feed(
         ts: int, src: bytes, dst: bytes, ack: int, seq: int, payload: Buffer, tos: int
-    ) -> None:
+    ) -> AddResult:
         """One segment (or coalesced run) into the reassembler, at capture time ``ts``."""
         nonlocal check_at
         now = ts * 1e-9
@@ -213,10 +198,11 @@ def _loop(
             reasm.handle_timeout(now)
             deadline = reasm.next_deadline()
             check_at = deadline if deadline is not None else now + reasm.timeout
-        frame = add(src, dst, ack, seq, payload, now, tos)
-        if frame is not None:
+        done = add(src, dst, ack, seq, payload, now, tos)
+        if type(done) is Completed:
             frame_count[0] += 1
-            on_frame(ts, src, dst, frame)
+            on_frame(ts, src, dst, done.frame)
+        return done
 
     # The pending run: consecutive in-order segments of one frame, joined and given
     # to the reassembler in one piece once complete (see the module doc); replayed
@@ -320,14 +306,11 @@ def _loop(
             # ---- reassembly on capture time
             payload = data[l4 + TCP_HEADER_LEN : end]
             if on_segment is not None:
-                before = [seg_counts[r] for r in SEGMENT_REASONS]
-                feed(ts, src, dst, ack, seq, payload, tos)
-                dropped = None
-                for reason_, b in zip(SEGMENT_REASONS, before, strict=True):
-                    if seg_counts[reason_] != b:
-                        dropped = reason_
-                        break
-                on_segment(src, dst, sport, ack, seq, payload, dropped)
+                done = feed(ts, src, dst, ack, seq, payload, tos)
+                on_segment(
+                    src, dst, sport, ack, seq, payload,
+                    done if isinstance(done, DropReason) else None,
+                )  # fmt: skip
                 continue
             plen = end - l4 - TCP_HEADER_LEN
             if run:
