@@ -3,17 +3,23 @@
 Byte 0 picks the mode:
 
 * raw — the rest of the input is handed to ``Endpoint.receive`` as it is (and to
-  ``parse_ip``, ``parse_frame`` and ``parse_outer``);
+  ``parse_ip``, ``parse_frame``, ``parse_outer`` and ``parse_segment``);
 * crafted — fuzz-chosen header fields around a fuzz payload: source/destination
   from the tunnel table or strangers, TOS, DF/fragment bits, protocol, IPv4 options,
   a lying total length, ports, SEQ/ACK, data offset, a right or wrong checksum, and
   often a single-segment STT frame (SEQ = L << 16) so that decapsulation runs too.
 
-Invariants: ``receive`` never raises; a ``None`` result is a counted drop or a
-stored segment; a delivered frame went to the tunnel whose remote, local address
-and key it carries; reassembly limits hold.  ``parse_ip`` raises only
-``DecodeError``, ``parse_frame`` only ``DecodeError`` (``TruncatedError``),
-``parse_outer`` returns fields or a ``DropReason``.
+The packet is received as bytes, a bytearray, a memoryview, or (like the daemon)
+from a receive buffer offered as ``room``; then once more as bytes.
+
+Invariants: ``receive`` never raises, and what it returns is what happened (see
+``fuzz.netutil.receive_checked``): a drop reason is the one counter that went up, a
+pending segment is in its partial frame, a delivered frame went to the tunnel whose
+remote, local address and key it carries and is the packet's own payload,
+decapsulated; the receive buffer is held exactly when ``Pending.KEPT`` says so;
+reassembly limits hold.  ``parse_ip`` raises only ``DecodeError``, ``parse_frame``
+only ``DecodeError`` (``TruncatedError``), ``parse_outer`` and ``parse_segment``
+return fields or a ``DropReason``, and agree.
 """
 
 from __future__ import annotations
@@ -22,9 +28,18 @@ import contextlib
 import struct
 
 from fuzz.common import Input, Target, check, main
-from fuzz.netutil import ADDRS, KEYS, PORTS, build_packet, make_endpoint, receive_checked
+from fuzz.netutil import (
+    ADDRS,
+    KEYS,
+    PORTS,
+    RX_HEAD,
+    RX_SIZE,
+    build_packet,
+    make_endpoint,
+    receive_checked,
+)
 from sttun.core.drops import DropReason
-from sttun.core.outer import parse_outer
+from sttun.core.outer import parse_outer, parse_segment
 from sttun.errors import DecodeError
 from sttun.wire.ether import parse_frame
 from sttun.wire.ip import parse_ip
@@ -37,10 +52,16 @@ def _parsers(buf: bytes) -> None:
     with contextlib.suppress(DecodeError):
         parse_frame(buf)
     res = parse_outer(buf)
-    if not isinstance(res, DropReason):
+    seg = parse_segment(buf)
+    if isinstance(res, DropReason):
+        check(seg is res, f"parse_outer says {res.value}, parse_segment {seg!r}")
+    else:
         src, dst, _tos, l4, end = res
         check(len(src) in (4, 16) and len(dst) == len(src), "parse_outer: addresses")
         check(l4 + 20 <= end <= len(buf), f"parse_outer: l4 {l4} end {end} len {len(buf)}")
+        check(not isinstance(seg, DropReason), f"parse_segment refuses: {seg!r}")
+        assert not isinstance(seg, DropReason)
+        check(seg[:3] == res[:3] and seg[8:] == res[3:], "parse_segment and parse_outer differ")
 
 
 def _crafted(inp: Input) -> tuple[bytes, bool]:
@@ -109,11 +130,17 @@ def one_input(data: bytes) -> None:
         pkt, csum_ok = inp.rest(), bool(mode & 4)
     _parsers(pkt)
     view: bytes | bytearray | memoryview = pkt
-    if mode & 8:
+    room = None
+    if mode & 32:  # in a receive buffer the reassembler may keep
+        rx = bytearray(RX_SIZE)
+        rx[RX_HEAD : RX_HEAD + len(pkt)] = pkt
+        view = memoryview(rx)[RX_HEAD : RX_HEAD + len(pkt)]
+        room = (rx, RX_HEAD)
+    elif mode & 8:
         view = bytearray(pkt)
     elif mode & 16:
         view = memoryview(pkt)
-    receive_checked(ep, view, 1.0, csum_ok)
+    receive_checked(ep, view, 1.0, csum_ok, room=room, held=[])
     # A second copy: a duplicate (or a late segment) must be counted too.
     receive_checked(ep, pkt, 2.0, csum_ok)
 

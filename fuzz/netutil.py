@@ -9,11 +9,14 @@ from __future__ import annotations
 import struct
 
 from fuzz.common import check
-from sttun.core.endpoint import Endpoint, Tunnel, TunnelSpec
-from sttun.core.reassembly import Reassembler
+from sttun.core.decap import Decapsulated
+from sttun.core.drops import DropReason
+from sttun.core.endpoint import Delivered, Endpoint, Received, TunnelSpec
+from sttun.core.outer import Segment, parse_segment
+from sttun.core.reassembly import Pending, Reassembler
 from sttun.wire.checksum import ones_sum
 from sttun.wire.ip import build_ipv4, build_ipv6, ip_bytes, pseudo_sum
-from sttun.wire.stt import STT_PORT
+from sttun.wire.stt import STT_HEADER_LEN, STT_PORT, SttHeader
 
 __all__ = [
     "ADDRS",
@@ -21,9 +24,12 @@ __all__ = [
     "LOCAL4",
     "LOCAL6",
     "PORTS",
+    "RX_HEAD",
+    "RX_SIZE",
+    "SIDE_DROPS",
     "build_packet",
+    "check_decapsulated",
     "check_limits",
-    "covered",
     "make_endpoint",
     "receive_checked",
 ]
@@ -118,13 +124,96 @@ def build_packet(
     return ip + bytes(tcp)
 
 
-def covered(ep: Endpoint) -> int:
-    """Bytes stored by the endpoint's partial frames (reads reassembler internals)."""
-    return sum(fr.covered for fr in ep.reassembler._frames.values())
+#: Where a packet starts in a receive buffer offered as ``room`` (a vnet header's
+#: place), and the buffer's size: room for any frame after any packet's headers.
+RX_HEAD = 12
+RX_SIZE = RX_HEAD + 60 + 20 + 65535
+
+#: Reasons one packet's arrival may count against *other* partial frames (expired on
+#: the way, evicted to make room) while the packet itself is stored.
+SIDE_DROPS = frozenset(
+    {
+        DropReason.REASSEMBLY_TIMEOUT,
+        DropReason.MEMORY_EVICTED,
+        DropReason.SOURCE_BUDGET,
+        DropReason.TOO_MANY_FRAMES,
+    }
+)
 
 
-def _drops(ep: Endpoint) -> int:
-    return ep.drops.total() + ep.reassembler.drops.total()
+def _tally(ep: Endpoint) -> dict[DropReason, int]:
+    """Drops counted so far per reason, endpoint and reassembler together."""
+    reasm = ep.reassembler.drops.packets
+    return {reason: n + reasm[reason] for reason, n in ep.drops.packets.items()}
+
+
+def _names(reasons: set[DropReason]) -> list[str]:
+    return sorted(r.value for r in reasons)
+
+
+def _holder(fr: object) -> object:
+    """The caller's buffer a partial frame lives in, or None (its own memory)."""
+    buf = getattr(fr, "buf", None)
+    return buf.obj if isinstance(buf, memoryview) else None
+
+
+def _holds(ep: Endpoint, buffer: bytearray) -> bool:
+    """A partial frame of the reassembler lives in ``buffer``."""
+    return any(_holder(fr) is buffer for fr in ep.reassembler._frames.values())
+
+
+def _completion(
+    ep: Endpoint, seg: Segment, packet: bytes | bytearray | memoryview, now: float
+) -> bytes | None:
+    """The STT frame the segment ``seg`` of ``packet`` completes, if it can complete
+    one: the segment alone (a whole frame), or the bytes its partial frame holds with
+    the segment's over them.  Read before the segment is added (reassembler internals)."""
+    src, dst, _tos, _sport, _dport, seq, ack, _doff, l4, end = seg
+    payload = bytes(packet[l4 + 20 : end])
+    length, off, n = (seq >> 16) & 0xFFFF, seq & 0xFFFF, len(payload)
+    if n == 0 or off + n > length:
+        return None
+    if n == length:
+        return payload
+    r = ep.reassembler
+    fr = r._frames.get((src, dst, ack))
+    clock = now if now > r._clock else r._clock
+    if fr is None or fr.length != length or fr.deadline <= clock or fr.covered + n < length:
+        return None
+    spans = sorted([*zip(fr.ivs[::2], fr.ivs[1::2], strict=True), (off, off + n)])
+    reach = 0
+    for lo, hi in spans:
+        if lo > reach:
+            return None  # a hole stays
+        reach = max(reach, hi)
+    if reach < length:
+        return None
+    frame = bytearray(fr.buf)
+    frame[off : off + n] = payload
+    return bytes(frame)
+
+
+def check_decapsulated(dec: Decapsulated, frame: bytes) -> None:
+    """``dec`` is what the STT ``frame`` that was sent decapsulates to: its header, and
+    its inner frame except where the receive path rewrites that (an 802.1Q tag put
+    back from the header's TCI; the inner IP TOS / traffic class for DSCP and ECN,
+    with the IPv4 header checksum)."""
+    check(dec.header == SttHeader.unpack(frame), "delivered STT header is not the one sent")
+    sent = frame[STT_HEADER_LEN:]
+    got = bytearray(dec.inner)
+    if len(got) == len(sent) + 4:
+        check(dec.header.vlan_tci != 0, "a tag was inserted without a TCI")
+        check(got[12:14] == b"\x81\x00", "inserted tag is not 802.1Q")
+        del got[12:16]
+    check(len(got) == len(sent), f"delivered inner frame {len(got)} bytes, sent {len(sent)}")
+    ethertype = sent[12:14]
+    rewritable: tuple[int, ...] = (15, 24, 25) if ethertype == b"\x08\x00" else ()
+    if ethertype == b"\x86\xdd":
+        rewritable = (14, 15)
+    for i in rewritable:
+        if i < len(got):
+            got[i] = sent[i]
+    check(got == sent, "delivered inner frame differs from the one sent")
 
 
 def check_limits(ep: Endpoint) -> None:
@@ -141,19 +230,68 @@ def check_limits(ep: Endpoint) -> None:
 
 
 def receive_checked(
-    ep: Endpoint, packet: bytes | bytearray | memoryview, now: float, csum_ok: bool
-) -> tuple[Tunnel, object] | None:
-    """``ep.receive`` plus its invariants: never silent loss, right tunnel, limits."""
-    d0 = _drops(ep)
-    c0 = covered(ep)
-    res = ep.receive(packet, now, csum_ok=csum_ok)
-    if res is None:
+    ep: Endpoint,
+    packet: bytes | bytearray | memoryview,
+    now: float,
+    csum_ok: bool,
+    *,
+    room: tuple[bytearray, int] | None = None,
+    held: list[bytearray] | None = None,
+) -> Received:
+    """``ep.receive`` plus the invariants of what it returns.
+
+    * a :class:`~sttun.core.drops.DropReason`: that reason, and no other, was counted
+      once (partial frames that expired on the way aside);
+    * :class:`~sttun.core.reassembly.Pending`: the segment's bytes are in its partial
+      frame; only :data:`SIDE_DROPS` were counted (frames evicted for it); KEPT only
+      for a first piece offered with ``room``;
+    * :class:`~sttun.core.endpoint.Delivered`: nothing counted; the tunnel is the one
+      of the packet's remote, local address and context id; the frame is the one the
+      segments sent make up (:func:`check_decapsulated`); its ``buffer`` is one the
+      reassembler said it kept (``held``, updated here) or this ``room``'s, or None,
+      and it is the one the partial frame lived in, if it lived in one;
+    * with ``room``: a partial frame lives in the buffer iff the result is KEPT;
+    * the reassembler's limits (:func:`check_limits`).
+    """
+    seg = parse_segment(packet)
+    expected = holder = None
+    if not isinstance(seg, DropReason):
+        expected = _completion(ep, seg, packet, now)
+        src, dst, _tos, _sport, _dport, seq, ack, _doff, l4, end = seg
+        if end - l4 - 20 != (seq >> 16) & 0xFFFF:  # not a whole frame: its partial frame's
+            holder = _holder(ep.reassembler._frames.get((src, dst, ack)))
+    before = _tally(ep)
+    res = ep.receive(packet, now, csum_ok=csum_ok, room=room)
+    after = _tally(ep)
+    counted = {reason for reason, n in after.items() if n != before[reason]}
+    if isinstance(res, DropReason):
         check(
-            _drops(ep) > d0 or covered(ep) > c0,
-            "segment neither counted as a drop nor stored (silent loss)",
+            after[res] == before[res] + 1,
+            f"{res.value} returned but counted {after[res] - before[res]} times",
         )
+        check(
+            counted - {res} <= {DropReason.REASSEMBLY_TIMEOUT},
+            f"{res.value} returned, also counted: {_names(counted)}",
+        )
+    elif isinstance(res, Pending):
+        check(not isinstance(seg, DropReason), f"{res} for a packet parse_segment refuses")
+        assert not isinstance(seg, DropReason)
+        src, dst, _tos, _sport, _dport, seq, ack, _doff, l4, end = seg
+        check(counted <= SIDE_DROPS, f"segment stored, counted: {_names(counted)}")
+        fr = ep.reassembler._frames.get((src, dst, ack))
+        check(fr is not None, f"{res} but no partial frame for the segment (silent loss)")
+        assert fr is not None
+        lo, hi = seq & 0xFFFF, (seq & 0xFFFF) + end - l4 - 20
+        check(
+            any(a <= lo and hi <= b for a, b in zip(fr.ivs[::2], fr.ivs[1::2], strict=True)),
+            f"{res} but [{lo}, {hi}) is not covered by its partial frame",
+        )
+        if res is Pending.KEPT:
+            check(room is not None and lo == 0, "KEPT without room, or not the first piece")
     else:
-        tunnel, dec = res
+        check(isinstance(res, Delivered), f"receive returned {res!r}")
+        tunnel, dec, buffer = res
+        check(not counted, f"frame delivered, counted: {_names(counted)}")
         raw = bytes(packet[:40])
         src, dst = (raw[12:16], raw[16:20]) if raw[0] >> 4 == 4 else (raw[8:24], raw[24:40])
         check(tunnel.spec.remote == src, "frame delivered to a tunnel of another remote")
@@ -164,5 +302,25 @@ def receive_checked(
         )
         check(dec.header.version == 0, "frame with STT version != 0 delivered")
         check(len(dec.inner) >= 14, "inner frame shorter than Ethernet delivered")
+        check(expected is not None, "frame delivered that the segments sent do not make up")
+        assert expected is not None
+        check_decapsulated(dec, expected)
+        if holder is not None:
+            check(buffer is holder, "frame built in a kept buffer, which is not given back")
+        if buffer is not None:
+            mine = held if held is not None else []
+            check(
+                (room is not None and buffer is room[0]) or any(buffer is b for b in mine),
+                "a buffer handed back that was not kept",
+            )
+            if held is not None:
+                held[:] = [b for b in held if b is not buffer]
+    if room is not None:
+        if res is Pending.KEPT:
+            check(_holds(ep, room[0]), "KEPT, but no partial frame is in the buffer")
+        else:
+            check(not _holds(ep, room[0]), f"{res!r}, but a partial frame is in the buffer")
+        if res is Pending.KEPT and held is not None:
+            held.append(room[0])
     check_limits(ep)
     return res

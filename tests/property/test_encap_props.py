@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from tests.reference import naive_sum
 
 from sttun.core.encap import Encapsulator, flow_source_port
-from sttun.core.endpoint import Endpoint, TunnelSpec
+from sttun.core.endpoint import Delivered, Endpoint, TunnelSpec
+from sttun.core.reassembly import Pending
 from sttun.wire.ip import ip_bytes
 from sttun.wire.stt import SttHeader
 from sttun.wire.vnet import GsoType, VnetFlag, VnetHdr
@@ -163,11 +164,11 @@ def test_software_segments(
     ep = Endpoint()
     tun = ep.add_tunnel(TunnelSpec("t", remote, local, 7, 7, underlay_mtu=mtu))
     rnd.shuffle(pkts)
-    results = [ep.receive(p, 1.0) for p in pkts]
-    done = [r for r in results if r is not None]
-    assert len(done) == 1 and results[-1] is not None
-    assert done[0][0] is tun
-    assert bytes(done[0][1].inner) == inner
+    *pending, last = [ep.receive(p, 1.0) for p in pkts]
+    assert pending == [Pending.STORED] * len(pending)
+    assert isinstance(last, Delivered)
+    assert last.tunnel is tun and last.buffer is None
+    assert bytes(last.frame.inner) == inner
     assert ep.stats()["drops"] == {}
 
 

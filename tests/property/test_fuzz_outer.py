@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tests.property.fuzz_cases import fuzz_settings, target_tests
 
+from sttun.core.drops import DropReason
+
 SETTINGS = fuzz_settings(300)
 test_seeds, test_any_bytes = target_tests(TARGET, 300)
 
@@ -45,6 +47,6 @@ def test_stranger_is_dropped_before_reassembly() -> None:
     src, dst = ADDRS[3]
     ep = make_endpoint(small=True)
     pkt = build_packet(src, dst, b"x" * 100, seq=1000 << 16, ack=1)
-    assert receive_checked(ep, pkt, 1.0, False) is None
+    assert receive_checked(ep, pkt, 1.0, False) is DropReason.UNKNOWN_SOURCE
     assert ep.reassembler.bytes_held == 0
     assert ep.stats()["drops"] == {"unknown_source": 1}

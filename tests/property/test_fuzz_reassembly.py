@@ -14,6 +14,7 @@ from fuzz.netutil import ADDRS, build_packet, check_limits, make_endpoint, recei
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sttun.core.reassembly import Pending
 from sttun.wire.stt import SttHeader
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
@@ -78,7 +79,8 @@ def test_too_many_frames_keeps_the_limits() -> None:
     limit = ep.reassembler.max_frames
     for ack in range(limit + 4):
         pkt = build_packet(src, dst, b"\0" * 10, seq=100 << 16, ack=ack)
-        receive_checked(ep, pkt, 1.0, False)
+        # a newcomer beyond the limit evicts the oldest frame and is stored itself
+        assert receive_checked(ep, pkt, 1.0, False) is Pending.STORED
     assert ep.reassembler.entries == limit
     assert ep.stats()["drops"] == {"too_many_frames": 4}
     ep.handle_timeout(1e9)

@@ -10,10 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sttun.core.drops import DropReason
-from sttun.core.reassembly import ENTRY_OVERHEAD, Reassembler
+from sttun.core.reassembly import ENTRY_OVERHEAD, Completed, Pending, Reassembler
 
 SRC = "198.18.0.1"
 DST = "198.18.0.2"
+#: Reasons a segment's arrival may count against *other* partial frames (expired,
+#: evicted for room) while the segment itself is stored or refused.
+SIDE_DROPS = frozenset(
+    {
+        DropReason.REASSEMBLY_TIMEOUT,
+        DropReason.MEMORY_EVICTED,
+        DropReason.SOURCE_BUDGET,
+        DropReason.TOO_MANY_FRAMES,
+    }
+)
 
 
 @st.composite
@@ -69,8 +79,11 @@ def test_reassembly_gives_the_frame_or_nothing(
     out = []
     for seq, payload in segs:
         got = r.add(SRC, DST, 1, seq, payload, 0.0)
-        if got is not None:
-            out.append(bytes(got))
+        if isinstance(got, Completed):
+            out.append(bytes(got.frame))
+            assert got.buffer is None  # no receive buffer was offered
+        else:
+            assert isinstance(got, DropReason) or got is Pending.STORED
     check_outcome(r, frame, segs, complete, out)
 
 
@@ -97,9 +110,10 @@ def test_reassembly_in_the_receive_buffer(
 ) -> None:
     """Like the daemon: every segment arrives in one receive buffer at ``header``,
     offered with ``room``; the buffer is overwritten by the next packet unless the
-    reassembler kept it, and a kept one is replaced.  Frames, their TOS and CE come
-    out exactly as without ``room`` (a buffer kept without saying so would be
-    scribbled over)."""
+    reassembler kept it (``Pending.KEPT``), and a kept one is replaced.  Every result
+    is the one without ``room`` (STORED may become KEPT), frames, their TOS, CE and
+    segment count included (a buffer kept without saying so would be scribbled
+    over); a completed frame built in a kept buffer hands that buffer back."""
     frame, segs, complete = case
     toses = [rnd.randrange(256) for _ in segs]
     size = max(header + len(frame) + slack, header + max((len(p) for _, p in segs), default=0))
@@ -107,25 +121,36 @@ def test_reassembly_in_the_receive_buffer(
     plain = Reassembler()
     rx = bytearray(size)
     out = []
-    kept = 0
+    held: list[bytearray] = []  # buffers the reassembler said it kept, not yet given back
     for (seq, payload), tos in zip(segs, toses, strict=True):
         rx[header : header + len(payload)] = payload
         got = r.add(SRC, DST, 1, seq, memoryview(rx)[header : header + len(payload)], 0.0,
                     tos, room=(rx, header))  # fmt: skip
         want = plain.add(SRC, DST, 1, seq, payload, 0.0, tos)
-        assert (got is None) == (want is None)
-        if got is not None and want is not None:
-            out.append(bytes(got))
-            assert bytes(got) == bytes(want)
-            assert (r.completed_tos, r.completed_ce) == (plain.completed_tos, plain.completed_ce)
-            assert r.completed_segments == plain.completed_segments
-        if r.kept:
-            r.kept = False
-            kept += 1
+        if isinstance(want, Completed):
+            assert isinstance(got, Completed)
+            out.append(bytes(got.frame))
+            assert bytes(got.frame) == bytes(want.frame)
+            assert (got.tos, got.ce, got.segments) == (want.tos, want.ce, want.segments)
+            assert want.buffer is None
+            if got.buffer is not None:  # built in place: in a kept buffer, or in rx now
+                assert isinstance(got.frame, memoryview) and got.frame.obj is got.buffer
+                assert got.buffer is rx or any(got.buffer is b for b in held)
+                held = [b for b in held if b is not got.buffer]
+            elif got.segments > 1:  # in the reassembler's own memory, not in rx
+                assert not (isinstance(got.frame, memoryview) and got.frame.obj is rx)
+        elif want is Pending.STORED:
+            assert got in (Pending.STORED, Pending.KEPT)
+        else:
+            assert got is want  # the same drop
+        if got is Pending.KEPT:
+            assert seq & 0xFFFF == 0  # only the first piece is kept
+            held.append(rx)
             rx = bytearray(size)
         else:
             rx[:] = b"\xa5" * size  # the next receive overwrites everything
-    assert kept <= len(segs)
+    # one frame id at one time: one frame, and only its first piece may be kept
+    assert len(held) <= 1
     check_outcome(r, frame, segs, complete, out)
 
 
@@ -203,12 +228,26 @@ def test_segment_storms_stay_bounded(
             assert isinstance(o, tuple)
             src, dst, ack, seq, n, fill, step, tos = o
             now += step
+            before = dict(r.drops.packets)
             got = r.add(src, dst, ack, seq, bytes([fill]) * n, now, tos)
             adds += 1
-            if got is not None:
+            counted = {k for k, v in r.drops.packets.items() if v != before[k]}
+            if isinstance(got, Completed):
                 delivered += 1
-                assert len(got) == (seq >> 16) & 0xFFFF
-                assert 0 <= r.completed_tos <= 255
+                assert len(got.frame) == (seq >> 16) & 0xFFFF
+                if got.segments == 1:
+                    assert bytes(got.frame) == bytes([fill]) * n
+                assert 0 <= got.tos <= 255 and got.segments >= 1 and got.buffer is None
+                assert got.tos == tos or got.segments > 1  # a whole frame: its own TOS
+                assert not counted  # completing a frame drops nothing
+            elif isinstance(got, DropReason):
+                # the reason returned is counted once; frames may expire on the way
+                assert r.drops.packets[got] == before[got] + 1
+                assert counted - {got} <= {DropReason.REASSEMBLY_TIMEOUT}
+            else:
+                assert got is Pending.STORED  # no room offered: never KEPT
+                assert (src, dst, ack) in r._frames  # stored in a partial frame
+                assert counted <= SIDE_DROPS  # others may have been evicted for it
         check_invariants(r)
     assert r.segments_in == adds
     assert r.frames_completed == delivered
