@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "ENTRY_OVERHEAD",
     "RECENT_PER_FRAME",
+    "SOURCES_PER_FRAME",
     "Reassembler",
 ]
 
@@ -78,6 +79,11 @@ ENTRY_OVERHEAD: int = 512
 #: How many completed/dropped keys are remembered, per allowed partial frame
 #: (8 x 1024 = 8192 keys by default, a few hundred KB of dict at most).
 RECENT_PER_FRAME: int = 8
+#: How many outer source addresses keep their per-source history (peak bytes,
+#: evictions, timeouts), per allowed partial frame: 2 x 1024 by default.  Sources
+#: holding partial frames always keep theirs (there are at most ``max_frames``); of
+#: the others, the one that started a frame longest ago is forgotten first.
+SOURCES_PER_FRAME: int = 2
 
 _Key = tuple[Hashable, Hashable, int]
 
@@ -127,6 +133,18 @@ class _Frame:
         self.tos = tos
         self.ce = ce
         self.segs = 1  # segments stored (the first one included)
+
+
+class _SourceHistory:
+    """What one outer source address did over time (its current state is in the
+    reassembler's per-source tables)."""
+
+    __slots__ = ("evictions", "peak_bytes", "timeouts")
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self.evictions = 0
+        self.timeouts = 0
 
 
 class Reassembler:
@@ -203,6 +221,10 @@ class Reassembler:
         # Per source: its partial frames in first-seen order, and the bytes charged.
         self._src_frames: dict[Hashable, OrderedDict[_Key, None]] = {}
         self._src_bytes: dict[Hashable, int] = {}
+        # Per source: peak bytes, evictions, timeouts (see source_stats), bounded; the
+        # source that started a frame most recently is at the end.
+        self._src_history: OrderedDict[Hashable, _SourceHistory] = OrderedDict()
+        self._src_history_max = SOURCES_PER_FRAME * max_frames
         # Recently completed or dropped keys -> (expiry, L or -1 for "any L").
         self._recent: OrderedDict[_Key, tuple[float, int]] = OrderedDict()
         self._recent_max = RECENT_PER_FRAME * max_frames
@@ -430,8 +452,28 @@ class Reassembler:
         """Bytes charged per outer source address (a copy)."""
         return dict(self._src_bytes)
 
+    def source_stats(self, src: Hashable) -> dict[str, int]:
+        """One outer source address's share, as a JSON-ready dict.
+
+        ``entries`` and ``bytes`` are its partial frames and the bytes charged for them
+        now; ``peak_bytes``, ``evictions`` and ``timeouts`` its history (the same
+        counters as :meth:`stats`, for this source only).  Before a frame completes
+        its context id is unknown, so this is all the reassembler can say per tunnel:
+        tunnels to the same remote address share these numbers.  Zeros for a source
+        it has not seen (or has forgotten, see :data:`SOURCES_PER_FRAME`).
+        """
+        frames = self._src_frames.get(src)
+        hist = self._src_history.get(src)
+        return {
+            "entries": 0 if frames is None else len(frames),
+            "bytes": self._src_bytes.get(src, 0),
+            "peak_bytes": 0 if hist is None else hist.peak_bytes,
+            "evictions": 0 if hist is None else hist.evictions,
+            "timeouts": 0 if hist is None else hist.timeouts,
+        }
+
     def stats(self) -> dict[str, int]:
-        """Counters as a JSON-ready dict (per-source bytes: :attr:`bytes_by_source`)."""
+        """Counters as a JSON-ready dict (per source: :meth:`source_stats`)."""
         return {
             "entries": len(self._frames),
             "bytes_held": self.bytes_held,
@@ -441,6 +483,7 @@ class Reassembler:
             "evictions": self.evictions,
             "timeouts": self.timeouts,
             "sources": len(self._src_bytes),
+            "sources_remembered": len(self._src_history),
             "recent_keys": len(self._recent),
         }
 
@@ -489,10 +532,29 @@ class Reassembler:
             sf = self._src_frames[src] = OrderedDict()
             self._src_bytes[src] = 0
         sf[key] = None
-        self._src_bytes[src] += charge
+        held = self._src_bytes[src] + charge
+        self._src_bytes[src] = held
         self.bytes_held += charge
         if self.bytes_held > self.peak_bytes:
             self.peak_bytes = self.bytes_held
+        history = self._src_history
+        hist = history.get(src)
+        if hist is None:
+            hist = history[src] = _SourceHistory()
+            if len(history) > self._src_history_max:
+                self._forget_a_source()
+        else:
+            history.move_to_end(src)
+        if held > hist.peak_bytes:
+            hist.peak_bytes = held
+
+    def _forget_a_source(self) -> None:
+        """Drop the history of the idle source that started a frame longest ago."""
+        holding = self._src_frames
+        for old in self._src_history:
+            if old not in holding:
+                del self._src_history[old]
+                return
 
     def _make_room(self, src: Hashable, charge: int, n: int) -> bool:
         """Evict so a new frame costing ``charge`` fits; False (counted) if it never can."""
@@ -549,6 +611,9 @@ class Reassembler:
         self.drops.count(reason, fr.covered + extra)
         if reason in _EVICTIONS:
             self.evictions += 1
+            self._src_history[fr.src].evictions += 1
+        elif reason is DropReason.REASSEMBLY_TIMEOUT:
+            self._src_history[fr.src].timeouts += 1
         if tombstone:
             self._remember(key, -1 if any_length else fr.length)
 

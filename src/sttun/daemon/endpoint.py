@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import errno
 import functools
 import logging
@@ -36,11 +35,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sttun.core.decap import DscpModel
 from sttun.core.drops import DropReason
-from sttun.core.endpoint import Endpoint, Tunnel, TunnelSpec
-from sttun.core.reassembly import DEFAULT_SOURCE_BUDGET, Reassembler
-from sttun.daemon.config import DaemonConfig, TunnelConfig, diff_configs, reload_config
+from sttun.core.endpoint import Tunnel
+from sttun.core.keys import format_key
+from sttun.core.reassembly import Reassembler
+from sttun.daemon.config import (
+    DaemonConfig,
+    TunnelConfig,
+    core_endpoint,
+    diff_configs,
+    reload_config,
+    tunnel_spec,
+)
 from sttun.daemon.logsetup import setup_logging, tunnel_logger
 from sttun.errors import ConfigError, SetupError, SttError
 from sttun.io import netlink
@@ -112,40 +118,12 @@ class TunnelRuntime:
         return self.config.offload
 
 
-def _spec(cfg: TunnelConfig) -> TunnelSpec:
-    tos = None if cfg.tos == "inherit" else int(cfg.tos)
-    ttl = None if cfg.ttl == "inherit" else int(cfg.ttl)
-    return TunnelSpec(
-        name=cfg.name,
-        local=cfg.local_ip.packed,
-        remote=cfg.remote_ip.packed,
-        in_key=cfg.in_key,
-        out_key=cfg.out_key,
-        dst_port=cfg.dst_port,
-        tos=tos,
-        ttl=ttl,
-        df=cfg.df,
-        underlay_mtu=cfg.underlay_mtu or 1500,
-        dscp_model=DscpModel.UNIFORM if tos is None else DscpModel.PIPE,
-    )
-
-
 class Daemon:
     """The running endpoint.  :meth:`run` blocks until stopped."""
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        budget = config.reassembly_source_budget or min(
-            DEFAULT_SOURCE_BUDGET, config.reassembly_high_water // 2
-        )
-        self.core = Endpoint(
-            reassembler=Reassembler(
-                timeout=config.reassembly_timeout,
-                high_water=config.reassembly_high_water,
-                low_water=config.reassembly_low_water,
-                source_budget=budget,
-            )
-        )
+        self.core = core_endpoint(config)
         self.started = time.time()
         self.tunnels: dict[str, TunnelRuntime] = {}
         self.underlays: dict[str, Underlay] = {}
@@ -233,11 +211,8 @@ class Daemon:
     def _add_tunnel(self, cfg: TunnelConfig, tap: TapDevice | None = None) -> None:
         tlog = tunnel_logger("sttun.tunnel", cfg.name, cfg.in_key)
         underlay, route = self._underlay_for(cfg)
-        if cfg.underlay_mtu is None:
-            mtu = route.mtu or 1500
-        else:
-            mtu = cfg.underlay_mtu
-        tunnel = self.core.add_tunnel(dataclasses.replace(_spec(cfg), underlay_mtu=mtu))
+        tunnel = self.core.add_tunnel(tunnel_spec(cfg, route.mtu))
+        mtu = tunnel.spec.underlay_mtu
         try:
             if tap is None:
                 tap = TapDevice(
@@ -271,7 +246,7 @@ class Daemon:
             cfg.local_ip,
             cfg.remote_ip,
             underlay.ifname,
-            _keys(cfg),
+            format_key(cfg.in_key, cfg.out_key),
             mtu,
             "on" if cfg.offload else "off",
         )
@@ -580,7 +555,13 @@ class Daemon:
 
     # ------------------------------------------------------------------ reload
     def reload(self) -> None:
-        """Re-read the configuration file and apply the differences (SIGHUP)."""
+        """Re-read the configuration file and apply the differences (SIGHUP).
+
+        Nothing changes unless the new file passes the whole validation ``sttun up``
+        runs, the protocol core's rules included (``reload_config`` ends with
+        ``validate_with_core``); otherwise one error line is logged and the running
+        configuration stays.
+        """
         if not self.config.config_path:
             log.warning("SIGHUP ignored: tunnels came from the command line, not a file")
             return
@@ -627,7 +608,6 @@ class Daemon:
         """The :class:`~sttun.daemon.metrics.ShowData` of this daemon, now."""
         core = self.core.stats()
         reasm = core["reassembly"]
-        by_source = self.core.reassembler.bytes_by_source
         tunnels = []
         for name, rt in self.tunnels.items():
             t = core["tunnels"].get(name, {})
@@ -648,7 +628,7 @@ class Daemon:
                     "tx": t.get("tx"),
                     "rx": t.get("rx"),
                     "drops": t.get("drops", {}),
-                    "reassembly": _reassembly_view(reasm, by_source, rt),
+                    "peer_reassembly": _reassembly_view(self.core.reassembler, rt),
                     "software_completions": t.get("software_completions", 0),
                     "vlan_without_v": t.get("vlan_without_v", 0),
                     "ce_marked": t.get("ce_marked", 0),
@@ -712,24 +692,14 @@ class Daemon:
             self.watcher = None
 
 
-def _keys(cfg: TunnelConfig) -> str:
-    if cfg.in_key == cfg.out_key:
-        return f"{cfg.in_key:#x}"
-    return f"in {cfg.in_key:#x} / out {cfg.out_key:#x}"
+def _reassembly_view(reassembler: Reassembler, rt: TunnelRuntime) -> dict[str, Any]:
+    """The reassembly numbers of a tunnel's remote peer (``PeerReassemblyStats``).
 
-
-def _reassembly_view(
-    reasm: dict[str, Any], by_source: dict[Any, int], rt: TunnelRuntime
-) -> dict[str, int]:
-    """A tunnel's share of the reassembler: the bytes held for its remote address."""
-    held = by_source.get(rt.tunnel.spec.remote, 0)
-    return {
-        "entries": reasm.get("entries", 0),
-        "bytes": held,
-        "peak_bytes": reasm.get("peak_bytes", 0),
-        "evictions": reasm.get("evictions", 0),
-        "timeouts": reasm.get("timeouts", 0),
-    }
+    Until a frame is complete the reassembler knows only its outer addresses (the
+    context id is inside the frame), so these belong to the peer and are shared by
+    every tunnel to the same remote address.
+    """
+    return {"peer": str(rt.config.remote_ip), **reassembler.source_stats(rt.tunnel.spec.remote)}
 
 
 def run(config: DaemonConfig) -> int:
