@@ -36,11 +36,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 from sttun.core.decap import DscpModel
 from sttun.core.encap import DEFAULT_TTL, DEFAULT_UNDERLAY_MTU, MIN_UNDERLAY_MTU
@@ -62,7 +63,6 @@ from sttun.daemon.config_keys import (
     TUNNEL_KEYS,
     ConfigKey,
     Inherit,
-    IPAddress,
     Where,
     default_control_socket,
     parse_hostport,
@@ -96,6 +96,7 @@ __all__ = [
     "validate_with_core",
 ]
 
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 DEFAULT_MTU = 1500
 # "inherit": the uniform DSCP model by default (issue 6, protocol.md §6): the outer
 # header copies the inner DSCP and decapsulation copies the outer DSCP back in, so a

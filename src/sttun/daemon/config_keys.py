@@ -12,23 +12,25 @@ all read this table; rules that tie keys together (``remote_ip`` of the family o
 ``local_ip``, the low water below the high water, ...) are in the parser.
 
 Every ``sttun`` command builds the argument parser, so this module stays cheap to
-import: no dataclasses, no TOML, no protocol core (the one core constant a
-validator needs is imported when that validator runs).
+import: no dataclasses, no TOML, no protocol core; the validators import what they
+need (ipaddress, json, the core's underlay MTU floor) when they run.
 """
 
 from __future__ import annotations
 
-import argparse
-import ipaddress
-import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
 
 from sttun.errors import ConfigError
 
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+if TYPE_CHECKING:
+    import argparse
+    import ipaddress
+
+    IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 Inherit = Literal["inherit"]
 Section = Literal["tunnel", "daemon"]
 
@@ -49,9 +51,10 @@ LOG_FORMATS = ("text", "json")
 DEFAULT_INSTANCE = "sttun"
 RUN_DIR = "/run/sttun"
 
-_IFNAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
-_INSTANCE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")  # nft table names: no "-"
-_SIZE_RE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*")
+# (compiled on first use, by re's cache: not at import)
+_IFNAME_RE = r"[A-Za-z0-9_.\-]{1,15}"
+_INSTANCE_RE = r"[A-Za-z][A-Za-z0-9_]{0,31}"  # nft table names: no "-"
+_SIZE_RE = r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*"
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
@@ -66,6 +69,8 @@ def parse_hostport(text: str) -> tuple[str, int]:
     Returns ``(host, port)``; host is ``""`` for all addresses.  Raises ValueError
     with a message that says what was expected.
     """
+    import ipaddress
+
     expected = 'expected "host:port" (IPv6 as "[::1]:9100")'
     if not isinstance(text, str):
         raise ValueError(f"{expected}, got {show_value(text)}")
@@ -99,6 +104,8 @@ def show_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        import json  # a JSON string is a TOML basic string
+
         return json.dumps(value)
     if isinstance(value, dict):
         return "a table"
@@ -198,7 +205,7 @@ def non_empty(value: object, path: str, where: Where) -> str:
 
 def ifname(value: object, path: str, where: Where) -> str:
     """A Linux interface name."""
-    if not isinstance(value, str) or not _IFNAME_RE.fullmatch(value) or value in (".", ".."):
+    if not isinstance(value, str) or not re.fullmatch(_IFNAME_RE, value) or value in (".", ".."):
         raise where.error(
             path,
             f"expected an interface name of 1..{IFNAMSIZ - 1} characters "
@@ -209,6 +216,8 @@ def ifname(value: object, path: str, where: Where) -> str:
 
 def address(value: object, path: str, where: Where) -> IPAddress:
     """A unicast IPv4 or IPv6 address."""
+    import ipaddress
+
     if not isinstance(value, str):
         raise where.error(path, f"expected an IPv4 or IPv6 address, got {show_value(value)}")
     try:
@@ -249,7 +258,7 @@ def size(lo: int) -> Validator:
     def check(value: object, path: str, where: Where) -> int:
         desc = f'a size in bytes >= {lo} (an integer, or a string like "4MiB")'
         if isinstance(value, str):
-            m = _SIZE_RE.fullmatch(value)
+            m = re.fullmatch(_SIZE_RE, value)
             if not m:
                 raise where.error(path, f"expected {desc}, got {show_value(value)}")
             digits = m.group(1)
@@ -289,7 +298,7 @@ def choice(choices: tuple[str, ...]) -> Validator:
 
 def instance_name(value: object, path: str, where: Where) -> str:
     """An instance name (it becomes part of an nftables table name)."""
-    if not isinstance(value, str) or not _INSTANCE_RE.fullmatch(value):
+    if not isinstance(value, str) or not re.fullmatch(_INSTANCE_RE, value):
         raise where.error(
             path,
             "expected a name of 1..32 characters from A-Z a-z 0-9 _ -, starting with a "
