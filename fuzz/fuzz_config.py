@@ -11,8 +11,10 @@ Byte 0 picks the mode:
 
 Invariant: a :class:`~sttun.daemon.config.DaemonConfig` or a
 :class:`~sttun.errors.ConfigError`; nothing else.  A config that loads must have
-at least one tunnel, unique names and demux keys, and reassembly low water below
-high water.
+at least one tunnel, unique names and receive matches (local, remote, in_key),
+an underlay MTU the core accepts, reassembly low water below high water, and
+must pass :func:`~sttun.daemon.config.validate_with_core` again (what ``sttun up``
+hands the core).
 """
 
 from __future__ import annotations
@@ -26,22 +28,18 @@ import tempfile
 import tomllib
 
 from fuzz.common import Input, Target, check, main
-from sttun.daemon.config import DaemonConfig, load_config, parse_config
+from sttun.core.encap import MIN_UNDERLAY_MTU
+from sttun.daemon.config import DaemonConfig, load_config, parse_config, validate_with_core
+from sttun.daemon.config_keys import DAEMON_KEYS, TUNNEL_KEYS
 from sttun.errors import ConfigError
 
 _DIR = tempfile.mkdtemp(prefix="sttun-fuzz-config-")
 atexit.register(shutil.rmtree, _DIR, True)
 _PATH = os.path.join(_DIR, "sttun.toml")
 
-_TUNNEL_KEYS = (
-    "name", "dev", "local_ip", "remote_ip", "key", "in_key", "out_key", "dst_port", "mtu",
-    "bridge", "tos", "ttl", "df", "offload", "persist", "underlay_mtu", "remot_ip", "Key",
-)  # fmt: skip
-_DAEMON_KEYS = (
-    "control_socket", "instance", "metrics", "log_level", "log_format", "firewall",
-    "reassembly_timeout", "reassembly_high_water", "reassembly_low_water",
-    "reassembly_source_budget", "reassembly", "log-level",
-)  # fmt: skip
+# the real keys (from the key table) and misspelt ones
+_TUNNEL_KEYS = (*(k.name for k in TUNNEL_KEYS), "remot_ip", "Key")
+_DAEMON_KEYS = (*(k.name for k in DAEMON_KEYS), "reassembly", "log-level")
 _STRINGS = (
     "198.18.0.1", "198.18.0.2", "2001:db8:0:1::1", "2001:db8:0:1::2", "0.0.0.0", "::",
     "224.0.0.1", "ff02::1", "255.255.255.255", "stt0", "stt1", "br0", "a" * 16, "",
@@ -51,7 +49,8 @@ _STRINGS = (
     "9" * 4400, "9" * 4400 + " MiB", "99999999999999999999 GiB", "127.0.0.1:\u00b2",
 )  # fmt: skip
 _INTS = (
-    0, 1, -1, 5, 63, 64, 67, 68, 255, 256, 1279, 1280, 1500, 7471, 65000, 65001, 65535,
+    0, 1, -1, 5, 63, 64, 67, 68, 255, 256, 300, 575, 576, 1279, 1280, 1500, 7471, 7472,
+    65000, 65001, 65535,
     65536, 2**31, 2**32, 2**63 - 1, -(2**63), 3 * 1024 * 1024, 4 * 1024 * 1024,
 )  # fmt: skip
 _FLOATS = (0.0, -0.0, 0.001, 1.5, 30.0, 3600.0, 3600.5, 1e308, float("inf"), float("nan"))
@@ -84,9 +83,10 @@ def _structured(inp: Input) -> str:
         lines.append("[daemon]")
         for _ in range(inp.below(6)):
             lines.append(f"{inp.pick(_DAEMON_KEYS)} = {_toml_value(inp)}")
-    for _ in range(inp.below(4)):
+    for i in range(inp.below(4)):
         lines.append("[[tunnel]]")
-        base = {"name": '"stt0"', "local_ip": '"198.18.0.1"', "remote_ip": '"198.18.0.2"'}
+        # distinct names, so that several tunnels reach the core's receive-match rule
+        base = {"name": f'"stt{i}"', "local_ip": '"198.18.0.1"', "remote_ip": '"198.18.0.2"'}
         if inp.below(4):
             base["key"] = "1"
         for _ in range(inp.below(6)):
@@ -100,7 +100,8 @@ def _structured(inp: Input) -> str:
 def _check_config(cfg: DaemonConfig) -> None:
     check(len(cfg.tunnels) >= 1, "config without tunnels accepted")
     check(len({t.name for t in cfg.tunnels}) == len(cfg.tunnels), "duplicate tunnel names")
-    check(len({t.demux_key for t in cfg.tunnels}) == len(cfg.tunnels), "duplicate demux keys")
+    matches = {(t.local_ip, t.remote_ip, t.in_key) for t in cfg.tunnels}
+    check(len(matches) == len(cfg.tunnels), "two tunnels with the same receive match")
     check(
         cfg.reassembly_low_water < cfg.reassembly_high_water,
         f"low water {cfg.reassembly_low_water} >= high {cfg.reassembly_high_water}",
@@ -108,6 +109,12 @@ def _check_config(cfg: DaemonConfig) -> None:
     for t in cfg.tunnels:
         check(0 <= t.in_key < 2**64 and 0 <= t.out_key < 2**64, f"key out of range: {t}")
         check(t.local_ip.version == t.remote_ip.version, f"mixed families: {t}")
+        mtu = t.underlay_mtu
+        check(mtu is None or MIN_UNDERLAY_MTU <= mtu <= 65535, f"underlay MTU {mtu}: {t}")
+    try:
+        validate_with_core(cfg)
+    except ConfigError as e:  # load_config ends with it: what it returns must pass
+        check(False, f"loaded, but the core refuses it: {e}")
 
 
 def one_input(data: bytes) -> None:

@@ -16,15 +16,11 @@ import importlib
 import os
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sttun import __version__
-from sttun.tools.report import human_bytes
-
-if TYPE_CHECKING:
-    from sttun.daemon.metrics import ShowData
+from sttun.daemon.config_keys import DAEMON_KEYS, MAX_KEY, TUNNEL_KEYS
 
 PROG = "sttun"
 EXIT_OK = 0
@@ -33,7 +29,6 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a closed pipe
 
-MAX_KEY = 2**64 - 1
 ROOT_REASON = "CAP_NET_ADMIN needed for TAP and AF_PACKET"
 
 
@@ -83,9 +78,7 @@ examples:
            --metrics '[::1]:9100' --log-format json
   sttun up -c sttun.toml --check        # validate the file and exit
 
-The file holds a [daemon] table and one [[tunnel]] table per tunnel: name (what
---dev sets), dev, local_ip, remote_ip, key, in_key, out_key, dst_port, mtu,
-bridge, tos, ttl, df, offload, persist, underlay_mtu.  See docs/configuration.md.
+{file_keys}
 Runs in the foreground until SIGINT/SIGTERM; SIGHUP reloads the file.
 Needs root (CAP_NET_ADMIN, CAP_NET_RAW) for TAP devices, AF_PACKET and nftables.
 """
@@ -174,6 +167,18 @@ def _subparser(
     return parser
 
 
+def _file_keys_text() -> str:
+    """The paragraph of ``sttun up --help`` that lists the file's tunnel keys."""
+    keys = ", ".join(
+        f"{k.name} (what {k.flag} sets)" if k.name == "name" else k.name for k in TUNNEL_KEYS
+    )
+    return textwrap.fill(
+        f"The file holds a [daemon] table and one [[tunnel]] table per tunnel: {keys}.  "
+        "See docs/configuration.md.",
+        78,
+    )
+
+
 def _add_up(sub: Any) -> None:
     p = _subparser(
         sub,
@@ -181,66 +186,20 @@ def _add_up(sub: Any) -> None:
         "run an STT endpoint (foreground daemon)",
         "Run an STT tunnel endpoint: one or more tunnels from a TOML file (-c), "
         "or one tunnel described by flags.",
-        _UP_EPILOG,
+        _UP_EPILOG.format(file_keys=_file_keys_text()),
     )
     p.add_argument("-c", "--config", metavar="FILE.toml", help="configuration file")
     p.add_argument(
-        "--check", action="store_true", help="validate the configuration, print it and exit"
+        "--check",
+        action="store_true",
+        help="validate the configuration as `up` would, print it and exit",
     )
-    t = p.add_argument_group("one tunnel (instead of -c)")
-    t.add_argument("--local-ip", metavar="ADDR", help="this end's underlay address (required)")
-    t.add_argument("--remote-ip", metavar="ADDR", help="the other end's address (required)")
-    t.add_argument(
-        "--key", metavar="K", help="64-bit context id for both directions (0x.. accepted)"
-    )
-    t.add_argument("--in-key", metavar="K", help="context id expected on receive (default: --key)")
-    t.add_argument("--out-key", metavar="K", help="context id sent (default: --key)")
-    t.add_argument("--dev", metavar="NAME", help="TAP device and tunnel name (default: stt0)")
-    t.add_argument("--dst-port", metavar="P", help="STT destination port (default: 7471)")
-    t.add_argument("--mtu", metavar="N", help="TAP (overlay) MTU, 68..65000 (default: 1500)")
-    t.add_argument("--bridge", metavar="BR", help="add the TAP device to this Linux bridge")
-    t.add_argument(
-        "--tos",
-        metavar="T",
-        help="outer DSCP 0..63 or 'inherit' (default: inherit; ECN always copied)",
-    )
-    t.add_argument("--ttl", metavar="T", help="outer TTL 1..255 or 'inherit' (default: 64)")
-    t.add_argument(
-        "--no-df", dest="df", action="store_false", help="do not set DF on outer IPv4 packets"
-    )
-    t.add_argument(
-        "--no-offload",
-        dest="offload",
-        action="store_false",
-        help="segment and checksum outer packets in Python instead of kernel GSO "
-        "(slower; for debugging)",
-    )
-    t.add_argument(
-        "--persist", action="store_true", help="keep the TAP device when the daemon exits"
-    )
-    t.add_argument(
-        "--underlay-mtu", metavar="N", help="segment for this MTU instead of the route's MTU"
-    )
-    d = p.add_argument_group("daemon (override the file's [daemon] table)")
-    d.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics on host:port")
-    d.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error", "critical"),
-        help="default: info",
-    )
-    d.add_argument("--log-format", choices=("text", "json"), help="default: text")
-    d.add_argument(
-        "--no-firewall",
-        dest="firewall",
-        action="store_const",
-        const=False,
-        default=None,
-        help="do not install the nftables rule that stops the host answering with RSTs",
-    )
-    d.add_argument(
-        "--instance", metavar="NAME", help="names the nft table and control socket (default: sttun)"
-    )
-    d.add_argument("--control-socket", metavar="PATH", help="default: /run/sttun/<instance>.sock")
+    tunnel = p.add_argument_group("one tunnel (instead of -c)")
+    for key in TUNNEL_KEYS:
+        key.add_flag(tunnel)
+    daemon = p.add_argument_group("daemon (override the file's [daemon] table)")
+    for key in DAEMON_KEYS:
+        key.add_flag(daemon)
     p.set_defaults(func=_cmd_up)
 
 
@@ -261,7 +220,7 @@ def _add_show(sub: Any) -> None:
     p.add_argument(
         "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default: 5)"
     )
-    p.set_defaults(func=_cmd_show)
+    p.set_defaults(func=_tool("show"))
 
 
 def _add_port_flag(p: argparse.ArgumentParser) -> None:
@@ -422,7 +381,9 @@ def _not_root(command: str) -> bool:
 
 
 def _cmd_up(ns: argparse.Namespace) -> int:
-    from sttun.daemon.config import config_from_args
+    # Reads and validates the configuration completely, the protocol core's own
+    # rules included (config.validate_with_core), with or without --check.
+    from sttun.daemon.config import config_from_args, describe_config
 
     config = config_from_args(ns)
     if ns.check:
@@ -436,47 +397,6 @@ def _cmd_up(ns: argparse.Namespace) -> int:
         _error(f"the endpoint is not available in this installation ({e})")
         return EXIT_RUNTIME
     return int(run(config))
-
-
-def describe_config(config: Any) -> str:
-    """A few lines describing a validated :class:`~sttun.daemon.config.DaemonConfig`."""
-    lines = [
-        f"instance {config.instance}, control socket {config.control_socket}, "
-        f"metrics {config.metrics or 'off'}, firewall {'on' if config.firewall else 'off'}, "
-        f"log {config.log_level}/{config.log_format}"
-    ]
-    for t in config.tunnels:
-        keys = f"{t.in_key:#x}" if t.in_key == t.out_key else f"in {t.in_key:#x} out {t.out_key:#x}"
-        dev = f" dev {t.dev}" if t.dev != t.name else ""
-        bridge = f" bridge {t.bridge}" if t.bridge else ""
-        lines.append(
-            f"tunnel {t.name}{dev}: {t.local_ip} -> {t.remote_ip} port {t.dst_port} "
-            f"key {keys} mtu {t.mtu}{bridge}"
-        )
-    n = len(config.tunnels)
-    lines.append(f"configuration OK: {n} tunnel{'s' if n != 1 else ''}")
-    return "\n".join(lines)
-
-
-def _cmd_show(ns: argparse.Namespace) -> int:
-    from sttun.daemon.config import default_control_socket
-    from sttun.daemon.control import query
-
-    path = ns.control_socket or default_control_socket(ns.instance or "sttun")
-    data: Any = query(path, "show", timeout=ns.timeout)
-    if ns.json:
-        import json
-
-        print(json.dumps(data, indent=2))
-        return EXIT_OK
-    if sys.stdout.isatty():
-        try:
-            _print_show_rich(data)
-            return EXIT_OK
-        except ImportError:
-            pass
-    print(format_show_text(data))
-    return EXIT_OK
 
 
 def _check_decap(ns: argparse.Namespace) -> str | None:
@@ -499,131 +419,6 @@ def _tool(name: str) -> Callable[[argparse.Namespace], int]:
 
     run_tool.__name__ = f"run_{name}"
     return run_tool
-
-
-# --------------------------------------------------------------------------------
-# `sttun show` rendering
-
-_COLUMNS = (
-    ("TUNNEL", False),
-    ("DEV", False),
-    ("LOCAL", False),
-    ("REMOTE", False),
-    ("KEY", False),
-    ("PORT", True),
-    ("STATE", False),
-    ("TX FRAMES", True),
-    ("TX BYTES", True),
-    ("RX FRAMES", True),
-    ("RX BYTES", True),
-    ("DROPS", True),
-    ("REASM", True),
-)  # (heading, right-aligned)
-
-
-def human_duration(seconds: float) -> str:
-    """``3725`` → ``"1h02m"``."""
-    s = max(int(seconds), 0)
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    if d:
-        return f"{d}d{h:02d}h"
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
-
-
-def _key_text(in_key: int, out_key: int) -> str:
-    return f"{in_key:#x}" if in_key == out_key else f"{in_key:#x}/{out_key:#x}"
-
-
-def _show_parts(data: ShowData, now: float) -> tuple[str, list[list[str]], list[str]]:
-    """(header line, table rows, detail lines) for ``sttun show``.
-
-    Tolerates missing or null sections (the data crosses a process boundary).
-    """
-    header = (
-        f"sttun instance {data.get('instance', '?')}, pid {data.get('pid', '?')}, "
-        f"up {human_duration(now - data.get('started', now))}, "
-        f"{len(data.get('tunnels', []))} tunnel(s)"
-    )
-    rows = []
-    details = []
-    for t in data.get("tunnels", []):
-        tx: dict[str, Any] = t.get("tx") or {}  # type: ignore[assignment]
-        rx: dict[str, Any] = t.get("rx") or {}  # type: ignore[assignment]
-        drops: dict[str, int] = t.get("drops") or {}
-        r: dict[str, Any] = t.get("reassembly") or {}  # type: ignore[assignment]
-        rows.append(
-            [
-                str(t.get("name", "?")),
-                str(t.get("dev", "?")),
-                str(t.get("local_ip", "?")),
-                str(t.get("remote_ip", "?")),
-                _key_text(t.get("in_key", 0), t.get("out_key", 0)),
-                str(t.get("dst_port", "?")),
-                str(t.get("state", "?")) + ("" if t.get("offload", True) else " (no offload)"),
-                str(tx.get("frames", 0)),
-                human_bytes(tx.get("bytes", 0)),
-                str(rx.get("frames", 0)),
-                human_bytes(rx.get("bytes", 0)),
-                str(sum(drops.values())),
-                f"{r.get('entries', 0)}/{human_bytes(r.get('bytes', 0))}",
-            ]
-        )
-        if drops:
-            details.append(f"drops {t.get('name', '?')}: {_drop_list(drops)}")
-    if data.get("drops"):
-        details.append(f"drops (no tunnel): {_drop_list(data['drops'])}")
-    g: dict[str, Any] = data.get("reassembly") or {}  # type: ignore[assignment]
-    details.append(
-        f"reassembly: {g.get('entries', 0)} partial frame(s), {human_bytes(g.get('bytes', 0))} "
-        f"(peak {human_bytes(g.get('peak_bytes', 0))}), {g.get('evictions', 0)} evicted, "
-        f"{g.get('timeouts', 0)} timed out"
-    )
-    return header, rows, details
-
-
-def _drop_list(drops: dict[str, int]) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items(), key=lambda i: -i[1]))
-
-
-def format_show_text(data: ShowData, now: float | None = None) -> str:
-    """``sttun show`` as plain aligned text (no colour), for pipes and logs."""
-    header, rows, details = _show_parts(data, time.time() if now is None else now)
-    headings = [c for c, _ in _COLUMNS]
-    widths = [max(len(str(x)) for x in col) for col in zip(headings, *rows, strict=False)]
-    lines = [header, ""]
-    for row in (headings, *rows):
-        cells = [
-            cell.rjust(w) if right else cell.ljust(w)
-            for cell, w, (_, right) in zip(row, widths, _COLUMNS, strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    if not rows:
-        lines.append("(no tunnels)")
-    lines.append("")
-    lines.extend(details)
-    return "\n".join(lines)
-
-
-def _print_show_rich(data: ShowData) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    header, rows, details = _show_parts(data, time.time())
-    table = Table(title=header, title_justify="left")
-    for heading, right in _COLUMNS:
-        table.add_column(heading, justify="right" if right else "left", no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    for line in details:
-        console.print(line, highlight=False)
 
 
 # --------------------------------------------------------------------------------

@@ -7,14 +7,13 @@ data) and to ``load_config`` (written out as TOML text).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
 
 import pytest
 from fuzz.common import time_limit
-from fuzz.fuzz_config import _DAEMON_KEYS, _STRINGS, _TUNNEL_KEYS, TARGET
+from fuzz.fuzz_config import _DAEMON_KEYS, _STRINGS, _TUNNEL_KEYS, TARGET, _check_config
 from hypothesis import given
 from hypothesis import strategies as st
 from tests.property.fuzz_cases import fuzz_settings, target_tests
@@ -112,9 +111,14 @@ def test_any_text(text: str) -> None:
 @SETTINGS
 @given(documents)
 def test_structured_documents(doc: dict[str, object]) -> None:
-    """parse_config on hypothesis-built data: a config or ConfigError."""
-    with time_limit(TARGET.time_limit), contextlib.suppress(ConfigError):
-        parse_config(doc, source="hyp")
+    """parse_config on hypothesis-built data: a ConfigError, or a config that keeps
+    the target's invariants (the core accepts it, ...)."""
+    with time_limit(TARGET.time_limit):
+        try:
+            cfg = parse_config(doc, source="hyp")
+        except ConfigError:
+            return
+        _check_config(cfg)
 
 
 @SETTINGS
@@ -125,5 +129,9 @@ def test_structured_toml_text(
     """The same documents written as TOML and read back with load_config."""
     path: Path = tmp_path_factory.mktemp("cfg") / "sttun.toml"
     path.write_text(toml_document(doc))
-    with time_limit(TARGET.time_limit), contextlib.suppress(ConfigError):
-        load_config(path)
+    with time_limit(TARGET.time_limit):
+        try:
+            cfg = load_config(path)
+        except ConfigError:
+            return
+        _check_config(cfg)

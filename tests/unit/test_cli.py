@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import select
@@ -18,6 +19,8 @@ import pytest
 from sttun import __version__, cli
 from sttun.daemon.control import ControlServer
 from sttun.errors import CaptureError, ConfigError
+from sttun.tools.report import human_bytes
+from sttun.tools.show import format_show_text, human_duration
 
 COMMANDS = ("up", "show", "decap", "encap", "inspect", "demo")
 UP = ("up", "--local-ip", "198.18.0.1", "--remote-ip", "198.18.0.2", "--key", "0x1234")
@@ -284,8 +287,8 @@ SHOW: dict[str, Any] = {
             "tx": {"frames": 10, "bytes": 2048, "segments": 12},
             "rx": {"frames": 5, "bytes": 100, "segments": 5},
             "drops": {"late_segment": 1, "bad_tcp_checksum": 3},
-            "reassembly": {"entries": 1, "bytes": 1500, "peak_bytes": 3000, "evictions": 0,
-                           "timeouts": 2},
+            "peer_reassembly": {"peer": "198.18.0.2", "entries": 1, "bytes": 1500,
+                                "peak_bytes": 3000, "evictions": 0, "timeouts": 2},
         },
         {
             "name": "long-name", "dev": "tap7", "local_ip": "2001:db8:0:1::1",
@@ -294,8 +297,17 @@ SHOW: dict[str, Any] = {
             "tx": {"frames": 0, "bytes": 0, "segments": 0},
             "rx": {"frames": 0, "bytes": 0, "segments": 0},
             "drops": {},
-            "reassembly": {"entries": 0, "bytes": 0, "peak_bytes": 0, "evictions": 0,
-                           "timeouts": 0},
+            "peer_reassembly": {"peer": "2001:db8:0:1::2", "entries": 0, "bytes": 0,
+                                "peak_bytes": 0, "evictions": 0, "timeouts": 0},
+        },
+        {
+            "name": "t2", "dev": "t2", "local_ip": "198.18.0.1", "remote_ip": "198.18.0.2",
+            "in_key": 0x99, "out_key": 0x99, "dst_port": 7471, "state": "up", "offload": True,
+            "tx": {"frames": 0, "bytes": 0, "segments": 0},
+            "rx": {"frames": 0, "bytes": 0, "segments": 0},
+            "drops": {},
+            "peer_reassembly": {"peer": "198.18.0.2", "entries": 1, "bytes": 1500,
+                                "peak_bytes": 3000, "evictions": 0, "timeouts": 2},
         },
     ],
     "drops": {"wrong_port": 4},
@@ -303,33 +315,50 @@ SHOW: dict[str, Any] = {
 }  # fmt: skip
 
 SHOW_TEXT = """\
-sttun instance sttun, pid 99, up 1h02m, 2 tunnel(s)
+sttun instance sttun, pid 99, up 1h02m, 3 tunnel(s)
 
-TUNNEL     DEV   LOCAL            REMOTE           KEY      PORT  STATE              TX FRAMES  TX BYTES  RX FRAMES  RX BYTES  DROPS      REASM
-stt0       stt0  198.18.0.1       198.18.0.2       0x1234   7471  up                        10   2.0 KiB          5     100 B      4  1/1.5 KiB
-long-name  tap7  2001:db8:0:1::1  2001:db8:0:1::2  0x1/0x2  7472  down (no offload)          0       0 B          0       0 B      0      0/0 B
+TUNNEL     DEV   LOCAL            REMOTE           KEY      PORT  STATE              TX FRAMES  TX BYTES  RX FRAMES  RX BYTES  DROPS  PEER REASM
+stt0       stt0  198.18.0.1       198.18.0.2       0x1234   7471  up                        10   2.0 KiB          5     100 B      4   1/1.5 KiB
+long-name  tap7  2001:db8:0:1::1  2001:db8:0:1::2  0x1/0x2  7472  down (no offload)          0       0 B          0       0 B      0       0/0 B
+t2         t2    198.18.0.1       198.18.0.2       0x99     7471  up                         0       0 B          0       0 B      0   1/1.5 KiB
 
 drops stt0: bad_tcp_checksum 3, late_segment 1
 drops (no tunnel): wrong_port 4
+reassembly from 198.18.0.2 (tunnels stt0, t2): 1 partial frame(s), 1.5 KiB (peak 2.9 KiB), 0 evicted, 2 timed out
 reassembly: 1 partial frame(s), 1.5 KiB (peak 2.9 KiB), 0 evicted, 2 timed out"""  # noqa: E501
 
 
 def test_format_show_text() -> None:
-    assert cli.format_show_text(SHOW, now=1000.0 + 3725) == SHOW_TEXT  # type: ignore[arg-type]
+    assert format_show_text(SHOW, now=1000.0 + 3725) == SHOW_TEXT  # type: ignore[arg-type]
+
+
+def test_show_text_reassembly_is_per_peer() -> None:
+    """Two peers with different partial-frame state get different rows and lines."""
+    data = copy.deepcopy(SHOW)
+    data["tunnels"][1]["peer_reassembly"].update(entries=3, bytes=4096, peak_bytes=8192)
+    text = format_show_text(data, now=1000.0)  # type: ignore[arg-type]
+    rows = {line.split()[0]: line.split()[-2:] for line in text.splitlines()[3:6]}
+    assert rows == {
+        "stt0": ["1/1.5", "KiB"], "long-name": ["3/4.0", "KiB"], "t2": ["1/1.5", "KiB"],
+    }  # fmt: skip
+    assert (
+        "reassembly from 2001:db8:0:1::2 (tunnels long-name): 3 partial frame(s), 4.0 KiB "
+        "(peak 8.0 KiB), 0 evicted, 0 timed out"
+    ) in text.splitlines()
 
 
 @pytest.mark.parametrize(
     ("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 2**30, "5.0 GiB")]
 )
 def test_human_bytes(n: int, text: str) -> None:
-    assert cli.human_bytes(n) == text
+    assert human_bytes(n) == text
 
 
 @pytest.mark.parametrize(
     ("s", "text"), [(5, "5s"), (65, "1m05s"), (3725, "1h02m"), (90000, "1d01h"), (-3, "0s")]
 )
 def test_human_duration(s: float, text: str) -> None:
-    assert cli.human_duration(s) == text
+    assert human_duration(s) == text
 
 
 @pytest.fixture
@@ -394,7 +423,69 @@ def test_show_instance_picks_socket(
 
 def test_format_show_tolerates_missing_sections() -> None:
     data = dict(SHOW, reassembly=None, drops=None)
-    data["tunnels"] = [dict(SHOW["tunnels"][0], tx=None, drops=None, reassembly=None)]
-    text = cli.format_show_text(data, now=1000.0)  # type: ignore[arg-type]
+    data["tunnels"] = [dict(SHOW["tunnels"][0], tx=None, drops=None, peer_reassembly=None)]
+    text = format_show_text(data, now=1000.0)  # type: ignore[arg-type]
     assert "reassembly: 0 partial frame(s)" in text
+    assert "reassembly from" not in text
     assert "drops" not in text.split("\n", 3)[3]
+    assert "(no tunnels)" in format_show_text({"tunnels": None}, now=0.0)  # type: ignore[typeddict-item]
+
+
+# --- up --check agrees with up (issue #12) ---------------------------------------------
+
+CLASH_FILE = """\
+[[tunnel]]
+name = "s1"
+local_ip = "198.18.0.1"
+remote_ip = "198.18.0.2"
+key = 5
+
+[[tunnel]]
+name = "s2"
+local_ip = "198.18.0.1"
+remote_ip = "198.18.0.2"
+key = 5
+dst_port = 7472
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (CLASH_FILE, "tunnel[1]: tunnels 's1' and 's2' have the same local address, remote "
+         "address and in_key (0x5): received frames could not be told apart (dst_port is not "
+         "part of the match)"),
+        (CLASH_FILE.split("\n\n")[0] + "\nunderlay_mtu = 300\n",
+         "tunnel[0].underlay_mtu: expected an integer 576..65535, got 300"),
+    ],
+)  # fmt: skip
+def test_up_check_refuses_what_up_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+) -> None:
+    """`--check` used to say "configuration OK" for these; `up` then failed."""
+    f = tmp_path / "s.toml"
+    f.write_text(text)
+    assert cli.main(["up", "-c", str(f), "--check"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"sttun: error: {f}: {message}\n"
+    assert captured.out == ""
+
+
+def test_up_refuses_before_starting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`up` gives the same one-line error as `--check`, before the endpoint is reached."""
+    f = tmp_path / "s.toml"
+    f.write_text(CLASH_FILE)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setitem(sys.modules, "sttun.daemon.endpoint", None)  # must not be reached
+    assert cli.main(["up", "-c", str(f)]) == 2
+    assert capsys.readouterr().err.startswith(f"sttun: error: {f}: tunnel[1]: tunnels 's1'")
+
+
+def test_up_check_flags_underlay_mtu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([*UP, "--underlay-mtu", "300", "--check"]) == 2
+    assert capsys.readouterr().err == (
+        "sttun: error: --underlay-mtu: expected an integer 576..65535, got 300\n"
+    )
+    assert cli.main([*UP, "--underlay-mtu", "576", "--check"]) == 0

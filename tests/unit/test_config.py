@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import ipaddress
 from pathlib import Path
@@ -11,20 +12,31 @@ from pathlib import Path
 import pytest
 
 from sttun.cli import build_parser
+from sttun.core import encap
+from sttun.core.decap import DscpModel
+from sttun.core.reassembly import DEFAULT_SOURCE_BUDGET
 from sttun.daemon.config import (
     DEFAULT_HIGH_WATER,
     DEFAULT_LOW_WATER,
     INHERIT,
+    MAX_UNDERLAY_MTU,
+    MIN_UNDERLAY_MTU,
     OVS_OPTION_NAMES,
     DaemonConfig,
     TunnelConfig,
     changed_fields,
     config_from_args,
+    core_endpoint,
+    describe_config,
     diff_configs,
     load_config,
+    parse_config,
     parse_hostport,
     reload_config,
+    tunnel_spec,
+    validate_with_core,
 )
+from sttun.daemon.config_keys import CONFIG_KEYS, DAEMON_KEYS, TUNNEL_KEYS
 from sttun.errors import ConfigError
 
 T0 = """
@@ -69,6 +81,11 @@ def _tunnel(extra: str, **replace: str) -> str:
     return "\n".join(lines) + "\n" + extra + "\n"
 
 
+CLASH = (
+    "tunnel[1]: tunnels 't0' and 't1' have the same local address, remote address and "
+    "in_key (0x1): received frames could not be told apart (dst_port is not part of the match)"
+)
+
 BAD = [
     # (file text, expected message)
     (T0 + _tunnel("", name='"t1"', key="-5"), "tunnel[1].key: expected an integer 0..18446744073709551615, got -5"),
@@ -109,24 +126,20 @@ BAD = [
     (_tunnel('df = "yes"'), 'tunnel[0].df: expected true or false, got "yes"'),
     (_tunnel("offload = 1"), "tunnel[0].offload: expected true or false, got 1"),
     (_tunnel("persist = []"), "tunnel[0].persist: expected true or false, got an array"),
-    (_tunnel("underlay_mtu = 67"), "tunnel[0].underlay_mtu: expected an integer 68..65535 (IPv4 underlay), got 67"),
+    (_tunnel("underlay_mtu = 300"), "tunnel[0].underlay_mtu: expected an integer 576..65535, got 300"),
+    (_tunnel("underlay_mtu = 575"), "tunnel[0].underlay_mtu: expected an integer 576..65535, got 575"),
+    (_tunnel("underlay_mtu = 65536"), "tunnel[0].underlay_mtu: expected an integer 576..65535, got 65536"),
     (
-        _tunnel("underlay_mtu = 1000", local_ip='"2001:db8:0:1::1"', remote_ip='"2001:db8:0:1::2"'),
-        "tunnel[0].underlay_mtu: expected an integer 1280..65535 (IPv6 underlay), got 1000",
+        _tunnel("underlay_mtu = 300", local_ip='"2001:db8:0:1::1"', remote_ip='"2001:db8:0:1::2"'),
+        "tunnel[0].underlay_mtu: expected an integer 576..65535, got 300",
     ),
     (T0 + T0, 'tunnel[1].name: duplicate name "t0" (also tunnel[0])'),
     (T0 + _tunnel("", name='"t1"', remote_ip='"198.18.0.3"') + 'dev = "t0"\n', 'tunnel[1].dev: TAP device "t0" is already used by tunnel[0] ("t0")'),
     (_tunnel('dev = "x"') + T1.replace('name = "t1"', 'name = "x"'), 'tunnel[1].name: TAP device "x" is already used by tunnel[0] ("t0")'),
-    (
-        T0 + _tunnel("", name='"t1"'),
-        'tunnel[1]: same local_ip, remote_ip, in_key and dst_port as tunnel[0] ("t0"): '
-        "received frames could not be told apart",
-    ),
-    (
-        T0 + _tunnel("in_key = 1\nout_key = 9", name='"t1"', key=""),
-        'tunnel[1]: same local_ip, remote_ip, in_key and dst_port as tunnel[0] ("t0"): '
-        "received frames could not be told apart",
-    ),
+    (T0 + _tunnel("", name='"t1"'), CLASH),
+    (T0 + _tunnel("in_key = 1\nout_key = 9", name='"t1"', key=""), CLASH),
+    # the regression of issue #12: dst_port is not part of the receive match
+    (T0 + _tunnel("dst_port = 7472", name='"t1"'), CLASH),
     ("", "no tunnels: add at least one [[tunnel]] table"),
     ("tunnel = []", "no tunnels: add at least one [[tunnel]] table"),
     ('[tunnel]\nname = "t0"', "tunnel: expected an array of tables ([[tunnel]]), got a table"),
@@ -290,9 +303,75 @@ def test_default_low_water_follows_high_water(write) -> None:
     assert cfg.reassembly_low_water == 6 * 2**20
 
 
-def test_same_demux_key_allowed_on_other_port(write) -> None:
-    text = T0 + _tunnel("dst_port = 7472", name='"t1"')
-    assert len(load_config(write(text)).tunnels) == 2
+def test_same_key_allowed_to_another_remote_or_from_another_local(write) -> None:
+    other_remote = T0 + _tunnel("", name='"t1"', remote_ip='"198.18.0.3"')
+    other_local = T0 + _tunnel("", name='"t1"', local_ip='"198.18.0.9"')
+    other_in_key = T0 + _tunnel("in_key = 2\nout_key = 1", name='"t1"', key="")
+    for text in (other_remote, other_local, other_in_key):
+        assert len(load_config(write(text)).tunnels) == 2
+
+
+def test_underlay_mtu_floor_is_the_cores() -> None:
+    assert MIN_UNDERLAY_MTU == encap.MIN_UNDERLAY_MTU == 576
+    assert MAX_UNDERLAY_MTU == 65535
+
+
+def test_underlay_mtu_limits_accepted(write) -> None:
+    for mtu in (MIN_UNDERLAY_MTU, 1280, 9000, MAX_UNDERLAY_MTU):
+        cfg = load_config(write(_tunnel(f"underlay_mtu = {mtu}")))
+        assert cfg.tunnels[0].underlay_mtu == mtu
+        assert tunnel_spec(cfg.tunnels[0], route_mtu=1400).underlay_mtu == mtu
+
+
+# --- the core's view: tunnel_spec, core_endpoint, validate_with_core ---------------
+
+
+def test_tunnel_spec(write) -> None:
+    a, b = load_config(write(FULL)).tunnels
+    sa = tunnel_spec(a)
+    assert (sa.name, sa.local, sa.remote) == ("a", a.local_ip.packed, a.remote_ip.packed)
+    assert (sa.in_key, sa.out_key, sa.dst_port, sa.df) == (2**64 - 1, 7, 7472, False)
+    assert (sa.tos, sa.ttl, sa.dscp_model, sa.underlay_mtu) == (None, None, DscpModel.UNIFORM, 9000)
+    sb = tunnel_spec(b)
+    assert (sb.tos, sb.ttl, sb.dscp_model) == (46, 1, DscpModel.PIPE)
+    assert sb.underlay_mtu == 1500  # no underlay_mtu, no route known
+    assert tunnel_spec(b, route_mtu=1400).underlay_mtu == 1400  # the route's MTU
+
+
+def test_core_endpoint_limits(write) -> None:
+    cfg = load_config(write(FULL))
+    r = core_endpoint(cfg).reassembler
+    assert (r.timeout, r.high_water, r.low_water, r.source_budget) == (
+        10.0, 8 * 2**20, 2**20, 2 * 2**20,
+    )  # fmt: skip
+    small = load_config(write("[daemon]\nreassembly_high_water = 1000000\n" + T0))
+    assert core_endpoint(small).reassembler.source_budget == 500000  # half the high water
+    assert core_endpoint(load_config(write(T0))).reassembler.source_budget == (
+        DEFAULT_SOURCE_BUDGET
+    )
+
+
+def test_validate_with_core_names_file_and_tunnel(write) -> None:
+    ok = load_config(write(T0 + T1))
+    validate_with_core(ok)  # what load_config returns has passed it
+    clash = dataclasses.replace(
+        ok,
+        tunnels=(
+            ok.tunnels[0],
+            dataclasses.replace(ok.tunnels[0], name="t1", dev="t1", dst_port=7472),
+        ),
+    )
+    with pytest.raises(ConfigError) as exc:
+        validate_with_core(clash)
+    assert str(exc.value) == f"sttun.toml: {CLASH}"
+    # a value the core refuses that the file's checks did not see (built directly)
+    low = dataclasses.replace(ok, tunnels=(dataclasses.replace(ok.tunnels[0], underlay_mtu=300),))
+    with pytest.raises(ConfigError) as exc:
+        validate_with_core(low)
+    assert str(exc.value) == "sttun.toml: tunnel[0]: underlay MTU: expected >= 576, got 300"
+    flags_only = dataclasses.replace(low, config_path=None)
+    with pytest.raises(ConfigError, match=r"^tunnel\[0\]: underlay MTU"):
+        validate_with_core(flags_only)
 
 
 def test_configs_are_frozen_and_hashable(write) -> None:
@@ -390,8 +469,9 @@ def test_from_args_everything() -> None:
         (("--metrics", "9100"), '--metrics: expected "host:port" (IPv6 as "[::1]:9100"), got "9100"'),
         (("--instance=-x",), "--instance: expected a name of 1..32 characters from A-Z a-z "
          '0-9 _ -, starting with a letter, got "-x"'),
-        (("--underlay-mtu", "10"), "--underlay-mtu: expected an integer 68..65535 (IPv4 "
-         "underlay), got 10"),
+        (("--underlay-mtu", "10"), "--underlay-mtu: expected an integer 576..65535, got 10"),
+        (("--underlay-mtu", "300", "--local-ip", "2001:db8::1", "--remote-ip", "2001:db8::2"),
+         "--underlay-mtu: expected an integer 576..65535, got 300"),
     ],
 )  # fmt: skip
 def test_from_args_bad(argv: tuple[str, ...], message: str) -> None:
@@ -490,3 +570,74 @@ def test_reload_without_file() -> None:
     cfg = config_from_args(_args(*BASE))
     with pytest.raises(ConfigError, match="command-line flags"):
         reload_config(cfg)
+
+
+def test_reload_refuses_what_the_core_refuses(write) -> None:
+    """SIGHUP's reload_config runs validate_with_core: a clash is a ConfigError."""
+    cfg = load_config(write(T0))
+    write(T0 + _tunnel("dst_port = 7472", name='"t1"'))
+    with pytest.raises(ConfigError) as exc:
+        reload_config(cfg)
+    assert str(exc.value) == f"sttun.toml: {CLASH}"
+    write(_tunnel("underlay_mtu = 300"))
+    with pytest.raises(ConfigError, match=r"underlay_mtu: expected an integer 576\.\.65535"):
+        reload_config(cfg)
+
+
+def test_parse_config_runs_the_core_checks() -> None:
+    t = {"name": "a", "local_ip": "198.18.0.1", "remote_ip": "198.18.0.2", "key": 1}
+    doc = {"tunnel": [t, {**t, "name": "b", "dst_port": 7000}]}
+    with pytest.raises(ConfigError, match=r"^doc: tunnel\[1\]: tunnels 'a' and 'b' have the same"):
+        parse_config(doc, source="doc")
+
+
+# --- the key table -------------------------------------------------------------------
+
+
+def test_key_table_is_complete_and_unique() -> None:
+    names = [(k.section, k.name) for k in CONFIG_KEYS]
+    assert len(set(names)) == len(names)
+    flags = [k.flag for k in CONFIG_KEYS if k.flag]
+    assert len(set(flags)) == len(flags)
+    tunnel_fields = {f.name for f in dataclasses.fields(TunnelConfig)}
+    assert {k.name for k in TUNNEL_KEYS} == tunnel_fields - {"in_key", "out_key"} | {
+        "key", "in_key", "out_key",
+    }  # fmt: skip
+    daemon_fields = {f.name for f in dataclasses.fields(DaemonConfig)}
+    assert {k.name for k in DAEMON_KEYS} == daemon_fields - {"tunnels", "config_path", "overrides"}
+    assert {k.name: k.ovs for k in TUNNEL_KEYS} == OVS_OPTION_NAMES
+
+
+def test_every_flag_of_the_table_is_a_flag_of_up() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    up = sub.choices["up"]
+    by_flag = {s: a for a in up._actions for s in a.option_strings}
+    for k in CONFIG_KEYS:
+        if k.flag is None:
+            continue
+        action = by_flag[k.flag]
+        assert action.dest == k.name, k
+        assert action.default is None, k  # "not given" is None for every flag
+        assert action.help == k.help and k.help, k
+        if k.const is not None:
+            assert action.const is k.const and action.nargs == 0, k
+
+
+def test_switches_store_their_value() -> None:
+    ns = _args(*BASE, "--no-df", "--no-offload", "--persist", "--no-firewall")
+    assert (ns.df, ns.offload, ns.persist, ns.firewall) == (False, False, True, False)
+    ns = _args(*BASE)
+    assert (ns.df, ns.offload, ns.persist, ns.firewall) == (None, None, None, None)
+
+
+def test_describe_config(write) -> None:
+    text = describe_config(load_config(write(FULL)))
+    assert text.splitlines() == [
+        "instance tenant2, control socket /run/sttun/tenant2.sock, metrics [::1]:9100, "
+        "firewall off, log debug/json",
+        "tunnel a dev tap-a: 2001:db8:0:1::1 -> 2001:db8:0:1::2 port 7472 "
+        "key 0xffffffffffffffff/0x7 mtu 9000 bridge br0",
+        "tunnel b: 198.18.0.1 -> 198.18.0.2 port 7471 key 0x0/0xf mtu 1500",
+        "configuration OK: 2 tunnels",
+    ]

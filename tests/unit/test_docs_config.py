@@ -2,14 +2,15 @@
 
 The reference cannot drift from the implementation:
 
-* every ``[[tunnel]]`` key (:data:`sttun.daemon.config.OVS_OPTION_NAMES`) and every
-  ``[daemon]`` key is a row of its table, no row names a key the code lacks, the
-  OVS column matches ``OVS_OPTION_NAMES`` and the default column shows the code's
-  default;
+* every ``[[tunnel]]`` and ``[daemon]`` key of the key table
+  (:data:`sttun.daemon.config_keys.CONFIG_KEYS`) is a row of its table, no row
+  names a key the code lacks, the OVS and flag columns match the key table, the
+  default column shows the code's default (the fields of ``TunnelConfig`` /
+  ``DaemonConfig``) and the underlay MTU range is the one the validator enforces;
 * every flag of ``sttun`` and of every subcommand (found by walking the argparse
   parser of :func:`sttun.cli.build_parser`) is a row of that command's table, no
   row names a flag the parser lacks, and argparse defaults are the documented ones;
-* the ``file key`` column of ``sttun up`` agrees with the flag tables in config.py;
+* the ``file key`` column of ``sttun up`` agrees with the key table;
 * every ``toml`` example of the page and ``contrib/sttun.toml`` validate;
 * ``contrib/systemd/sttun.service`` has the directives docs/operations.md promises;
 * every metric the collector exports is named in docs/operations.md;
@@ -37,7 +38,9 @@ from sttun import __version__
 from sttun.cli import build_parser
 from sttun.core.reassembly import DEFAULT_SOURCE_BUDGET
 from sttun.daemon import config as cfg
+from sttun.daemon.config_keys import CONFIG_KEYS, DAEMON_KEYS, TUNNEL_KEYS, Where
 from sttun.daemon.metrics import SttunCollector
+from sttun.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_MD = REPO / "docs" / "configuration.md"
@@ -116,26 +119,28 @@ def _toml(value: object) -> str:
 
 def test_tunnel_keys_match_the_code(tables: dict[str, dict[str, dict[str, str]]]) -> None:
     documented = tables[TUNNEL_SECTION]
-    assert set(documented) == set(cfg.OVS_OPTION_NAMES), (
-        f"missing from the doc: {sorted(set(cfg.OVS_OPTION_NAMES) - set(documented))}; "
-        f"not in the code: {sorted(set(documented) - set(cfg.OVS_OPTION_NAMES))}"
+    code = {k.name for k in TUNNEL_KEYS}
+    assert set(documented) == code, (
+        f"missing from the doc: {sorted(code - set(documented))}; "
+        f"not in the code: {sorted(set(documented) - code)}"
     )
     fields = {f.name for f in dataclasses.fields(cfg.TunnelConfig)}
-    assert set(cfg.OVS_OPTION_NAMES) - {"key"} <= fields | {"in_key", "out_key"}
+    assert code - {"key"} <= fields
 
 
 def test_tunnel_ovs_column(tables: dict[str, dict[str, dict[str, str]]]) -> None:
-    for key, ovs in cfg.OVS_OPTION_NAMES.items():
-        cell = tables[TUNNEL_SECTION][key]["OVS"]
-        if ovs is None:
-            assert cell.startswith("—"), f"{key}: OVS column should be '—', is {cell!r}"
+    for key in TUNNEL_KEYS:
+        cell = tables[TUNNEL_SECTION][key.name]["OVS"]
+        if key.ovs is None:
+            assert cell.startswith("—"), f"{key.name}: OVS column should be '—', is {cell!r}"
         else:
-            assert _CODE.findall(cell)[:1] == [ovs], f"{key}: OVS column {cell!r}, code {ovs}"
+            assert _CODE.findall(cell)[:1] == [key.ovs], f"{key.name}: OVS {cell!r}, code {key.ovs}"
 
 
 def test_tunnel_defaults(tables: dict[str, dict[str, dict[str, str]]]) -> None:
+    names = {k.name for k in TUNNEL_KEYS}
     for f in dataclasses.fields(cfg.TunnelConfig):
-        if f.name not in cfg.OVS_OPTION_NAMES:
+        if f.name not in names:
             continue
         cell = tables[TUNNEL_SECTION][f.name]["default"]
         if f.default is dataclasses.MISSING:
@@ -148,26 +153,40 @@ def test_tunnel_defaults(tables: dict[str, dict[str, dict[str, str]]]) -> None:
             assert f"`{_toml(f.default)}`" in cell, f"{f.name}: code {f.default!r}, doc {cell!r}"
 
 
+def test_underlay_mtu_range(tables: dict[str, dict[str, dict[str, str]]]) -> None:
+    """One underlay MTU limit: the core's floor, documented as the validator enforces it."""
+    lo, hi = cfg.MIN_UNDERLAY_MTU, cfg.MAX_UNDERLAY_MTU
+    cell = tables[TUNNEL_SECTION]["underlay_mtu"]["type"]
+    assert cell == f"integer {lo}..{hi}", cell
+    check = next(k for k in TUNNEL_KEYS if k.name == "underlay_mtu").check
+    where = Where("doc", {}, cli_strings=False)
+    assert check(lo, "x", where) == lo and check(hi, "x", where) == hi
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(ConfigError):
+            check(bad, "x", where)
+
+
 def test_daemon_keys_match_the_code(tables: dict[str, dict[str, dict[str, str]]]) -> None:
     documented = tables[DAEMON_SECTION]
-    code = set(cfg._DAEMON_KEYS)
+    code = {k.name for k in DAEMON_KEYS}
     fields = {f.name for f in dataclasses.fields(cfg.DaemonConfig)}
     assert code <= fields
     assert set(documented) == code, (
         f"missing from the doc: {sorted(code - set(documented))}; "
         f"not in the code: {sorted(set(documented) - code)}"
     )
-    for key, flag in cfg.DAEMON_FLAGS.items():
-        assert _CODE.findall(documented[key]["flag"]) == [flag], key
-    for key in code - set(cfg.DAEMON_FLAGS):
-        assert documented[key]["flag"].startswith("—"), key
+    for key in DAEMON_KEYS:
+        if key.flag is None:
+            assert documented[key.name]["flag"].startswith("—"), key.name
+        else:
+            assert _CODE.findall(documented[key.name]["flag"]) == [key.flag], key.name
 
 
 def test_daemon_defaults(tables: dict[str, dict[str, dict[str, str]]]) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(cfg.DaemonConfig)}
     defaults["control_socket"] = cfg.default_control_socket("<instance>")
     defaults["reassembly_source_budget"] = DEFAULT_SOURCE_BUDGET
-    for key in cfg._DAEMON_KEYS:
+    for key in (k.name for k in DAEMON_KEYS):
         cell = tables[DAEMON_SECTION][key]["default"]
         value = defaults[key]
         if value is None:
@@ -224,13 +243,17 @@ def test_flags_match_the_parser(command: str, tables: dict[str, dict[str, dict[s
 
 
 def test_up_file_key_column(tables: dict[str, dict[str, dict[str, str]]]) -> None:
-    flags = {**cfg._TUNNEL_FLAGS, **cfg.DAEMON_FLAGS}
     rows = tables["`sttun up`"]
-    for key, flag in flags.items():
-        if key == "dev":  # --dev sets the tunnel name; dev follows it
+    for key in CONFIG_KEYS:
+        if key.flag is None:
             continue
-        spans = _CODE.findall(rows[flag]["file key"])
-        assert spans and spans[0].split()[0] == key, f"{flag}: file key {spans}, code {key}"
+        spans = _CODE.findall(rows[key.flag]["file key"])
+        assert spans and spans[0].split()[0] == key.name, (
+            f"{key.flag}: file key {spans}, code {key.name}"
+        )
+        if key.section == "tunnel":  # the OVS column of sttun up is the key table's too
+            ovs = _CODE.findall(rows[key.flag]["OVS"])
+            assert [o.split("=")[0] for o in ovs[:1]] == ([key.ovs] if key.ovs else []), key
 
 
 def test_help_is_complete() -> None:
@@ -277,7 +300,7 @@ def test_example_file_validates() -> None:
     assert config.tunnels
     text = EXAMPLE_TOML.read_text()
     # every key is at least mentioned (commented out if not set)
-    for key in (*cfg.OVS_OPTION_NAMES, "metrics", "log_level", "log_format", "firewall"):
+    for key in (*(k.name for k in TUNNEL_KEYS), "metrics", "log_level", "log_format", "firewall"):
         assert re.search(rf"^#? ?{key} = ", text, flags=re.M), f"{key} not in the example"
 
 
@@ -335,8 +358,8 @@ def test_metric_names_documented() -> None:
                 "tx": {"frames": 1, "bytes": 1, "segments": 1},
                 "rx": {"frames": 1, "bytes": 1, "segments": 1},
                 "drops": {"bad_version": 1},
-                "reassembly": {"entries": 0, "bytes": 0, "peak_bytes": 0, "evictions": 0,
-                               "timeouts": 0},
+                "peer_reassembly": {"peer": "198.18.0.2", "entries": 0, "bytes": 0,
+                                    "peak_bytes": 0, "evictions": 0, "timeouts": 0},
             }
         ],
         "drops": {"unknown_source": 1},

@@ -14,6 +14,7 @@ from sttun.core.decap import DscpModel
 from sttun.core.drops import DropReason
 from sttun.core.endpoint import Delivered, Endpoint, Received, Tunnel, TunnelSpec
 from sttun.core.reassembly import Pending, Reassembler
+from sttun.errors import ConfigError, EncodeError
 from sttun.wire.ip import ip_bytes
 from sttun.wire.stt import SttHeader
 from sttun.wire.vnet import GsoType, VnetFlag, VnetHdr
@@ -328,14 +329,27 @@ def test_edge38_dscp_of_offset0_segment_uniform_model() -> None:
 # ------------------------------------------------------------- tunnel table, demux
 
 
+def test_refused_tunnel_leaves_no_trace() -> None:
+    """A tunnel the encapsulator refuses does not open its remote to reassembly."""
+    ep = Endpoint()
+    ep.add_tunnel(TunnelSpec("v6", B6, A6, 1, 1))
+    with pytest.raises(EncodeError, match="underlay MTU"):
+        ep.add_tunnel(TunnelSpec("low", B4, A4, 1, 1, underlay_mtu=300))
+    assert list(ep.tunnels) == ["v6"]
+    assert ep.receive(outer(stt(inner_tcp(50), 1)), 0.0) is DropReason.UNKNOWN_SOURCE
+    assert ep.drops.as_dict() == {DropReason.UNKNOWN_SOURCE.value: 1}
+
+
 def test_tunnel_table_and_context_demux() -> None:
     ep = Endpoint()
     t1 = ep.add_tunnel(TunnelSpec("one", B4, A4, 10, 10))
     t2 = ep.add_tunnel(TunnelSpec("two", B4, A4, 20, 20, dscp_model=DscpModel.PIPE))
-    with pytest.raises(ValueError, match="exists"):
+    with pytest.raises(ConfigError, match="exists"):
         ep.add_tunnel(TunnelSpec("one", B4, A4, 30, 30))
-    with pytest.raises(ValueError, match="key 10"):
+    with pytest.raises(ConfigError, match=r"^tunnels 'one' and 'three' have the same .*\(0xa\)"):
         ep.add_tunnel(TunnelSpec("three", B4, A4, 10, 10))
+    with pytest.raises(ConfigError, match="dst_port is not part of the match"):
+        ep.add_tunnel(TunnelSpec("three", B4, A4, 10, 10, dst_port=7472))
     inner = inner_tcp(50, tos=0x04)
     r1 = delivered(ep.receive(outer(stt(inner, 10), tos=0xB8), 0.0))
     r2 = delivered(ep.receive(outer(stt(inner, 20), tos=0xB8), 0.0))

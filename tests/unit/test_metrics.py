@@ -8,13 +8,13 @@ import urllib.request
 import pytest
 
 from sttun.core.drops import DropReason
+from sttun.core.keys import format_key
 from sttun.daemon.metrics import (
     ShowData,
     ShowSnapshot,
     SttunCollector,
     empty_reassembly,
     empty_traffic,
-    key_label,
     render,
     start_metrics_server,
 )
@@ -40,7 +40,8 @@ def sample() -> ShowData:
                 "tx": {"frames": 10, "bytes": 15000, "segments": 12},
                 "rx": {"frames": 7, "bytes": 9000, "segments": 9},
                 "drops": {"bad_tcp_checksum": 3, "late_segment": 1},
-                "reassembly": {
+                "peer_reassembly": {
+                    "peer": "198.18.0.2",
                     "entries": 2,
                     "bytes": 3000,
                     "peak_bytes": 65000,
@@ -61,7 +62,29 @@ def sample() -> ShowData:
                 "tx": empty_traffic(),
                 "rx": empty_traffic(),
                 "drops": {},
-                "reassembly": empty_reassembly(),
+                "peer_reassembly": {"peer": "2001:db8:0:1::2", **empty_reassembly()},
+            },
+            {
+                "name": "stt2",
+                "dev": "stt2",
+                "local_ip": "198.18.0.1",
+                "remote_ip": "198.18.0.2",
+                "in_key": 9,
+                "out_key": 9,
+                "dst_port": 7471,
+                "state": "up",
+                "offload": True,
+                "tx": empty_traffic(),
+                "rx": empty_traffic(),
+                "drops": {},
+                "peer_reassembly": {
+                    "peer": "198.18.0.2",
+                    "entries": 2,
+                    "bytes": 3000,
+                    "peak_bytes": 65000,
+                    "evictions": 4,
+                    "timeouts": 5,
+                },
             },
         ],
         "drops": {"wrong_port": 6, "unknown_source": 2},
@@ -75,9 +98,12 @@ def sample() -> ShowData:
     }
 
 
-def test_key_label() -> None:
-    assert key_label(0x1234, 0x1234) == "0x1234"
-    assert key_label(1, 2) == "0x1/0x2"
+def test_format_key() -> None:
+    """The one key format: the metrics' ``key`` label, show, logs and --check use it."""
+    assert format_key(0x1234) == "0x1234"
+    assert format_key(0x1234, 0x1234) == "0x1234"
+    assert format_key(1, 2) == "0x1/0x2"
+    assert format_key(0, 2**64 - 1) == "0x0/0xffffffffffffffff"
 
 
 def test_exposition() -> None:
@@ -98,11 +124,12 @@ def test_exposition() -> None:
         'sttun_tunnel_rx_frames_total{key="0x1/0x2",tunnel="stt1"} 0.0',
         'sttun_tunnel_drops_total{key="0x1234",reason="bad_tcp_checksum",tunnel="stt0"} 3.0',
         'sttun_tunnel_drops_total{key="0x1234",reason="late_segment",tunnel="stt0"} 1.0',
-        'sttun_tunnel_reassembly_entries{key="0x1234",tunnel="stt0"} 2.0',
-        'sttun_tunnel_reassembly_bytes{key="0x1234",tunnel="stt0"} 3000.0',
-        'sttun_tunnel_reassembly_peak_bytes{key="0x1234",tunnel="stt0"} 65000.0',
-        'sttun_tunnel_reassembly_evictions_total{key="0x1234",tunnel="stt0"} 4.0',
-        'sttun_tunnel_reassembly_timeouts_total{key="0x1234",tunnel="stt0"} 5.0',
+        'sttun_peer_reassembly_entries{peer="198.18.0.2"} 2.0',
+        'sttun_peer_reassembly_bytes{peer="198.18.0.2"} 3000.0',
+        'sttun_peer_reassembly_peak_bytes{peer="198.18.0.2"} 65000.0',
+        'sttun_peer_reassembly_evictions_total{peer="198.18.0.2"} 4.0',
+        'sttun_peer_reassembly_timeouts_total{peer="198.18.0.2"} 5.0',
+        'sttun_peer_reassembly_entries{peer="2001:db8:0:1::2"} 0.0',
         'sttun_drops_total{reason="wrong_port"} 6.0',
         'sttun_drops_total{reason="unknown_source"} 2.0',
         "sttun_reassembly_entries 2.0",
@@ -111,10 +138,14 @@ def test_exposition() -> None:
         "sttun_reassembly_evictions_total 4.0",
         "sttun_reassembly_timeouts_total 8.0",
         "# TYPE sttun_tunnel_tx_frames_total counter",
-        "# TYPE sttun_tunnel_reassembly_bytes gauge",
+        "# TYPE sttun_peer_reassembly_bytes gauge",
+        "# TYPE sttun_peer_reassembly_evictions_total counter",
     ]
     missing = [e for e in expected if e not in lines]
     assert not missing, f"{missing}\n---\n{text}"
+    # a peer's numbers are exported once, however many tunnels lead to it
+    assert sum(x.startswith("sttun_peer_reassembly_entries{") for x in lines) == 2
+    assert "sttun_tunnel_reassembly" not in text
     # a tunnel with no drops exports no drop series
     assert 'tunnel="stt1"' not in "".join(x for x in lines if x.startswith("sttun_tunnel_drops"))
 
@@ -188,7 +219,7 @@ def test_bad_address() -> None:
 
 def test_missing_sections_do_not_break_a_scrape() -> None:
     data: dict = dict(sample())
-    data["tunnels"] = [dict(data["tunnels"][0], tx=None, drops=None, reassembly=None, extra=1)]
+    data["tunnels"] = [dict(data["tunnels"][0], tx=None, drops=None, peer_reassembly=None, extra=1)]
     data["reassembly"] = None
     data["drops"] = None
     text = render(SttunCollector(lambda: data))  # type: ignore[arg-type, return-value]

@@ -923,3 +923,26 @@ def test_room_kept_buffer_of_a_dropped_frame_is_let_go() -> None:
     assert r.add(SRC, DST, 10, 5000 << 16, memoryview(rx2)[:4000], 0.0, room=(rx2, 0)) is KEPT
     done = completed(r.add(SRC, DST, 10, 5000 << 16 | 4000, frame[4000:], 0.0))
     assert bytes(done.frame) == frame and done.buffer is rx2
+
+
+def test_a_whole_copy_of_a_partly_stored_frame_is_delivered_once() -> None:
+    """A frame that arrives whole while some of its segments are stored completes
+    that partial frame; the segments still to come are late, not a second frame."""
+    r = Reassembler()
+    frame = bytes(range(200))
+    first, rest = cut(frame, [100])
+    assert r.add(SRC, DST, 1, *first, 0.0) is Pending.STORED
+    done = r.add(SRC, DST, 1, 200 << 16, frame, 0.0)
+    assert type(done) is Completed and bytes(done.frame) == frame and done.segments == 2
+    assert r.add(SRC, DST, 1, *rest, 0.0) is DropReason.LATE_SEGMENT
+    assert r.frames_completed == 1 and r.entries == 0
+
+
+def test_a_whole_copy_that_disagrees_with_stored_bytes_drops_the_frame() -> None:
+    r = Reassembler()
+    frame = bytes(range(200))
+    first, _rest = cut(frame, [100])
+    assert r.add(SRC, DST, 1, *first, 0.0) is Pending.STORED
+    forged = bytes(50) + frame[50:]
+    assert r.add(SRC, DST, 1, 200 << 16, forged, 0.0) is DropReason.OVERLAP_CONFLICT
+    assert r.frames_completed == 0 and r.entries == 0

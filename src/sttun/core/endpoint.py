@@ -21,9 +21,11 @@ from typing import Any, NamedTuple
 from sttun.core.decap import Decapsulated, Decapsulator, DscpModel
 from sttun.core.drops import DropCounters, DropReason
 from sttun.core.encap import DEFAULT_TTL, DEFAULT_UNDERLAY_MTU, Encapsulator, Packet
+from sttun.core.keys import format_key
 from sttun.core.outer import parse_segment, tcp_checksum_ok
 from sttun.core.reassembly import Completed, Pending, Reassembler
 from sttun.core.vlan import DEFAULT_VLAN_POLICY, VlanPolicy
+from sttun.errors import ConfigError
 from sttun.wire.stt import MIN_FRAME_LEN, STT_PORT, TCP_HEADER_LEN
 from sttun.wire.vnet import VnetHdr
 
@@ -139,14 +141,25 @@ class Endpoint:
 
     # -- tunnel table ---------------------------------------------------------------
     def add_tunnel(self, spec: TunnelSpec, **encap_kw: Any) -> Tunnel:
-        """Create a tunnel; raises ValueError if its name or demux key is taken."""
+        """Create a tunnel.
+
+        Raises :class:`~sttun.errors.ConfigError` if its name is taken or if another
+        tunnel has the same demultiplexing key: (local address, remote address,
+        ``in_key``).  The destination port is not part of that key (segments to any
+        configured port reach every tunnel; the reassembler keys on the outer
+        addresses and the frame id, protocol.md), so two tunnels that differ only in
+        ``dst_port`` are refused too.  The :class:`~sttun.core.encap.Encapsulator`
+        raises :class:`~sttun.errors.EncodeError` for arguments it cannot use (an
+        underlay MTU below :data:`~sttun.core.encap.MIN_UNDERLAY_MTU`, ...).
+        """
         if spec.name in self.tunnels:
-            raise ValueError(f"tunnel {spec.name!r} exists already")
-        peer = self._peers.setdefault((spec.remote, spec.local), _Peer())
-        if spec.in_key in peer.by_key:
-            raise ValueError(
-                f"tunnel {spec.name!r}: key {spec.in_key} from this remote is used by "
-                f"{peer.by_key[spec.in_key].spec.name!r}"
+            raise ConfigError(f"tunnel {spec.name!r} exists already")
+        peer = self._peers.get((spec.remote, spec.local))
+        if peer is not None and spec.in_key in peer.by_key:
+            raise ConfigError(
+                f"tunnels {peer.by_key[spec.in_key].spec.name!r} and {spec.name!r} have the "
+                f"same local address, remote address and in_key ({format_key(spec.in_key)}): "
+                "received frames could not be told apart (dst_port is not part of the match)"
             )
         enc = Encapsulator(
             spec.local,
@@ -161,6 +174,8 @@ class Endpoint:
         )
         dec = Decapsulator(vlan_policy=self.vlan_policy, dscp_model=spec.dscp_model)
         tunnel = Tunnel(spec, enc, dec)
+        if peer is None:
+            peer = self._peers[spec.remote, spec.local] = _Peer()
         peer.by_key[spec.in_key] = tunnel
         self.tunnels[spec.name] = tunnel
         self.ports = frozenset(t.spec.dst_port for t in self.tunnels.values())

@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "ENTRY_OVERHEAD",
     "RECENT_PER_FRAME",
+    "SOURCES_PER_FRAME",
     "AddResult",
     "Completed",
     "Pending",
@@ -83,6 +84,11 @@ ENTRY_OVERHEAD: int = 512
 #: How many completed/dropped keys are remembered, per allowed partial frame
 #: (8 x 1024 = 8192 keys by default, a few hundred KB of dict at most).
 RECENT_PER_FRAME: int = 8
+#: How many outer source addresses keep their per-source history (peak bytes,
+#: evictions, timeouts), per allowed partial frame: 2 x 1024 by default.  Sources
+#: holding partial frames always keep theirs (there are at most ``max_frames``); of
+#: the others, the one that started a frame longest ago is forgotten first.
+SOURCES_PER_FRAME: int = 2
 
 _Key = tuple[Hashable, Hashable, int]
 
@@ -176,6 +182,18 @@ class _Frame:
         self.segs = 1  # segments stored (the first one included)
 
 
+class _SourceHistory:
+    """What one outer source address did over time (its current state is in the
+    reassembler's per-source tables)."""
+
+    __slots__ = ("evictions", "peak_bytes", "timeouts")
+
+    def __init__(self) -> None:
+        self.peak_bytes = 0
+        self.evictions = 0
+        self.timeouts = 0
+
+
 class Reassembler:
     """Reassembles STT frames from segment payloads; never raises on packet input.
 
@@ -242,6 +260,10 @@ class Reassembler:
         # Per source: its partial frames in first-seen order, and the bytes charged.
         self._src_frames: dict[Hashable, OrderedDict[_Key, None]] = {}
         self._src_bytes: dict[Hashable, int] = {}
+        # Per source: peak bytes, evictions, timeouts (see source_stats), bounded; the
+        # source that started a frame most recently is at the end.
+        self._src_history: OrderedDict[Hashable, _SourceHistory] = OrderedDict()
+        self._src_history_max = SOURCES_PER_FRAME * max_frames
         # Recently completed or dropped keys -> (expiry, L or -1 for "any L").
         self._recent: OrderedDict[_Key, tuple[float, int]] = OrderedDict()
         self._recent_max = RECENT_PER_FRAME * max_frames
@@ -308,11 +330,13 @@ class Reassembler:
         end = off + n
         if end > length:
             return self._refuse(DropReason.SEGMENT_PAST_END, n)
-        if n == length:
+        key = (src, dst, ack)
+        if n == length and key not in self._frames:
             # Whole frame in one segment (off is 0): no partial-frame table, no copy
             # (OVS does the same, protocol.md §3.3 step 4).  The key is remembered
             # like any completed frame's, so a duplicate is not delivered twice.
-            key = (src, dst, ack)
+            # (A whole copy of a frame that is partly stored already goes the
+            # general way: it completes that frame, which is then delivered once.)
             recent = self._recent
             seen = recent.get(key)
             if seen is not None and seen[0] > clock and seen[1] in (length, -1):
@@ -323,7 +347,6 @@ class Reassembler:
                 payload = memoryview(payload)
             return _new_tuple(Completed, (payload, tos & 0xFF, tos & 3 == 3, 1, None))
 
-        key = (src, dst, ack)
         fr = self._frames.get(key)
         if fr is not None and fr.deadline <= clock:
             # Stale: OVS no longer matches an entry older than the timeout.
@@ -461,8 +484,28 @@ class Reassembler:
         """Bytes charged per outer source address (a copy)."""
         return dict(self._src_bytes)
 
+    def source_stats(self, src: Hashable) -> dict[str, int]:
+        """One outer source address's share, as a JSON-ready dict.
+
+        ``entries`` and ``bytes`` are its partial frames and the bytes charged for them
+        now; ``peak_bytes``, ``evictions`` and ``timeouts`` its history (the same
+        counters as :meth:`stats`, for this source only).  Before a frame completes
+        its context id is unknown, so this is all the reassembler can say per tunnel:
+        tunnels to the same remote address share these numbers.  Zeros for a source
+        it has not seen (or has forgotten, see :data:`SOURCES_PER_FRAME`).
+        """
+        frames = self._src_frames.get(src)
+        hist = self._src_history.get(src)
+        return {
+            "entries": 0 if frames is None else len(frames),
+            "bytes": self._src_bytes.get(src, 0),
+            "peak_bytes": 0 if hist is None else hist.peak_bytes,
+            "evictions": 0 if hist is None else hist.evictions,
+            "timeouts": 0 if hist is None else hist.timeouts,
+        }
+
     def stats(self) -> dict[str, int]:
-        """Counters as a JSON-ready dict (per-source bytes: :attr:`bytes_by_source`)."""
+        """Counters as a JSON-ready dict (per source: :meth:`source_stats`)."""
         return {
             "entries": len(self._frames),
             "bytes_held": self.bytes_held,
@@ -472,6 +515,7 @@ class Reassembler:
             "evictions": self.evictions,
             "timeouts": self.timeouts,
             "sources": len(self._src_bytes),
+            "sources_remembered": len(self._src_history),
             "recent_keys": len(self._recent),
         }
 
@@ -520,11 +564,30 @@ class Reassembler:
             sf = self._src_frames[src] = OrderedDict()
             self._src_bytes[src] = 0
         sf[key] = None
-        self._src_bytes[src] += charge
+        held = self._src_bytes[src] + charge
+        self._src_bytes[src] = held
         self.bytes_held += charge
         if self.bytes_held > self.peak_bytes:
             self.peak_bytes = self.bytes_held
+        history = self._src_history
+        hist = history.get(src)
+        if hist is None:
+            hist = history[src] = _SourceHistory()
+            if len(history) > self._src_history_max:
+                self._forget_a_source()
+        else:
+            history.move_to_end(src)
+        if held > hist.peak_bytes:
+            hist.peak_bytes = held
         return _STORED if kept is None else _KEPT
+
+    def _forget_a_source(self) -> None:
+        """Drop the history of the idle source that started a frame longest ago."""
+        holding = self._src_frames
+        for old in self._src_history:
+            if old not in holding:
+                del self._src_history[old]
+                return
 
     def _refuse(self, reason: DropReason, nbytes: int) -> DropReason:
         """Count one refused segment of ``nbytes`` payload bytes; return ``reason``."""
@@ -584,6 +647,9 @@ class Reassembler:
         self.drops.count(reason, fr.covered + extra)
         if reason in _EVICTIONS:
             self.evictions += 1
+            self._src_history[fr.src].evictions += 1
+        elif reason is DropReason.REASSEMBLY_TIMEOUT:
+            self._src_history[fr.src].timeouts += 1
         if tombstone:
             self._remember(key, -1 if any_length else fr.length)
 

@@ -24,7 +24,6 @@ socket (``sttun show``), the Prometheus metrics, and signal handling
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -35,12 +34,19 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from sttun.core.decap import DscpModel
 from sttun.core.drops import DropReason
 from sttun.core.encap import DEFAULT_UNDERLAY_MTU, MIN_UNDERLAY_MTU
-from sttun.core.endpoint import Endpoint, Tunnel, TunnelSpec
-from sttun.core.reassembly import DEFAULT_SOURCE_BUDGET, Reassembler
-from sttun.daemon.config import DaemonConfig, TunnelConfig, diff_configs, reload_config
+from sttun.core.endpoint import Tunnel
+from sttun.core.keys import format_key
+from sttun.core.reassembly import Reassembler
+from sttun.daemon.config import (
+    DaemonConfig,
+    TunnelConfig,
+    core_endpoint,
+    diff_configs,
+    reload_config,
+    tunnel_spec,
+)
 from sttun.daemon.datapath import Datapath, TunnelRuntime, Underlay
 from sttun.daemon.logsetup import setup_logging, tunnel_logger
 from sttun.errors import ConfigError, SetupError, SttError
@@ -61,40 +67,12 @@ TAP_GSO_MAX_SIZE = 65000
 _ETH = struct.Struct("!6s6sH")
 
 
-def _spec(cfg: TunnelConfig) -> TunnelSpec:
-    tos = None if cfg.tos == "inherit" else int(cfg.tos)
-    ttl = None if cfg.ttl == "inherit" else int(cfg.ttl)
-    return TunnelSpec(
-        name=cfg.name,
-        local=cfg.local_ip.packed,
-        remote=cfg.remote_ip.packed,
-        in_key=cfg.in_key,
-        out_key=cfg.out_key,
-        dst_port=cfg.dst_port,
-        tos=tos,
-        ttl=ttl,
-        df=cfg.df,
-        underlay_mtu=cfg.underlay_mtu or 1500,
-        dscp_model=DscpModel.UNIFORM if tos is None else DscpModel.PIPE,
-    )
-
-
 class Daemon:
     """The running endpoint.  :meth:`run` blocks until stopped."""
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        budget = config.reassembly_source_budget or min(
-            DEFAULT_SOURCE_BUDGET, config.reassembly_high_water // 2
-        )
-        self.core = Endpoint(
-            reassembler=Reassembler(
-                timeout=config.reassembly_timeout,
-                high_water=config.reassembly_high_water,
-                low_water=config.reassembly_low_water,
-                source_budget=budget,
-            )
-        )
+        self.core = core_endpoint(config)
         self.started = time.time()
         self.tunnels: dict[str, TunnelRuntime] = {}
         self.underlays: dict[str, Underlay] = {}
@@ -175,11 +153,8 @@ class Daemon:
         underlay, route = self._underlay_for(cfg)
         mtu = cfg.underlay_mtu if cfg.underlay_mtu is not None else route.mtu
         usable = mtu is None or mtu >= MIN_UNDERLAY_MTU
-        tunnel = self.core.add_tunnel(
-            dataclasses.replace(
-                _spec(cfg), underlay_mtu=mtu if mtu and usable else DEFAULT_UNDERLAY_MTU
-            )
-        )
+        # a route MTU too small for STT starts the tunnel down (below), not at all
+        tunnel = self.core.add_tunnel(tunnel_spec(cfg, mtu if usable else DEFAULT_UNDERLAY_MTU))
         try:
             if tap is None:
                 tap = TapDevice(
@@ -215,7 +190,7 @@ class Daemon:
             cfg.local_ip,
             cfg.remote_ip,
             underlay.ifname,
-            _keys(cfg),
+            format_key(cfg.in_key, cfg.out_key),
             tunnel.encapsulator.underlay_mtu,
             "on" if cfg.offload else "off",
         )
@@ -413,7 +388,13 @@ class Daemon:
 
     # ------------------------------------------------------------------ reload
     def reload(self) -> None:
-        """Re-read the configuration file and apply the differences (SIGHUP)."""
+        """Re-read the configuration file and apply the differences (SIGHUP).
+
+        Nothing changes unless the new file passes the whole validation ``sttun up``
+        runs, the protocol core's rules included (``reload_config`` ends with
+        ``validate_with_core``); otherwise one error line is logged and the running
+        configuration stays.
+        """
         if not self.config.config_path:
             log.warning("SIGHUP ignored: tunnels came from the command line, not a file")
             return
@@ -460,7 +441,6 @@ class Daemon:
         """The :class:`~sttun.daemon.metrics.ShowData` of this daemon, now."""
         core = self.core.stats()
         reasm = core["reassembly"]
-        by_source = self.core.reassembler.bytes_by_source
         tunnels = []
         for name, rt in self.tunnels.items():
             t = core["tunnels"].get(name, {})
@@ -481,7 +461,7 @@ class Daemon:
                     "tx": t.get("tx"),
                     "rx": t.get("rx"),
                     "drops": t.get("drops", {}),
-                    "reassembly": _reassembly_view(reasm, by_source, rt),
+                    "peer_reassembly": _reassembly_view(self.core.reassembler, rt),
                     "software_completions": t.get("software_completions", 0),
                     "vlan_without_v": t.get("vlan_without_v", 0),
                     "ce_marked": t.get("ce_marked", 0),
@@ -555,24 +535,14 @@ def _socket(u: Underlay) -> PacketSocket:
     return cast(PacketSocket, u.sock)
 
 
-def _keys(cfg: TunnelConfig) -> str:
-    if cfg.in_key == cfg.out_key:
-        return f"{cfg.in_key:#x}"
-    return f"in {cfg.in_key:#x} / out {cfg.out_key:#x}"
+def _reassembly_view(reassembler: Reassembler, rt: TunnelRuntime) -> dict[str, Any]:
+    """The reassembly numbers of a tunnel's remote peer (``PeerReassemblyStats``).
 
-
-def _reassembly_view(
-    reasm: dict[str, Any], by_source: dict[Any, int], rt: TunnelRuntime
-) -> dict[str, int]:
-    """A tunnel's share of the reassembler: the bytes held for its remote address."""
-    held = by_source.get(rt.tunnel.spec.remote, 0)
-    return {
-        "entries": reasm.get("entries", 0),
-        "bytes": held,
-        "peak_bytes": reasm.get("peak_bytes", 0),
-        "evictions": reasm.get("evictions", 0),
-        "timeouts": reasm.get("timeouts", 0),
-    }
+    Until a frame is complete the reassembler knows only its outer addresses (the
+    context id is inside the frame), so these belong to the peer and are shared by
+    every tunnel to the same remote address.
+    """
+    return {"peer": str(rt.config.remote_ip), **reassembler.source_stats(rt.tunnel.spec.remote)}
 
 
 def run(config: DaemonConfig) -> int:

@@ -8,18 +8,23 @@ prometheus_client is imported only when metrics are used, so importing this modu
 for the types costs nothing.
 
 Metrics (``tunnel`` and ``key`` labels on every per-tunnel series; ``key`` is the
-context id in hex, ``0x1234``, or ``in/out`` when the two differ)::
+context id as :func:`~sttun.core.keys.format_key` writes it, ``0x1234``, or
+``in/out`` when the two differ)::
 
     sttun_info{instance,version}                       1
     sttun_start_time_seconds                           gauge
     sttun_tunnel_state{tunnel,key,state}               1 for the current state
     sttun_tunnel_{tx,rx}_{frames,bytes,segments}_total counter
     sttun_tunnel_drops_total{tunnel,key,reason}        counter
-    sttun_tunnel_reassembly_{entries,bytes,peak_bytes} gauge
-    sttun_tunnel_reassembly_{evictions,timeouts}_total counter
+    sttun_peer_reassembly_{entries,bytes,peak_bytes}{peer}  gauge, per remote address
+    sttun_peer_reassembly_{evictions,timeouts}_total{peer}  counter, per remote address
     sttun_drops_total{reason}                          drops no tunnel can be blamed for
     sttun_reassembly_{entries,bytes,peak_bytes}        gauge, whole reassembler
     sttun_reassembly_{evictions,timeouts}_total        counter, whole reassembler
+
+Reassembly is per peer, not per tunnel: until a frame is complete its context id is
+unknown, so its partial state belongs to the outer source address (the ``peer``
+label, a tunnel's ``remote_ip``) that tunnels to the same remote share.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from sttun.daemon.config import parse_hostport
+from sttun.core.keys import format_key
+from sttun.daemon.config_keys import parse_hostport
 from sttun.errors import ConfigError, SetupError
 
 if TYPE_CHECKING:
@@ -45,13 +51,23 @@ class TrafficStats(TypedDict):
 
 
 class ReassemblyStats(TypedDict):
-    """Reassembly state and history, per tunnel or for the whole reassembler."""
+    """Reassembly state and history, of one peer or of the whole reassembler."""
 
     entries: int  # partial frames buffered now
     bytes: int  # bytes charged for them now
     peak_bytes: int  # highest ``bytes`` seen
     evictions: int  # partial frames thrown away for memory (high water, source budget)
     timeouts: int  # partial frames thrown away after the reassembly timeout
+
+
+class PeerReassemblyStats(ReassemblyStats):
+    """A tunnel's remote peer's part of the reassembler (``peer``: its address).
+
+    Partial frames are known only by their outer source address until they
+    complete, so tunnels to the same remote address show the same numbers.
+    """
+
+    peer: str
 
 
 class TunnelStats(TypedDict):
@@ -74,7 +90,7 @@ class TunnelStats(TypedDict):
     tx: TrafficStats
     rx: TrafficStats
     drops: dict[str, int]
-    reassembly: ReassemblyStats
+    peer_reassembly: PeerReassemblyStats
 
 
 class ShowData(TypedDict):
@@ -101,13 +117,6 @@ def empty_traffic() -> TrafficStats:
 def empty_reassembly() -> ReassemblyStats:
     """A zeroed :class:`ReassemblyStats`."""
     return {"entries": 0, "bytes": 0, "peak_bytes": 0, "evictions": 0, "timeouts": 0}
-
-
-def key_label(in_key: int, out_key: int) -> str:
-    """The ``key`` label: ``0x1234``, or ``0x1/0x2`` when in_key and out_key differ."""
-    if in_key == out_key:
-        return f"{in_key:#x}"
-    return f"{in_key:#x}/{out_key:#x}"
 
 
 TUNNEL_STATES = ("up", "down", "error")
@@ -196,15 +205,18 @@ class SttunCollector:
             "sttun_tunnel_drops", "packets dropped, by reason", labels=[*tl, "reason"]
         )
         reasm_g = {
-            f: GaugeMetricFamily(f"sttun_tunnel_reassembly_{f}", text, labels=tl)
+            f: GaugeMetricFamily(f"sttun_peer_reassembly_{f}", f"{text}, per peer", labels=["peer"])
             for f, text in _REASM_GAUGES
         }
         reasm_c = {
-            f: CounterMetricFamily(f"sttun_tunnel_reassembly_{f}", text, labels=tl)
+            f: CounterMetricFamily(
+                f"sttun_peer_reassembly_{f}", f"{text}, per peer", labels=["peer"]
+            )
             for f, text in _REASM_COUNTERS
         }
+        peers: set[str] = set()
         for t in data["tunnels"]:
-            labels = [t["name"], key_label(t["in_key"], t["out_key"])]
+            labels = [t["name"], format_key(t["in_key"], t["out_key"])]
             states: tuple[str, ...] = TUNNEL_STATES
             if t["state"] not in states:
                 states = (*states, t["state"])
@@ -216,11 +228,15 @@ class SttunCollector:
                     traffic[direction, f].add_metric(labels, stats.get(f, 0))
             for reason, n in sorted((t.get("drops") or {}).items()):
                 drops.add_metric([*labels, reason], n)
-            reasm: Mapping[str, Any] = t.get("reassembly") or {}
+            reasm: Mapping[str, Any] = t.get("peer_reassembly") or {}
+            peer = str(reasm.get("peer", t.get("remote_ip", "")))
+            if not reasm or peer in peers:
+                continue  # tunnels to the same remote share their peer's numbers
+            peers.add(peer)
             for f, fam in reasm_g.items():
-                fam.add_metric(labels, reasm.get(f, 0))
+                fam.add_metric([peer], reasm.get(f, 0))
             for f, cfam in reasm_c.items():
-                cfam.add_metric(labels, reasm.get(f, 0))
+                cfam.add_metric([peer], reasm.get(f, 0))
         yield state
         yield from traffic.values()
         yield drops

@@ -1,0 +1,180 @@
+"""``sttun show``: ask a running endpoint for its state and print it.
+
+The daemon answers on its control socket with a
+:class:`~sttun.daemon.metrics.ShowData`; this module prints it as JSON
+(``--json``), as a rich table on a terminal, or as plain aligned text
+(:func:`format_show_text`) for pipes and logs.  The renderers tolerate missing or
+null sections: the data crosses a process boundary, possibly from another version.
+
+Partial frames are only known by their outer source address until they complete
+(the context id is inside the frame), so the reassembly numbers on a tunnel's row
+are those of its remote peer, shared by every tunnel to that address; the text
+says so (``PEER REASM``, ``reassembly from <peer> (tunnels ...)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from sttun.core.keys import format_key
+from sttun.tools.report import human_bytes
+
+if TYPE_CHECKING:
+    from sttun.daemon.metrics import ShowData
+
+__all__ = ["format_show_text", "human_duration", "main", "print_show_rich"]
+
+_COLUMNS = (
+    ("TUNNEL", False),
+    ("DEV", False),
+    ("LOCAL", False),
+    ("REMOTE", False),
+    ("KEY", False),
+    ("PORT", True),
+    ("STATE", False),
+    ("TX FRAMES", True),
+    ("TX BYTES", True),
+    ("RX FRAMES", True),
+    ("RX BYTES", True),
+    ("DROPS", True),
+    ("PEER REASM", True),
+)  # (heading, right-aligned)
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Run ``sttun show`` with parsed arguments; returns the exit status."""
+    from sttun.daemon.config_keys import DEFAULT_INSTANCE, default_control_socket
+    from sttun.daemon.control import query
+
+    path = ns.control_socket or default_control_socket(ns.instance or DEFAULT_INSTANCE)
+    data: Any = query(path, "show", timeout=ns.timeout)
+    if ns.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    if sys.stdout.isatty():
+        try:
+            print_show_rich(data)
+            return 0
+        except ImportError:
+            pass
+    print(format_show_text(data))
+    return 0
+
+
+def human_duration(seconds: float) -> str:
+    """``3725`` → ``"1h02m"``."""
+    s = max(int(seconds), 0)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+def _reassembly_text(r: Mapping[str, Any]) -> str:
+    return (
+        f"{r.get('entries', 0)} partial frame(s), {human_bytes(r.get('bytes', 0))} "
+        f"(peak {human_bytes(r.get('peak_bytes', 0))}), {r.get('evictions', 0)} evicted, "
+        f"{r.get('timeouts', 0)} timed out"
+    )
+
+
+def _drop_list(drops: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items(), key=lambda i: -i[1]))
+
+
+def _show_parts(data: ShowData, now: float) -> tuple[str, list[list[str]], list[str]]:
+    """(header line, table rows, detail lines) for ``sttun show``."""
+    tunnels: list[Mapping[str, Any]] = data.get("tunnels") or []  # type: ignore[assignment]
+    header = (
+        f"sttun instance {data.get('instance', '?')}, pid {data.get('pid', '?')}, "
+        f"up {human_duration(now - data.get('started', now))}, "
+        f"{len(tunnels)} tunnel(s)"
+    )
+    rows = []
+    details = []
+    # peer address -> (its reassembly numbers, the tunnels to it), in tunnel order
+    peers: dict[str, tuple[Mapping[str, Any], list[str]]] = {}
+    for t in tunnels:
+        name = str(t.get("name", "?"))
+        tx: Mapping[str, Any] = t.get("tx") or {}
+        rx: Mapping[str, Any] = t.get("rx") or {}
+        drops: Mapping[str, int] = t.get("drops") or {}
+        r: Mapping[str, Any] = t.get("peer_reassembly") or {}
+        rows.append(
+            [
+                name,
+                str(t.get("dev", "?")),
+                str(t.get("local_ip", "?")),
+                str(t.get("remote_ip", "?")),
+                format_key(t.get("in_key", 0), t.get("out_key", 0)),
+                str(t.get("dst_port", "?")),
+                str(t.get("state", "?")) + ("" if t.get("offload", True) else " (no offload)"),
+                str(tx.get("frames", 0)),
+                human_bytes(tx.get("bytes", 0)),
+                str(rx.get("frames", 0)),
+                human_bytes(rx.get("bytes", 0)),
+                str(sum(drops.values())),
+                f"{r.get('entries', 0)}/{human_bytes(r.get('bytes', 0))}",
+            ]
+        )
+        if drops:
+            details.append(f"drops {name}: {_drop_list(drops)}")
+        if r:
+            peer = str(r.get("peer", t.get("remote_ip", "?")))
+            peers.setdefault(peer, (r, []))[1].append(name)
+    if data.get("drops"):
+        details.append(f"drops (no tunnel): {_drop_list(data['drops'])}")
+    for peer, (r, names) in peers.items():
+        if any(r.get(k) for k in ("entries", "peak_bytes", "evictions", "timeouts")):
+            details.append(
+                f"reassembly from {peer} (tunnels {', '.join(names)}): {_reassembly_text(r)}"
+            )
+    details.append(f"reassembly: {_reassembly_text(data.get('reassembly') or {})}")
+    return header, rows, details
+
+
+def format_show_text(data: ShowData, now: float | None = None) -> str:
+    """``sttun show`` as plain aligned text (no colour), for pipes and logs."""
+    header, rows, details = _show_parts(data, time.time() if now is None else now)
+    headings = [c for c, _ in _COLUMNS]
+    widths = [max(len(str(x)) for x in col) for col in zip(headings, *rows, strict=False)]
+    lines = [header, ""]
+    for row in (headings, *rows):
+        cells = [
+            cell.rjust(w) if right else cell.ljust(w)
+            for cell, w, (_, right) in zip(row, widths, _COLUMNS, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    if not rows:
+        lines.append("(no tunnels)")
+    lines.append("")
+    lines.extend(details)
+    return "\n".join(lines)
+
+
+def print_show_rich(data: ShowData) -> None:
+    """``sttun show`` as a rich table on the terminal (ImportError without rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, rows, details = _show_parts(data, time.time())
+    table = Table(title=header, title_justify="left")
+    for heading, right in _COLUMNS:
+        table.add_column(heading, justify="right" if right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for line in details:
+        console.print(line, highlight=False)
