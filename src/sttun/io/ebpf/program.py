@@ -224,11 +224,11 @@ class _Builder:
         self.a.ldx("w", R8, R6, SKB_DATA_END)
 
     def bound(self, n: int, fail: str) -> None:
-        """Go to ``fail`` unless ``n`` bytes from data are in the linear area."""
+        """Go to ``fail`` unless ``n`` bytes from data are in the linear area (uses R0)."""
         a = self.a
-        a.mov(R1, R7)
-        a.add(R1, n)
-        a.jgt(R1, R8, fail)
+        a.mov(R0, R7)
+        a.add(R0, n)
+        a.jgt(R0, R8, fail)
 
     def lookup(self, fd: int, key_slot: int) -> None:
         """R0 = map_lookup_elem(fd, fp + key_slot)."""

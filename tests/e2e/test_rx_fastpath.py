@@ -1,0 +1,194 @@
+"""The receive fast path on real namespaces: crafted STT frames in, bridged frames out.
+
+B's underlay carries the tc program (:class:`sttun.io.rx_fastpath.RxFastPath`) with
+one IPv4 and one IPv6 tunnel into a TAP; the TAP is bridged to a "VM" namespace
+where tcpdump captures.  No Python receive path runs here: frames the program
+leaves to Python must not reach the VM, and the program's counters must say why.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sttun.io.ebpf.attach import tcx_ingress_programs
+from sttun.io.rx_fastpath import FastPathError, FastPathTunnel, RxFastPath, fastpath_support
+from sttun.io.tap import TapDevice
+from sttun.tools.demo import tshark_checksum_verdict
+from tests.e2e.fastpath_env import (
+    KEY,
+    Case,
+    FastPathHosts,
+    bridge_tap,
+    cases,
+    fastpath_hosts,
+    l4_sport,
+    read_pcap,
+    send_cases,
+    wait_for_frames,
+)
+from tests.netns import Capture, need_root
+
+pytestmark = pytest.mark.netns
+
+
+def _skip_unless_supported() -> None:
+    need_root()
+    why = fastpath_support()
+    if why is not None:
+        pytest.skip(f"fast path cannot run here: {why}")
+
+
+def tunnels(h: FastPathHosts, tap_ifindex: int) -> list[FastPathTunnel]:
+    """The IPv4 and IPv6 tunnels from A into B's TAP."""
+    return [
+        FastPathTunnel("t4", h.ip_b, h.ip_a, KEY, tap_ifindex),
+        FastPathTunnel("t6", h.ip6_b, h.ip6_a, KEY, tap_ifindex),
+    ]
+
+
+def tshark_checksums(pcap: Path) -> list[tuple[str, str]]:
+    """(inner source port, verdict) per IP/TCP/UDP checksum tshark checks."""
+    fields = [
+        "ip.checksum.status",
+        "tcp.srcport",
+        "tcp.checksum.status",
+        "tcp.checksum",
+        "tcp.checksum_calculated",
+        "udp.srcport",
+        "udp.checksum.status",
+    ]
+    argv = ["tshark", "-r", str(pcap), "-o", "ip.check_checksum:TRUE",
+            "-o", "tcp.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
+            "-T", "fields", "-E", "separator=/t"]  # fmt: skip
+    for f in fields:
+        argv += ["-e", f]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    out = []
+    for line in res.stdout.splitlines():
+        ip_st, tsp, tst, tfield, tcalc, usp, ust = (line.split("\t") + [""] * 7)[:7]
+        if ip_st:
+            out.append((tsp or usp, "good" if ip_st == "1" else "bad"))
+        if tsp:
+            out.append((tsp, tshark_checksum_verdict(tst, tfield, tcalc)))
+        if usp:
+            out.append((usp, "good" if ust == "1" else "bad"))
+    return out
+
+
+def check_far_side(frames: list[bytes], fast: list[Case]) -> None:
+    """Every fast case arrived with its payload and the right number of frames."""
+    by_port: dict[int, list[bytes]] = collections.defaultdict(list)
+    for f in frames:
+        assert len(f) <= 1514, f"frame of {len(f)} bytes on the far side"
+        port = l4_sport(f)
+        assert port is not None, f"unexpected frame {f[:64].hex()}"
+        by_port[port].append(f)
+    for c in fast:
+        got = by_port.pop(c.sport, [])
+        assert len(got) == c.frames, f"{c.name}: {len(got)} frames, expected {c.frames}"
+        l3 = 20 if c.inner_family == 4 else 40
+        l4 = 20 if c.l4 == "tcp" else 8
+        payload = sum(len(f) - 14 - l3 - l4 for f in got)
+        assert payload == c.payload, f"{c.name}: {payload} payload bytes, expected {c.payload}"
+        if c.mss:
+            assert max(len(f) - 14 - l3 - l4 for f in got) == c.mss, c.name
+    assert not by_port, f"frames of cases that should not arrive: {sorted(by_port)}"
+
+
+def expected_passes(all_cases: list[Case]) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter()
+    for c in all_cases:
+        if c.expect != "fast":
+            counts[c.expect] += len(c.packets)
+    return dict(counts)
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+def test_fast_path_delivers_whole_frames_and_passes_the_rest(tmp_path: Path) -> None:
+    _skip_unless_supported()
+    with fastpath_hosts() as h:
+        with h.b.entered():
+            tap = TapDevice(h.tap, mtu=1500)
+        with tap:
+            bridge_tap(h, h.tap)
+            with h.b.entered():
+                fp = RxFastPath.attach(h.dev_b)
+            with fp:
+                assert fp.mode == "tcx"
+                fp.set_tunnels(tunnels(h, _ifindex(h, h.tap)))
+                all_cases = cases(h)
+                fast = [c for c in all_cases if c.expect == "fast"]
+                pcap = tmp_path / "vm.pcap"
+                with Capture(h.vm, h.vm_dev, pcap, "src host 192.0.2.1 or src host 2001:db8:1::1"):
+                    send_cases(h, all_cases)
+                    frames = wait_for_frames(pcap, sum(c.frames for c in fast))
+                frames = read_pcap(pcap)
+                counters = fp.counters()
+        check_far_side(frames, fast)
+        bad = [(p, v) for p, v in tshark_checksums(pcap) if v != "good"]
+        assert not bad, f"checksums tshark calls bad: {bad[:10]}"
+        per_tunnel = {"t4": 0, "t6": 0}
+        for c in fast:
+            per_tunnel[f"t{c.outer}"] += 1
+        assert {k: v["frames"] for k, v in counters["tunnels"].items()} == per_tunnel
+        passed = {k: v["packets"] for k, v in counters["passed"].items() if k != "not_stt" and v["packets"]}
+        assert passed == expected_passes(all_cases)
+        assert counters["errors"]["packets"] == 0
+
+
+def _ifindex(h: FastPathHosts, dev: str) -> int:
+    with h.b.entered():
+        return socket.if_nametoindex(dev)
+
+
+def test_verifier_rejection_is_a_clear_error(two_hosts: object) -> None:
+    _skip_unless_supported()
+    h = two_hosts
+    with h.b.entered():  # type: ignore[attr-defined]
+        with pytest.raises(FastPathError) as err:
+            RxFastPath.attach(h.dev_b, invalid_program=True)  # type: ignore[attr-defined]
+        assert tcx_ingress_programs(socket.if_nametoindex(h.dev_b)) == []  # type: ignore[attr-defined]
+    assert "verifier rejected" in err.value.reason
+    assert "\n" not in err.value.reason
+
+
+def test_sigkill_leaves_no_program_attached(two_hosts: object, tmp_path: Path) -> None:
+    _skip_unless_supported()
+    h = two_hosts
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from sttun.io.rx_fastpath import RxFastPath
+        fp = RxFastPath.attach({h.dev_b!r})  # type: ignore[attr-defined]
+        print(fp.mode, fp.prog_id, flush=True)
+        time.sleep(600)
+        """
+    )
+    proc = h.b.popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)  # type: ignore[attr-defined]
+    assert proc.stdout is not None
+    mode, prog_id = proc.stdout.readline().split()
+    assert mode == "tcx"
+    with h.b.entered():  # type: ignore[attr-defined]
+        index = socket.if_nametoindex(h.dev_b)  # type: ignore[attr-defined]
+        assert tcx_ingress_programs(index) == [int(prog_id)]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        # the link's last file descriptor closed with the process
+        deadline_ok = False
+        for _ in range(100):
+            if tcx_ingress_programs(index) == []:
+                deadline_ok = True
+                break
+            import time
+
+            time.sleep(0.05)
+        assert deadline_ok, "program still attached after SIGKILL"
