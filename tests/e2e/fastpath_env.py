@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import struct
 import time
 from collections.abc import Iterator
@@ -35,12 +36,16 @@ from sttun.wire.vnet import GsoType, VnetFlag, VnetHdr
 from tests.netns import Netns, ifname, link_mac, unique_suffix, veth_pair
 
 KEY = 42
+SENTINEL_PORT = 19999
 OTHER_KEY = 43
 INNER4 = ("192.0.2.1", "192.0.2.2")
 INNER6 = ("2001:db8:1::1", "2001:db8:1::2")
 INNER_SRC_MAC = bytes.fromhex("020000000001")
 INNER_DST_MAC = bytes.fromhex("020000000002")
 VNET_NONE = bytes(10)
+#: Frame ids (ACK) for crafted frames: unique, since the Python path drops a second
+#: whole frame with the same (source, destination, id) as a late duplicate.
+_frame_ids = itertools.count(1)
 
 
 @dataclass
@@ -200,7 +205,7 @@ def _encap(
         key,
         tos=tos,
         l2=l2,
-        first_frame_id=1,
+        first_frame_id=next(_frame_ids) * 1000,
         fixed_sport=0xC000,
     )
 
@@ -288,6 +293,17 @@ def cases(h: FastPathHosts) -> list[Case]:
             add(f"o{outer}-i{ifam}-tcp-mss-small", outer, frame, inner_vnet(ifam, "tcp", "GSO", 1000),
                 "fast", sport=sp, inner_family=ifam, l4="tcp", payload=200)  # fmt: skip
     return out
+
+
+def sentinel(h: FastPathHosts, outer: int) -> Case:
+    """A last frame that takes the Python path (outer checksum unverified) and that
+    Python delivers: when it shows on the far side, everything before it has."""
+    mac_a = bytes.fromhex(link_mac(h.a, h.dev_a).replace(":", ""))
+    mac_b = bytes.fromhex(link_mac(h.b, h.dev_b).replace(":", ""))
+    frame = inner_frame(4, "udp", b"sentinel", sport=SENTINEL_PORT, partial=False)
+    enc = _encap(h, outer, mac_b, mac_a)
+    packets = [[VNET_NONE, *_as_bytes(p)] for p in enc.encap(frame, None, gso=False)]
+    return Case("sentinel", outer, packets, "checksum", sport=SENTINEL_PORT, payload=8)
 
 
 def _with_outer_ce(packet: list[bytes], outer: int) -> list[bytes]:
