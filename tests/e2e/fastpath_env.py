@@ -50,7 +50,12 @@ _frame_ids = itertools.count(1)
 
 @dataclass
 class FastPathHosts:
-    """A, B and VM; B's TAP ``tap`` is in bridge ``br`` with ``br_port`` -> ``vm_dev``."""
+    """A, B and VM; B's TAP ``tap`` is in bridge ``br`` with ``br_port`` -> ``vm_dev``.
+
+    ``router``: with :func:`fastpath_hosts(routed=True)`, the namespace forwarding
+    between A and B (its link to B segments in software, B's GRO merges the
+    segments again, as a NIC's receive path would); ``nexthop_mac``: where A sends.
+    """
 
     a: Netns
     b: Netns
@@ -61,6 +66,8 @@ class FastPathHosts:
     br: str
     br_port: str
     vm_dev: str
+    nexthop_mac: bytes = b""
+    router: Netns | None = None
     ip_a: str = "198.18.0.1"
     ip_b: str = "198.18.0.2"
     ip6_a: str = "2001:db8:0:1::1"
@@ -71,32 +78,46 @@ class FastPathHosts:
         return (self.ip_a, self.ip_b) if outer == 4 else (self.ip6_a, self.ip6_b)
 
 
+def _mac(ns: Netns, dev: str) -> bytes:
+    return bytes.fromhex(link_mac(ns, dev).replace(":", ""))
+
+
 @contextlib.contextmanager
-def fastpath_hosts() -> Iterator[FastPathHosts]:
-    """Namespaces A, B, VM; B has a bridge with a veth to VM; the TAP is added later
-    (:func:`bridge_tap`).  Everything is deleted at the end."""
+def fastpath_hosts(routed: bool = False) -> Iterator[FastPathHosts]:
+    """Namespaces A, B, VM (and a router between A and B if ``routed``); B has a
+    bridge with a veth to VM; the TAP is added later (:func:`bridge_tap`).
+    Everything is deleted at the end."""
     sfx = unique_suffix()
-    with Netns("fa") as a, Netns("fb") as b, Netns("fv") as vm:
-        h = FastPathHosts(
-            a,
-            b,
-            vm,
-            ifname("ua", sfx),
-            ifname("ub", sfx),
-            ifname("tp", sfx),
-            ifname("br", sfx),
-            ifname("bp", sfx),
-            ifname("vm", sfx),
-        )
-        veth_pair(
-            a,
-            b,
-            h.dev_a,
-            h.dev_b,
-            [f"{h.ip_a}/24", f"{h.ip6_a}/64"],
-            [f"{h.ip_b}/24", f"{h.ip6_b}/64"],
-        )
-        b.ethtool_k(h.dev_b, gro=False)  # each crafted skb arrives as sent
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(Netns("fa"))
+        b = stack.enter_context(Netns("fb"))
+        vm = stack.enter_context(Netns("fv"))
+        h = FastPathHosts(a, b, vm, ifname("ua", sfx), ifname("ub", sfx), ifname("tp", sfx),
+                          ifname("br", sfx), ifname("bp", sfx), ifname("vm", sfx))  # fmt: skip
+        if not routed:
+            veth_pair(a, b, h.dev_a, h.dev_b, [f"{h.ip_a}/24", f"{h.ip6_a}/64"],
+                      [f"{h.ip_b}/24", f"{h.ip6_b}/64"])  # fmt: skip
+            b.ethtool_k(h.dev_b, gro=False)  # each crafted skb arrives as sent
+            h.nexthop_mac = _mac(b, h.dev_b)
+        else:
+            r = h.router = stack.enter_context(Netns("fr"))
+            ra, rb = ifname("ra", sfx), ifname("rb", sfx)
+            h.ip_b, h.ip6_b = "198.18.1.2", "2001:db8:0:1:1::2"
+            veth_pair(a, r, h.dev_a, ra, [f"{h.ip_a}/24", f"{h.ip6_a}/80"],
+                      ["198.18.0.254/24", "2001:db8:0:1::fe/80"])  # fmt: skip
+            veth_pair(r, b, rb, h.dev_b, ["198.18.1.254/24", "2001:db8:0:1:1::fe/80"],
+                      [f"{h.ip_b}/24", f"{h.ip6_b}/80"])  # fmt: skip
+            r.sysctl("net.ipv4.ip_forward", "1")
+            r.sysctl("net.ipv6.conf.all.forwarding", "1")
+            a.ip("route", "add", "198.18.1.0/24", "via", "198.18.0.254")
+            a.ip("-6", "route", "add", "2001:db8:0:1:1::/80", "via", "2001:db8:0:1::fe")
+            b.ip("route", "add", "198.18.0.0/24", "via", "198.18.1.254")
+            b.ip("-6", "route", "add", "2001:db8:0:1::/80", "via", "2001:db8:0:1:1::fe")
+            r.ethtool_k(rb, tso=False, gso=True)  # segments on the wire to B
+            b.ethtool_k(h.dev_b, gro=True)  # merged again by B's GRO
+            for dst in (h.ip_b, h.ip6_b):  # resolve B's address on the router
+                r.run(["ping", "-c", "1", "-W", "2", dst])
+            h.nexthop_mac = _mac(r, ra)
         veth_pair(b, vm, h.br_port, h.vm_dev)
         # complete checksums and segment in software on the way to the VM
         b.ethtool_k(h.br_port, tx=False, tso=False, gso=True)
@@ -216,8 +237,8 @@ def _as_bytes(packet: list[object]) -> list[bytes]:
 
 def cases(h: FastPathHosts) -> list[Case]:
     """Every crafted case, fallbacks first (see the module doc)."""
-    mac_a = bytes.fromhex(link_mac(h.a, h.dev_a).replace(":", ""))
-    mac_b = bytes.fromhex(link_mac(h.b, h.dev_b).replace(":", ""))
+    mac_a = _mac(h.a, h.dev_a)
+    mac_b = h.nexthop_mac
     out: list[Case] = []
     port = iter(range(20000, 30000))
 
@@ -298,8 +319,8 @@ def cases(h: FastPathHosts) -> list[Case]:
 def sentinel(h: FastPathHosts, outer: int) -> Case:
     """A last frame that takes the Python path (outer checksum unverified) and that
     Python delivers: when it shows on the far side, everything before it has."""
-    mac_a = bytes.fromhex(link_mac(h.a, h.dev_a).replace(":", ""))
-    mac_b = bytes.fromhex(link_mac(h.b, h.dev_b).replace(":", ""))
+    mac_a = _mac(h.a, h.dev_a)
+    mac_b = h.nexthop_mac
     frame = inner_frame(4, "udp", b"sentinel", sport=SENTINEL_PORT, partial=False)
     enc = _encap(h, outer, mac_b, mac_a)
     packets = [[VNET_NONE, *_as_bytes(p)] for p in enc.encap(frame, None, gso=False)]
