@@ -92,21 +92,48 @@ def fastpath_hosts(routed: bool = False) -> Iterator[FastPathHosts]:
         a = stack.enter_context(Netns("fa"))
         b = stack.enter_context(Netns("fb"))
         vm = stack.enter_context(Netns("fv"))
-        h = FastPathHosts(a, b, vm, ifname("ua", sfx), ifname("ub", sfx), ifname("tp", sfx),
-                          ifname("br", sfx), ifname("bp", sfx), ifname("vm", sfx))  # fmt: skip
+        h = FastPathHosts(
+            a,
+            b,
+            vm,
+            ifname("ua", sfx),
+            ifname("ub", sfx),
+            ifname("tp", sfx),
+            ifname("br", sfx),
+            ifname("bp", sfx),
+            ifname("vm", sfx),
+        )
         if not routed:
-            veth_pair(a, b, h.dev_a, h.dev_b, [f"{h.ip_a}/24", f"{h.ip6_a}/64"],
-                      [f"{h.ip_b}/24", f"{h.ip6_b}/64"])  # fmt: skip
+            veth_pair(
+                a,
+                b,
+                h.dev_a,
+                h.dev_b,
+                [f"{h.ip_a}/24", f"{h.ip6_a}/64"],
+                [f"{h.ip_b}/24", f"{h.ip6_b}/64"],
+            )
             b.ethtool_k(h.dev_b, gro=False)  # each crafted skb arrives as sent
             h.nexthop_mac = _mac(b, h.dev_b)
         else:
             r = h.router = stack.enter_context(Netns("fr"))
             ra, rb = ifname("ra", sfx), ifname("rb", sfx)
             h.ip_b, h.ip6_b = "198.18.1.2", "2001:db8:0:1:1::2"
-            veth_pair(a, r, h.dev_a, ra, [f"{h.ip_a}/24", f"{h.ip6_a}/80"],
-                      ["198.18.0.254/24", "2001:db8:0:1::fe/80"])  # fmt: skip
-            veth_pair(r, b, rb, h.dev_b, ["198.18.1.254/24", "2001:db8:0:1:1::fe/80"],
-                      [f"{h.ip_b}/24", f"{h.ip6_b}/80"])  # fmt: skip
+            veth_pair(
+                a,
+                r,
+                h.dev_a,
+                ra,
+                [f"{h.ip_a}/24", f"{h.ip6_a}/80"],
+                ["198.18.0.254/24", "2001:db8:0:1::fe/80"],
+            )
+            veth_pair(
+                r,
+                b,
+                rb,
+                h.dev_b,
+                ["198.18.1.254/24", "2001:db8:0:1:1::fe/80"],
+                [f"{h.ip_b}/24", f"{h.ip6_b}/80"],
+            )
             r.sysctl("net.ipv4.ip_forward", "1")
             r.sysctl("net.ipv6.conf.all.forwarding", "1")
             a.ip("route", "add", "198.18.1.0/24", "via", "198.18.0.254")
@@ -159,7 +186,9 @@ def inner_frame(
     d = ipaddress.ip_address(dst).packed
     proto = 6 if l4 == "tcp" else 17
     if l4 == "tcp":
-        hdr = bytearray(struct.pack("!HHIIBBHHH", sport, dport, 1000 * sport, 1, 0x50, 0x18, 65535, 0, 0))
+        hdr = bytearray(
+            struct.pack("!HHIIBBHHH", sport, dport, 1000 * sport, 1, 0x50, 0x18, 65535, 0, 0)
+        )
         coff = 16
     else:
         hdr = bytearray(struct.pack("!HHHH", sport, dport, 8 + len(payload), 0))
@@ -172,7 +201,11 @@ def inner_frame(
         c = ~_fold(ones_sum(seg, pseudo)) & 0xFFFF
         struct.pack_into("!H", seg, coff, c or 0xFFFF)
     if family == 4:
-        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + len(seg), ident, 0x4000, 64, proto, 0, s, d))
+        ip = bytearray(
+            struct.pack(
+                "!BBHHHBBH4s4s", 0x45, tos, 20 + len(seg), ident, 0x4000, 64, proto, 0, s, d
+            )
+        )
         struct.pack_into("!H", ip, 10, ~_fold(ones_sum(ip)) & 0xFFFF)
         et = 0x0800
     else:
@@ -242,7 +275,9 @@ def cases(h: FastPathHosts) -> list[Case]:
     out: list[Case] = []
     port = iter(range(20000, 30000))
 
-    def add(name: str, outer: int, frame: bytes, vnet: VnetHdr | None, expect: str, **kw: object) -> Case:
+    def add(
+        name: str, outer: int, frame: bytes, vnet: VnetHdr | None, expect: str, **kw: object
+    ) -> Case:
         enc = _encap(h, outer, mac_b, mac_a, int(kw.pop("key", KEY)), kw.pop("tos", None))  # type: ignore[arg-type]
         gso = bool(kw.pop("gso", True))
         packets = [_as_bytes(p) for p in enc.encap(frame, vnet, gso=gso)]
@@ -255,29 +290,75 @@ def cases(h: FastPathHosts) -> list[Case]:
     # -- what the program must leave to Python -----------------------------------------
     for outer in (4, 6):
         sp = next(port)
-        add(f"o{outer}-vlan", outer, inner_frame(4, "udp", b"v" * 100, sport=sp, partial=False, vlan=0x0123),
-            None, "vlan", sport=sp)  # fmt: skip
+        add(
+            f"o{outer}-vlan",
+            outer,
+            inner_frame(4, "udp", b"v" * 100, sport=sp, partial=False, vlan=0x0123),
+            None,
+            "vlan",
+            sport=sp,
+        )
         sp = next(port)
-        add(f"o{outer}-unknown-key", outer, inner_frame(4, "udp", b"k" * 100, sport=sp, partial=False),
-            None, "unknown_tunnel", sport=sp, key=OTHER_KEY)  # fmt: skip
+        add(
+            f"o{outer}-unknown-key",
+            outer,
+            inner_frame(4, "udp", b"k" * 100, sport=sp, partial=False),
+            None,
+            "unknown_tunnel",
+            sport=sp,
+            key=OTHER_KEY,
+        )
         sp = next(port)
-        add(f"o{outer}-dscp", outer, inner_frame(4, "udp", b"d" * 100, sport=sp, partial=False),
-            None, "marking", sport=sp, tos=10)  # fmt: skip
+        add(
+            f"o{outer}-dscp",
+            outer,
+            inner_frame(4, "udp", b"d" * 100, sport=sp, partial=False),
+            None,
+            "marking",
+            sport=sp,
+            tos=10,
+        )
         sp = next(port)
-        c = add(f"o{outer}-ce", outer, inner_frame(4, "udp", b"c" * 100, sport=sp, partial=False, tos=1),
-                None, "marking", sport=sp)  # fmt: skip
+        c = add(
+            f"o{outer}-ce",
+            outer,
+            inner_frame(4, "udp", b"c" * 100, sport=sp, partial=False, tos=1),
+            None,
+            "marking",
+            sport=sp,
+        )
         c.packets = [_with_outer_ce(p, outer) for p in c.packets]
         sp = next(port)
-        c = add(f"o{outer}-pieces", outer, inner_frame(4, "udp", b"p" * 3000, sport=sp, partial=False),
-                None, "piece", sport=sp, gso=False)  # fmt: skip
+        c = add(
+            f"o{outer}-pieces",
+            outer,
+            inner_frame(4, "udp", b"p" * 3000, sport=sp, partial=False),
+            None,
+            "piece",
+            sport=sp,
+            gso=False,
+        )
         c.extra["count"] = len(c.packets)
         sp = next(port)
-        add(f"o{outer}-csum-none", outer, inner_frame(4, "udp", b"n" * 100, sport=sp, partial=False),
-            None, "checksum", sport=sp, gso=False)  # fmt: skip
+        add(
+            f"o{outer}-csum-none",
+            outer,
+            inner_frame(4, "udp", b"n" * 100, sport=sp, partial=False),
+            None,
+            "checksum",
+            sport=sp,
+            gso=False,
+        )
         ifam = 6 if outer == 4 else 4
         sp = next(port)
-        add(f"o{outer}-gso-i{ifam}", outer, inner_frame(ifam, "tcp", b"g" * 6000, sport=sp, partial=True),
-            inner_vnet(ifam, "tcp", "GSO", 1000), "offload", sport=sp)  # fmt: skip
+        add(
+            f"o{outer}-gso-i{ifam}",
+            outer,
+            inner_frame(ifam, "tcp", b"g" * 6000, sport=sp, partial=True),
+            inner_vnet(ifam, "tcp", "GSO", 1000),
+            "offload",
+            sport=sp,
+        )
     # -- what the program delivers -------------------------------------------------------
     for outer in (4, 6):
         for ifam in (4, 6):
@@ -290,20 +371,37 @@ def cases(h: FastPathHosts) -> list[Case]:
                         sp = next(port)
                         body = bytes((sp + i) & 0xFF for i in range(size))
                         frame = inner_frame(ifam, l4, body, sport=sp, partial=flags == "P")
-                        add(f"o{outer}-i{ifam}-{l4}-{flags}-{size}", outer, frame,
-                            inner_vnet(ifam, l4, flags), "fast", sport=sp, inner_family=ifam,
-                            l4=l4, payload=size)  # fmt: skip
+                        add(
+                            f"o{outer}-i{ifam}-{l4}-{flags}-{size}",
+                            outer,
+                            frame,
+                            inner_vnet(ifam, l4, flags),
+                            "fast",
+                            sport=sp,
+                            inner_family=ifam,
+                            l4=l4,
+                            payload=size,
+                        )
             if ifam != outer:
                 continue
-            for mss in ((1448, 1000, 536) if ifam == 4 else (1428, 1000, 536)):
+            for mss in (1448, 1000, 536) if ifam == 4 else (1428, 1000, 536):
                 for size in (mss + 1, 3 * mss, 20000):
                     sp = next(port)
                     body = bytes((sp * 7 + i) & 0xFF for i in range(size))
                     frame = inner_frame(ifam, "tcp", body, sport=sp, partial=True)
-                    c = add(f"o{outer}-i{ifam}-tcp-gso{mss}-{size}", outer, frame,
-                            inner_vnet(ifam, "tcp", "GSO", mss), "fast", sport=sp,
-                            inner_family=ifam, l4="tcp", payload=size, mss=mss,
-                            frames=-(-size // mss))  # fmt: skip
+                    c = add(
+                        f"o{outer}-i{ifam}-tcp-gso{mss}-{size}",
+                        outer,
+                        frame,
+                        inner_vnet(ifam, "tcp", "GSO", mss),
+                        "fast",
+                        sport=sp,
+                        inner_family=ifam,
+                        l4="tcp",
+                        payload=size,
+                        mss=mss,
+                        frames=-(-size // mss),
+                    )
                     if c.packets[0][0][1] == 0:
                         # one outer segment: the program cannot make a GSO skb of it
                         c.expect = "offload"
@@ -311,8 +409,17 @@ def cases(h: FastPathHosts) -> list[Case]:
             sp = next(port)
             body = bytes(range(200))
             frame = inner_frame(ifam, "tcp", body, sport=sp, partial=True)
-            add(f"o{outer}-i{ifam}-tcp-mss-small", outer, frame, inner_vnet(ifam, "tcp", "GSO", 1000),
-                "fast", sport=sp, inner_family=ifam, l4="tcp", payload=200)  # fmt: skip
+            add(
+                f"o{outer}-i{ifam}-tcp-mss-small",
+                outer,
+                frame,
+                inner_vnet(ifam, "tcp", "GSO", 1000),
+                "fast",
+                sport=sp,
+                inner_family=ifam,
+                l4="tcp",
+                payload=200,
+            )
     return out
 
 

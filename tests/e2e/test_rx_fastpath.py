@@ -14,13 +14,19 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from sttun.io.ebpf.attach import tcx_ingress_programs
-from sttun.io.rx_fastpath import FastPathError, FastPathTunnel, RxFastPath, fastpath_support
+from sttun.io.ebpf.attach import tc_ingress_filter_names, tcx_ingress_programs
+from sttun.io.rx_fastpath import (
+    FORCE_INVALID_ENV,
+    FastPathError,
+    FastPathTunnel,
+    RxFastPath,
+    fastpath_support,
+)
 from sttun.io.tap import TapDevice
 from sttun.tools.demo import tshark_checksum_verdict
 from tests.e2e.fastpath_env import (
@@ -35,7 +41,7 @@ from tests.e2e.fastpath_env import (
     send_cases,
     wait_for_frames,
 )
-from tests.netns import Capture, need_root
+from tests.netns import Capture, TwoHosts, need_root
 
 pytestmark = pytest.mark.netns
 
@@ -66,9 +72,21 @@ def tshark_checksums(pcap: Path) -> list[tuple[str, str]]:
         "udp.srcport",
         "udp.checksum.status",
     ]
-    argv = ["tshark", "-r", str(pcap), "-o", "ip.check_checksum:TRUE",
-            "-o", "tcp.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
-            "-T", "fields", "-E", "separator=/t"]  # fmt: skip
+    argv = [
+        "tshark",
+        "-r",
+        str(pcap),
+        "-o",
+        "ip.check_checksum:TRUE",
+        "-o",
+        "tcp.check_checksum:TRUE",
+        "-o",
+        "udp.check_checksum:TRUE",
+        "-T",
+        "fields",
+        "-E",
+        "separator=/t",
+    ]
     for f in fields:
         argv += ["-e", f]
     res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
@@ -140,7 +158,11 @@ def test_fast_path_delivers_whole_frames_and_passes_the_rest(tmp_path: Path) -> 
         for c in fast:
             per_tunnel[f"t{c.outer}"] += 1
         assert {k: v["frames"] for k, v in counters["tunnels"].items()} == per_tunnel
-        passed = {k: v["packets"] for k, v in counters["passed"].items() if k != "not_stt" and v["packets"]}
+        passed = {
+            k: v["packets"]
+            for k, v in counters["passed"].items()
+            if k != "not_stt" and v["packets"]
+        }
         assert passed == expected_passes(all_cases)
         assert counters["errors"]["packets"] == 0
 
@@ -150,45 +172,76 @@ def _ifindex(h: FastPathHosts, dev: str) -> int:
         return socket.if_nametoindex(dev)
 
 
-def test_verifier_rejection_is_a_clear_error(two_hosts: object) -> None:
+def test_tc_fallback_attaches_delivers_and_detaches(tmp_path: Path) -> None:
+    _skip_unless_supported()
+    with fastpath_hosts() as h:
+        with h.b.entered():
+            tap = TapDevice(h.tap, mtu=1500)
+        with tap:
+            bridge_tap(h, h.tap)
+            index = _ifindex(h, h.dev_b)
+            with h.b.entered():
+                fp = RxFastPath.attach(h.dev_b, mode="tc")
+                assert fp.mode == "tc"
+                assert tc_ingress_filter_names(index) == ["sttun_rx"]
+                assert tcx_ingress_programs(index) == []
+            fp.set_tunnels(tunnels(h, _ifindex(h, h.tap)))
+            some = [c for c in cases(h) if c.expect == "fast" and c.outer == 4][:6]
+            pcap = tmp_path / "vm.pcap"
+            with Capture(h.vm, h.vm_dev, pcap, "src host 192.0.2.1 or src host 2001:db8:1::1"):
+                send_cases(h, some)
+                wait_for_frames(pcap, sum(c.frames for c in some))
+            assert fp.counters()["tunnels"]["t4"]["frames"] == len(some)
+            check_far_side(read_pcap(pcap), some)
+            with h.b.entered():
+                fp.close()
+                assert tc_ingress_filter_names(index) == []
+
+
+def test_verifier_rejection_is_a_clear_error(two_hosts: TwoHosts) -> None:
     _skip_unless_supported()
     h = two_hosts
-    with h.b.entered():  # type: ignore[attr-defined]
+    with h.b.entered():
         with pytest.raises(FastPathError) as err:
-            RxFastPath.attach(h.dev_b, invalid_program=True)  # type: ignore[attr-defined]
-        assert tcx_ingress_programs(socket.if_nametoindex(h.dev_b)) == []  # type: ignore[attr-defined]
-    assert "verifier rejected" in err.value.reason
+            RxFastPath.attach(h.dev_b, invalid_program=True)
+        assert tcx_ingress_programs(socket.if_nametoindex(h.dev_b)) == []
+    assert err.value.reason.startswith("fast path: the verifier rejected the program: ")
     assert "\n" not in err.value.reason
 
 
-def test_sigkill_leaves_no_program_attached(two_hosts: object, tmp_path: Path) -> None:
+def test_forced_rejection_by_environment(
+    two_hosts: TwoHosts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _skip_unless_supported()
+    monkeypatch.setenv(FORCE_INVALID_ENV, "1")
+    with two_hosts.b.entered(), pytest.raises(FastPathError, match="verifier rejected"):
+        RxFastPath.attach(two_hosts.dev_b)
+
+
+def test_sigkill_leaves_no_program_attached(two_hosts: TwoHosts) -> None:
     _skip_unless_supported()
     h = two_hosts
-    script = textwrap.dedent(
-        f"""
-        import sys, time
-        from sttun.io.rx_fastpath import RxFastPath
-        fp = RxFastPath.attach({h.dev_b!r})  # type: ignore[attr-defined]
-        print(fp.mode, fp.prog_id, flush=True)
-        time.sleep(600)
-        """
+    script = (
+        "import sys\n"
+        "from sttun.io.rx_fastpath import RxFastPath\n"
+        f"fp = RxFastPath.attach({h.dev_b!r})\n"
+        "print(fp.mode, fp.prog_id, flush=True)\n"
+        "sys.stdin.read()\n"  # until killed
     )
-    proc = h.b.popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)  # type: ignore[attr-defined]
+    proc = h.b.popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     mode, prog_id = proc.stdout.readline().split()
     assert mode == "tcx"
-    with h.b.entered():  # type: ignore[attr-defined]
-        index = socket.if_nametoindex(h.dev_b)  # type: ignore[attr-defined]
+    with h.b.entered():
+        index = socket.if_nametoindex(h.dev_b)
         assert tcx_ingress_programs(index) == [int(prog_id)]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        # the link's last file descriptor closed with the process
-        deadline_ok = False
-        for _ in range(100):
-            if tcx_ingress_programs(index) == []:
-                deadline_ok = True
-                break
-            import time
-
+        # the link went with the process's last file descriptor (released when the
+        # file is freed, which the kernel may finish just after the process is reaped)
+        deadline = time.monotonic() + 10
+        while tcx_ingress_programs(index) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert deadline_ok, "program still attached after SIGKILL"
+        assert tcx_ingress_programs(index) == []

@@ -78,8 +78,22 @@ def run_once(h: FastPathHosts, tmp: Path, all_cases: list[Case], outer: int, fas
     tmp.mkdir()
     local, remote = (h.ip_b, h.ip_a) if outer == 4 else (h.ip6_b, h.ip6_a)
     sock = str(tmp / "ctl.sock")
-    args = ["--local-ip", local, "--remote-ip", remote, "--key", str(KEY), "--dev", h.tap,
-            "--mtu", "1500", "--control-socket", sock, "--instance", "fpdiff"]  # fmt: skip
+    args = [
+        "--local-ip",
+        local,
+        "--remote-ip",
+        remote,
+        "--key",
+        str(KEY),
+        "--dev",
+        h.tap,
+        "--mtu",
+        "1500",
+        "--control-socket",
+        sock,
+        "--instance",
+        "fpdiff",
+    ]
     if fast:
         proto = "0x0800" if outer == 4 else "0x86dd"
         argv = [sys.executable, str(LAUNCHER), proto, *args]
@@ -92,7 +106,10 @@ def run_once(h: FastPathHosts, tmp: Path, all_cases: list[Case], outer: int, fas
     fp: RxFastPath | None = None
     try:
         deadline = time.monotonic() + 20
-        while not (os.path.exists(sock) and h.b.run(["ip", "link", "show", h.tap], check=False).returncode == 0):
+        while not (
+            os.path.exists(sock)
+            and h.b.run(["ip", "link", "show", h.tap], check=False).returncode == 0
+        ):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, f"daemon did not start: {log.read_text()}"
             time.sleep(0.05)
@@ -153,12 +170,15 @@ def test_fast_path_gives_the_python_paths_frames(tmp_path: Path, outer: int, rou
     a, b = Counter(python.frames), Counter(fast.frames)
     only_python, only_fast = a - b, b - a
     assert not only_python and not only_fast, (
-        f"only via Python: {_describe(only_python)[:5]}\nonly via the fast path: {_describe(only_fast)[:5]}"
+        f"only via Python: {_describe(only_python)[:5]}\n"
+        f"only via the fast path: {_describe(only_fast)[:5]}"
     )
     # the same totals: frames and bytes received, drops
     assert python.daemon["rx"]["frames"] == fast.daemon["rx"]["frames"] + fast_frames
     fast_bytes = sum(t["bytes"] for t in fast.fast["tunnels"].values())
     assert python.daemon["rx"]["bytes"] == fast.daemon["rx"]["bytes"] + fast_bytes
     assert python.daemon["drops"] == fast.daemon["drops"]
-    print(f"{len(python.frames)} frames on the far side; fast path {fast_frames} frames, "
-          f"Python {fast.daemon['rx']['frames']}; passed {fast.fast['passed']}")
+    print(
+        f"{len(python.frames)} frames on the far side; fast path {fast_frames} frames, "
+        f"Python {fast.daemon['rx']['frames']}; passed {fast.fast['passed']}"
+    )

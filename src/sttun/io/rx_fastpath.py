@@ -21,6 +21,7 @@ set), so the underlay's AF_PACKET sockets must be bound per protocol
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import logging
@@ -169,7 +170,8 @@ class RxFastPath:
             try:
                 prog_fd = bpf.prog_load(bpf.BPF_PROG_TYPE_SCHED_CLS, code, name="sttun_rx")
             except bpf.VerifierError as e:
-                raise FastPathError(f"fast path: the verifier rejected the program: {e.summary}")
+                why = f"fast path: the verifier rejected the program: {e.summary}"
+                raise FastPathError(why) from e
             fds.append(prog_fd)
             attachment = _attach(prog_fd, ifindex, mode)
         except FastPathError:
@@ -345,10 +347,8 @@ def _why(e: OSError) -> str:
 
 def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def fastpath_support() -> str | None:

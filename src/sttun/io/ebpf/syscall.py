@@ -222,7 +222,9 @@ def prog_query(ifindex: int, attach_type: int, max_progs: int = 64) -> list[int]
     """IDs of the programs attached at ``ifindex`` / ``attach_type`` (``BPF_PROG_QUERY``)."""
     ids = (ctypes.c_uint32 * max_progs)()
     attr = _attr()
-    struct.pack_into("<IIIIQI", attr, 0, ifindex, attach_type, 0, 0, ctypes.addressof(ids), max_progs)
+    struct.pack_into(
+        "<IIIIQI", attr, 0, ifindex, attach_type, 0, 0, ctypes.addressof(ids), max_progs
+    )
     bpf(BPF_PROG_QUERY, attr)
     (count,) = struct.unpack_from("<I", attr, 24)
     return list(ids[: min(count, max_progs)])
