@@ -28,7 +28,9 @@ What the inner frame becomes (design.md §5):
   skb - gso_size set to the STT MSS by growing then shrinking with
   ``BPF_F_ADJ_ROOM_FIXED_GSO``, and ``CHECKSUM_UNNECESSARY`` (TCP segmentation
   recomputes the checksums of a non-partial skb).  Only when the outer skb is GSO
-  of the same IP family as the inner packet; anything else goes to Python.
+  (the program cannot make one) and the inner packet is of the family V says; an
+  inner family other than the outer one gets its GSO type from
+  ``bpf_skb_change_proto``.
 * P otherwise: the inner L4 checksum is completed here (at most
   :data:`CSUM_MAX` bytes, written like the kernel's ``skb_checksum_help``: a sum
   folding to 0 is stored as 0xFFFF), then ``CHECKSUM_UNNECESSARY``.
@@ -54,6 +56,7 @@ MAP_LOOKUP_ELEM = 1
 SKB_STORE_BYTES = 9
 REDIRECT = 23
 SKB_LOAD_BYTES = 26
+SKB_CHANGE_PROTO = 31
 SKB_CHANGE_TAIL = 38
 SKB_PULL_DATA = 39
 SKB_ADJUST_ROOM = 50
@@ -117,6 +120,7 @@ _MODE_NONE = 0
 _MODE_VALID = 1
 _MODE_COMPLETE = 2
 _MODE_GSO = 3
+_MODE_GSO_CROSS = 4  # GSO, inner IP family not the outer one
 
 # skb->protocol as the program reads it (a __be16 loaded little-endian).
 _ETH_P_IP_RAW = 0x0008
@@ -475,21 +479,24 @@ class _Builder:
         a.jle(R2, R5, p_nogso)
         a.ldx("w", R2, R6, SKB_GSO_SIZE)
         a.jeq(R2, 0, "offload")  # the program cannot make a GSO skb
-        if f.version == 4:
-            a.jset(R1, 4, fam_ok)
-            a.ja("offload")  # inner IPv6 in an IPv4 GSO skb
-        else:
-            a.jset(R1, 4, "offload")  # inner IPv4 in an IPv6 GSO skb
-            a.ja(fam_ok)
-        a.label(fam_ok)
+        # The inner packet must be of the family the V flag says (the TAP write's GSO
+        # type follows V); across families the GSO type is switched at commit.
+        g_v4 = a.fresh("g_v4")
         a.ldx("dw", R0, FP, _S_ET)
-        a.jne(R0, _ETH_P_IP_RAW if f.version == 4 else _ETH_P_IPV6_RAW, "offload")
+        a.jset(R1, 4, g_v4)
+        a.jne(R0, _ETH_P_IPV6_RAW, "offload")
+        a.mov(R3, _MODE_GSO if f.version == 6 else _MODE_GSO_CROSS)
+        a.ja(fam_ok)
+        a.label(g_v4)
+        a.jne(R0, _ETH_P_IP_RAW, "offload")
+        a.mov(R3, _MODE_GSO if f.version == 4 else _MODE_GSO_CROSS)
+        a.label(fam_ok)
         a.mov(R0, R5)
         a.sub(R0, R2)
         a.stx("dw", FP, _S_DELTA, R0)
         a.add(R0, MAX_GSO_DELTA)
         a.jgt(R0, 2 * MAX_GSO_DELTA, "offload")
-        a.mov(R2, _MODE_GSO)
+        a.mov(R2, R3)
         a.ja(mode_set)
         a.label(p_nogso)
         a.mov(R2, R4)
@@ -557,6 +564,20 @@ class _Builder:
         a.label(trusted)
         # the family decides how much is stripped: remember it in R9 for commit()
         a.mov(R9, f.strip)
+        same = a.fresh("same_family")
+        a.ldx("dw", R1, FP, _S_MODE)
+        a.jne(R1, _MODE_GSO_CROSS, same)
+        # GSO across families: bpf_skb_change_proto switches SKB_GSO_TCPV4 and
+        # SKB_GSO_TCPV6 (and adds/removes the 20 bytes the headers differ by, right
+        # after the Ethernet header, where the strip removes them); gso_size stays.
+        a.mov(R1, R6)
+        a.mov(R2, _ETH_P_IPV6_RAW if f.version == 4 else _ETH_P_IP_RAW)
+        a.mov(R3, 0)
+        a.call(SKB_CHANGE_PROTO)
+        a.jne(R0, 0, "error")
+        a.st("dw", FP, _S_MODE, _MODE_GSO)
+        a.mov(R9, f.strip + 20 if f.version == 4 else f.strip - 20)
+        a.label(same)
 
     def adjust(self, diff: int | Reg, flags: int) -> None:
         """bpf_skb_adjust_room(skb, diff, MAC, flags); a failure drops the frame."""
