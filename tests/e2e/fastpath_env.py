@@ -371,8 +371,10 @@ def cases(h: FastPathHosts) -> list[Case]:
             for l4 in ("tcp", "udp"):
                 l4h = 20 if l4 == "tcp" else 8
                 full = 1500 - l3 - l4h  # inner frame of 1514 bytes
+                # the STT frame filling one outer segment exactly (1460 / 1440 bytes)
+                one = 1500 - (20 if outer == 4 else 40) - 20 - 18 - 14 - l3 - l4h
                 for flags in ("none", "C", "P"):
-                    for size in (100, full - 100, full):
+                    for size in (100, one, one + 1, full):
                         sp = next(port)
                         body = bytes((sp + i) & 0xFF for i in range(size))
                         frame = inner_frame(ifam, l4, body, sport=sp, partial=flags == "P")
