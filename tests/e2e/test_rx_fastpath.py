@@ -15,7 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -167,6 +169,17 @@ def test_fast_path_delivers_whole_frames_and_passes_the_rest(tmp_path: Path) -> 
         assert counters["errors"]["packets"] == 0
 
 
+def settled(fp: RxFastPath, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The counters once ``done`` says so (softirq may run just after a send), or
+    after 10 s (the caller's assertions then say what is missing)."""
+    deadline = time.monotonic() + 10
+    c = fp.counters()
+    while not done(c) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        c = fp.counters()
+    return c
+
+
 def _ifindex(h: FastPathHosts, dev: str) -> int:
     with h.b.entered():
         return socket.if_nametoindex(dev)
@@ -245,3 +258,41 @@ def test_sigkill_leaves_no_program_attached(two_hosts: TwoHosts) -> None:
         while tcx_ingress_programs(index) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert tcx_ingress_programs(index) == []
+
+
+def test_set_tunnels_reload_keeps_and_resets_counters(tmp_path: Path) -> None:
+    _skip_unless_supported()
+    with fastpath_hosts() as h:
+        with h.b.entered():
+            tap = TapDevice(h.tap, mtu=1500)
+        with tap:
+            bridge_tap(h, h.tap)
+            with h.b.entered():
+                fp = RxFastPath.attach(h.dev_b)
+            with fp:
+                t4, t6 = tunnels(h, _ifindex(h, h.tap))
+                fp.set_tunnels([t4, t6])
+                fast = [c for c in cases(h) if c.expect == "fast"]
+                some4 = [c for c in fast if c.outer == 4][:3]
+                some6 = [c for c in fast if c.outer == 6][:3]
+                send_cases(h, some4 + some6)
+                got = settled(fp, lambda c: c["tunnels"]["t6"]["frames"] == 3)["tunnels"]
+                assert (got["t4"]["frames"], got["t6"]["frames"]) == (3, 3)
+                # t4 removed: its frames go to Python, t6 keeps its count
+                fp.set_tunnels([t6])
+                send_cases(h, some4 + some6)
+                c = settled(fp, lambda c: c["tunnels"]["t6"]["frames"] == 6)
+                assert list(c["tunnels"]) == ["t6"] and c["tunnels"]["t6"]["frames"] == 6
+                assert c["passed"]["unknown_tunnel"]["packets"] == 3
+                # t4 back (under a new name): counted from zero
+                fp.set_tunnels(
+                    [t6, FastPathTunnel("t4b", t4.local, t4.remote, KEY, t4.tap_ifindex)]
+                )
+                send_cases(h, some4)
+                c = settled(fp, lambda c: c["tunnels"]["t4b"]["frames"] == 3)
+                assert c["tunnels"]["t4b"]["frames"] == 3 and c["tunnels"]["t6"]["frames"] == 6
+
+
+def test_missing_interface_is_a_fast_path_error() -> None:
+    with pytest.raises(FastPathError, match="no interface"):
+        RxFastPath.attach("sttun-nonexistent0")

@@ -113,7 +113,8 @@ _S_PORT = -160
 _S_STATKEY = -168
 _S_CSUM = -176
 _S_ZERO = -184
-_STACK_LOW = _S_ZERO
+_S_STRIP = -192
+_STACK_LOW = _S_STRIP
 
 # What the program does with the inner frame's checksum/GSO state.
 _MODE_NONE = 0
@@ -598,7 +599,7 @@ class _Builder:
         a = self.a
         fixed = BPF_F_ADJ_ROOM_FIXED_GSO
         a.label("commit")
-        a.stx("dw", FP, _S_TOS, R9)  # reuse the slot: strip length from here on
+        a.stx("dw", FP, _S_STRIP, R9)
         a.ldx("dw", R1, FP, _S_MODE)
         a.jeq(R1, _MODE_GSO, "gso")
         # -- non-GSO result ----------------------------------------------------------
@@ -625,7 +626,7 @@ class _Builder:
         a.sub(R2, R1)
         self.adjust(R2, 0)
         a.ldx("dw", R1, FP, _S_DELTA)
-        a.ldx("dw", R2, FP, _S_TOS)
+        a.ldx("dw", R2, FP, _S_STRIP)
         a.sub(R1, R2)  # delta - strip (<= 0)
         a.jeq(R1, 0, "stripped")
         self.adjust(R1, fixed)
@@ -635,7 +636,7 @@ class _Builder:
         a.sub(R2, R1)
         self.adjust(R2, 0)
         a.ldx("dw", R2, FP, _S_DELTA)
-        a.ldx("dw", R1, FP, _S_TOS)
+        a.ldx("dw", R1, FP, _S_STRIP)
         a.sub(R2, R1)  # delta - strip
         self.adjust(R2, fixed)
         a.ja("stripped")
