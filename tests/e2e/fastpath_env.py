@@ -37,6 +37,8 @@ from tests.netns import Netns, ifname, link_mac, unique_suffix, veth_pair
 
 KEY = 42
 SENTINEL_PORT = 19999
+#: MTU of the veth from B's bridge to the VM (the TAP side stays 1500).
+VM_MTU = 9000
 OTHER_KEY = 43
 INNER4 = ("192.0.2.1", "192.0.2.2")
 INNER6 = ("2001:db8:1::1", "2001:db8:1::2")
@@ -145,7 +147,8 @@ def fastpath_hosts(routed: bool = False) -> Iterator[FastPathHosts]:
             for dst in (h.ip_b, h.ip6_b):  # resolve B's address on the router
                 r.run(["ping", "-c", "1", "-W", "2", dst])
             h.nexthop_mac = _mac(r, ra)
-        veth_pair(b, vm, h.br_port, h.vm_dev)
+        # jumbo towards the VM: inner MSS values above the underlay's reach it whole
+        veth_pair(b, vm, h.br_port, h.vm_dev, mtu=VM_MTU)
         # complete checksums and segment in software on the way to the VM
         b.ethtool_k(h.br_port, tx=False, tso=False, gso=True)
         b.ip("link", "add", h.br, "type", "bridge")
@@ -389,7 +392,9 @@ def cases(h: FastPathHosts) -> list[Case]:
                             l4=l4,
                             payload=size,
                         )
-            for mss in (1448, 1000, 536) if ifam == 4 else (1428, 1000, 536):
+            # outer gso_size is 1460 (IPv4) / 1440 (IPv6): MSS below it, equal, a bit
+            # above, and more above than the strip (each way of setting gso_size)
+            for mss in (1448 if ifam == 4 else 1428, 1000, 536, 1460, 1600):
                 for size in (mss + 1, 3 * mss, 20000):
                     sp = next(port)
                     body = bytes((sp * 7 + i) & 0xFF for i in range(size))
