@@ -33,7 +33,7 @@ from sttun.core.encap import Encapsulator
 from sttun.io.packet_socket import PacketSocket
 from sttun.wire.checksum import ones_sum
 from sttun.wire.vnet import GsoType, VnetFlag, VnetHdr
-from tests.netns import Netns, ifname, link_mac, unique_suffix, veth_pair
+from tests.netns import Capture, Netns, ifname, link_mac, unique_suffix, veth_pair
 
 KEY = 42
 SENTINEL_PORT = 19999
@@ -468,6 +468,20 @@ def send_cases(h: FastPathHosts, all_cases: list[Case]) -> None:
 
 
 # --------------------------------------------------------------------------- captures
+#: tcpdump filter for the crafted inner frames (tagged or not) on the VM side.
+VM_FILTER = (
+    "src host 192.0.2.1 or src host 2001:db8:1::1"
+    " or (vlan and (src host 192.0.2.1 or src host 2001:db8:1::1))"
+)
+
+
+def vm_capture(h: FastPathHosts, path: Path) -> Capture:
+    """tcpdump on the VM's side of the bridge.  The snap length is the VM link's MTU:
+    tcpdump's ring has one slot per snap length, so the default (256 KB) leaves
+    room for ~128 frames in its 32 MB and a burst overflows it."""
+    return Capture(h.vm, h.vm_dev, path, VM_FILTER, snaplen=VM_MTU + 64)
+
+
 def read_pcap(path: Path) -> list[bytes]:
     """The frames of a classic pcap file (as tcpdump -w writes it)."""
     data = path.read_bytes()

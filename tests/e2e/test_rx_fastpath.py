@@ -41,9 +41,10 @@ from tests.e2e.fastpath_env import (
     l4_sport,
     read_pcap,
     send_cases,
+    vm_capture,
     wait_for_frames,
 )
-from tests.netns import Capture, TwoHosts, need_root
+from tests.netns import TwoHosts, need_root
 
 pytestmark = pytest.mark.netns
 
@@ -150,11 +151,12 @@ def test_fast_path_delivers_whole_frames_and_passes_the_rest(tmp_path: Path) -> 
                 all_cases = cases(h)
                 fast = [c for c in all_cases if c.expect == "fast"]
                 pcap = tmp_path / "vm.pcap"
-                with Capture(h.vm, h.vm_dev, pcap, "src host 192.0.2.1 or src host 2001:db8:1::1"):
+                with vm_capture(h, pcap) as cap:
                     send_cases(h, all_cases)
                     frames = wait_for_frames(pcap, sum(c.frames for c in fast))
                 frames = read_pcap(pcap)
                 counters = fp.counters()
+        assert cap.dropped == 0, f"tcpdump lost {cap.dropped} frames"
         check_far_side(frames, fast)
         bad = [(p, v) for p, v in tshark_checksums(pcap) if v != "good"]
         assert not bad, f"checksums tshark calls bad: {bad[:10]}"
@@ -203,9 +205,10 @@ def test_tc_fallback_attaches_delivers_and_detaches(tmp_path: Path) -> None:
             fp.set_tunnels(tunnels(h, _ifindex(h, h.tap)))
             some = [c for c in cases(h) if c.expect == "fast" and c.outer == 4][:6]
             pcap = tmp_path / "vm.pcap"
-            with Capture(h.vm, h.vm_dev, pcap, "src host 192.0.2.1 or src host 2001:db8:1::1"):
+            with vm_capture(h, pcap) as cap:
                 send_cases(h, some)
                 wait_for_frames(pcap, sum(c.frames for c in some))
+            assert cap.dropped == 0, f"tcpdump lost {cap.dropped} frames"
             assert fp.counters()["tunnels"]["t4"]["frames"] == len(some)
             check_far_side(read_pcap(pcap), some)
             with h.b.entered():

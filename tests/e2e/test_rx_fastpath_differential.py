@@ -37,16 +37,13 @@ from tests.e2e.fastpath_env import (
     read_pcap,
     send_cases,
     sentinel,
+    vm_capture,
 )
-from tests.netns import Capture, need_root
+from tests.netns import need_root
 
 pytestmark = pytest.mark.netns
 
 LAUNCHER = Path(__file__).with_name("fastpath_daemon.py")
-CAPTURE_FILTER = (
-    "src host 192.0.2.1 or src host 2001:db8:1::1"
-    " or (vlan and (src host 192.0.2.1 or src host 2001:db8:1::1))"
-)
 
 
 @dataclass
@@ -120,11 +117,12 @@ def run_once(h: FastPathHosts, tmp: Path, all_cases: list[Case], outer: int, fas
                 tap_index = socket.if_nametoindex(h.tap)
             fp.set_tunnels([FastPathTunnel("t", local, remote, KEY, tap_index)])
         pcap = tmp / "vm.pcap"
-        with Capture(h.vm, h.vm_dev, pcap, CAPTURE_FILTER):
+        with vm_capture(h, pcap) as cap:
             send_cases(h, all_cases)
             deadline = time.monotonic() + 30
             while not _frames_of_sentinel(pcap) and time.monotonic() < deadline:
                 time.sleep(0.05)
+        assert cap.dropped == 0, f"tcpdump lost {cap.dropped} frames"
         frames = read_pcap(pcap)
         daemon = _tunnel(_show(h, sock))
         counters = fp.counters() if fp is not None else None
