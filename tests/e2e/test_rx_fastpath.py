@@ -9,6 +9,7 @@ leaves to Python must not reach the VM, and the program's counters must say why.
 from __future__ import annotations
 
 import collections
+import select
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from sttun.io.ebpf.attach import tc_ingress_filter_names, tcx_ingress_programs
+from sttun.io.packet_socket import RECV_SIZE, PacketSocket
 from sttun.io.rx_fastpath import (
     FORCE_INVALID_ENV,
     FastPathError,
@@ -184,6 +186,16 @@ def settled(fp: RxFastPath, done: Callable[[dict[str, Any]], bool]) -> dict[str,
     return c
 
 
+def receive_all(sock: PacketSocket) -> list[bytes]:
+    """Frames on ``sock``: waits up to 10 s for the first, then takes what is queued."""
+    select.select([sock], [], [], 10)
+    buf = bytearray(RECV_SIZE)
+    out = []
+    while n := sock.recv_into(buf):
+        out.append(bytes(buf[:n]))
+    return out
+
+
 def _ifindex(h: FastPathHosts, dev: str) -> int:
     with h.b.entered():
         return socket.if_nametoindex(dev)
@@ -203,14 +215,21 @@ def test_tc_fallback_attaches_delivers_and_detaches(tmp_path: Path) -> None:
                 assert tc_ingress_filter_names(index) == ["sttun_rx"]
                 assert tcx_ingress_programs(index) == []
             fp.set_tunnels(tunnels(h, _ifindex(h, h.tap)))
-            some = [c for c in cases(h) if c.expect == "fast" and c.outer == 4][:6]
+            all_cases = cases(h)
+            some = [c for c in all_cases if c.expect == "fast" and c.outer == 4][:6]
+            vlan = next(c for c in all_cases if c.expect == "vlan" and c.outer == 4)
+            with h.b.entered():  # what Python's receive socket would see
+                rx = PacketSocket(h.dev_b, (7471,), vnet_hdr=False, protocol=0x0800)
             pcap = tmp_path / "vm.pcap"
-            with vm_capture(h, pcap) as cap:
-                send_cases(h, some)
+            with rx, vm_capture(h, pcap) as cap:
+                send_cases(h, [*some, vlan])  # the fallback last: it arrives after the rest
                 wait_for_frames(pcap, sum(c.frames for c in some))
+                seen = receive_all(rx)
             assert cap.dropped == 0, f"tcpdump lost {cap.dropped} frames"
             assert fp.counters()["tunnels"]["t4"]["frames"] == len(some)
             check_far_side(read_pcap(pcap), some)
+            # the fallback reached the per-protocol socket, the redirected frames did not
+            assert seen == [b"".join(vlan.packets[0][1:])]
             with h.b.entered():
                 fp.close()
                 assert tc_ingress_filter_names(index) == []

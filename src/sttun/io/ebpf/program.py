@@ -4,7 +4,8 @@ One program per underlay interface, run by tc (TCX or clsact) after GRO.  For an
 skb that holds one **whole** STT frame for a configured tunnel it strips the outer
 Ethernet + IP + TCP-like + STT headers and redirects the inner frame into the
 tunnel's TAP as if received there (``bpf_redirect(tap, BPF_F_INGRESS)``).  Every
-other packet goes on untouched (``TC_ACT_OK``) to the Python receive path, which
+other packet goes on untouched (``TC_ACT_UNSPEC``: the next tc program, then the
+stack) to the Python receive path, which
 keeps counting every drop reason; the program counts why it passed a packet on
 (:class:`PassReason`).  The accept set is a strict subset of the frames Python's
 ``Endpoint.receive`` + ``Decapsulator.decap`` deliver unchanged:
@@ -68,8 +69,9 @@ BPF_F_ADJ_ROOM_FIXED_GSO = 1
 CSUM_LEVEL_QUERY = 0
 CSUM_LEVEL_INC = 1
 CSUM_LEVEL_RESET = 3
-# tc verdicts.
-TC_ACT_OK = 0
+# tc verdicts.  Passing returns TC_ACT_UNSPEC (TCX_NEXT): programs and filters
+# after this one still run, and without any the packet goes up the stack.
+TC_ACT_UNSPEC = -1
 TC_ACT_SHOT = 2
 # struct __sk_buff offsets.
 SKB_LEN = 0
@@ -780,7 +782,7 @@ class _Builder:
         a.label("pass")
         a.stx("w", FP, _S_STATKEY, R0)
         self.count(self.maps.reasons)
-        a.mov(R0, TC_ACT_OK)
+        a.mov(R0, TC_ACT_UNSPEC)
         a.exit()
         a.label("error")
         a.mov(R0, int(PassReason.ERROR))
