@@ -78,8 +78,10 @@ class PacketSocket:
 
     ``ports=None`` attaches no filter (every frame on the interface is received;
     useful on a TAP for test traffic).  ``vnet_hdr``: exchange 10-byte virtio-net
-    headers (see module docstring).  Raises :class:`SetupError` when the interface
-    does not exist or the socket cannot be set up.
+    headers (see module docstring).  ``protocol``: the ethertype to bind to;
+    ``ETH_P_ALL`` taps run before tc ingress, ``ETH_P_IP``/``ETH_P_IPV6`` after it
+    (they see only what a tc program passes on).  Raises :class:`SetupError` when
+    the interface does not exist or the socket cannot be set up.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class PacketSocket:
         rcvbuf: int = DEFAULT_RCVBUF,
         sndbuf: int = DEFAULT_SNDBUF,
         ignore_outgoing: bool = True,
+        protocol: int = ETH_P_ALL,
     ) -> None:
         self.ifname = ifname
         self.vnet_hdr = vnet_hdr
@@ -112,7 +115,7 @@ class PacketSocket:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             _set_buf(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf)
             _set_buf(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf)
-            sock.bind((ifname, ETH_P_ALL))
+            sock.bind((ifname, protocol))
             sock.setblocking(False)
         except OSError as e:
             sock.close()

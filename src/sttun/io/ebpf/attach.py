@@ -1,0 +1,127 @@
+"""Attaching a tc program at an interface's ingress: a TCX link, or a clsact filter.
+
+* :func:`attach_tcx` (Linux >= 6.6): ``BPF_LINK_CREATE`` with ``BPF_TCX_INGRESS``.
+  The link is owned by its file descriptor: closing it, or the process dying, takes
+  the program off the interface.
+* :func:`attach_tc` (older kernels): a clsact qdisc and a direct-action ``bpf``
+  filter that refers to the program by fd, through pyroute2.  A filter outlives
+  the process, so it is put in with a fixed priority and handle (:data:`TC_PRIO`),
+  replacing whatever an earlier run left, and :meth:`TcFilter.detach` removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+from sttun.io.ebpf.syscall import BPF_TCX_INGRESS, link_create, prog_query
+
+#: tc filter priority and handle of sttun's ingress filter (an arbitrary pair; one
+#: sttun program per interface).
+TC_PRIO = 0x5354  # "ST"
+TC_HANDLE = 1
+TC_NAME = "sttun_rx"
+_INGRESS_PARENT = 0xFFFFFFF2  # TC_H_CLSACT:TC_H_MIN_INGRESS
+_ETH_P_ALL = 0x0003
+
+
+@dataclass
+class TcxLink:
+    """A program attached with a TCX link; :meth:`detach` closes the link."""
+
+    ifindex: int
+    link_fd: int
+    mode: str = field(default="tcx", init=False)
+
+    def detach(self) -> None:
+        """Take the program off the interface (idempotent)."""
+        if self.link_fd >= 0:
+            os.close(self.link_fd)
+            self.link_fd = -1
+
+
+@dataclass
+class TcFilter:
+    """A program attached as a clsact ingress ``bpf`` filter."""
+
+    ifindex: int
+    mode: str = field(default="tc", init=False)
+    attached: bool = True
+
+    def detach(self) -> None:
+        """Delete the filter (idempotent; an interface that is gone is fine)."""
+        if not self.attached:
+            return
+        self.attached = False
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr, contextlib.suppress(Exception):
+            ipr.tc(
+                "del-filter",
+                "bpf",
+                self.ifindex,
+                TC_HANDLE,
+                parent=_INGRESS_PARENT,
+                prio=TC_PRIO,
+                protocol=_ETH_P_ALL,
+            )
+
+
+def attach_tcx(prog_fd: int, ifindex: int) -> TcxLink:
+    """Attach at ``ifindex``'s ingress with a TCX link (OSError if the kernel cannot)."""
+    return TcxLink(ifindex, link_create(prog_fd, ifindex, BPF_TCX_INGRESS))
+
+
+def attach_tc(prog_fd: int, ifindex: int) -> TcFilter:
+    """Attach as a direct-action clsact filter (replaces an earlier sttun filter).
+
+    Raises OSError (or pyroute2's NetlinkError, an OSError) when tc refuses.
+    """
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            ipr.tc("add", "clsact", ifindex)
+        except NetlinkError as e:
+            if e.code != 17:  # EEXIST: the qdisc is there already
+                raise
+        ipr.tc(
+            "replace-filter",
+            "bpf",
+            ifindex,
+            TC_HANDLE,
+            fd=prog_fd,
+            name=TC_NAME,
+            parent=_INGRESS_PARENT,
+            prio=TC_PRIO,
+            protocol=_ETH_P_ALL,
+            classid=1,
+            direct_action=True,
+        )
+    return TcFilter(ifindex)
+
+
+def tcx_ingress_programs(ifindex: int) -> list[int]:
+    """IDs of the programs attached to ``ifindex``'s TCX ingress (empty if none)."""
+    return prog_query(ifindex, BPF_TCX_INGRESS)
+
+
+def tc_ingress_filter_names(ifindex: int) -> list[str]:
+    """Names of the ``bpf`` filters on ``ifindex``'s clsact ingress."""
+    from pyroute2 import IPRoute
+
+    names: list[str] = []
+    with IPRoute() as ipr:
+        try:
+            filters = ipr.get_filters(index=ifindex, parent=_INGRESS_PARENT)
+        except OSError:
+            return names
+        for msg in filters:
+            opts = msg.get_attr("TCA_OPTIONS")
+            if opts is not None and msg.get_attr("TCA_KIND") == "bpf":
+                name = opts.get_attr("TCA_BPF_NAME")
+                if name:
+                    names.append(str(name))
+    return names

@@ -1,0 +1,792 @@
+"""The tc ingress program of the receive fast path, generated as eBPF bytecode.
+
+One program per underlay interface, run by tc (TCX or clsact) after GRO.  For an
+skb that holds one **whole** STT frame for a configured tunnel it strips the outer
+Ethernet + IP + TCP-like + STT headers and redirects the inner frame into the
+tunnel's TAP as if received there (``bpf_redirect(tap, BPF_F_INGRESS)``).  Every
+other packet goes on untouched (``TC_ACT_UNSPEC``: the next tc program, then the
+stack) to the Python receive path, which
+keeps counting every drop reason; the program counts why it passed a packet on
+(:class:`PassReason`).  The accept set is a strict subset of the frames Python's
+``Endpoint.receive`` + ``Decapsulator.decap`` deliver unchanged:
+
+* outer IPv4 without options, not a fragment, or IPv6 with TCP as next header;
+  outer length exactly the skb length (no trailing padding), TCP data offset 5;
+* SEQ: offset 0 and frame length == payload length (a whole frame), >= 32 bytes;
+* STT version 0, VLAN TCI 0, not both C and P, L4 offset valid when P is set;
+* (remote, local, destination port, context id) names a tunnel in the map;
+* outer ECN not CE; with the uniform DSCP model, the inner IP header already has
+  the outer DSCP (so Python would not rewrite it);
+* the outer checksum was verified or will be: ``CHECKSUM_UNNECESSARY``, or a GSO
+  skb (GRO merged it after checking, or a local sender's partial checksum), or a
+  non-GSO ``CHECKSUM_PARTIAL`` skb recognised by its field holding the
+  pseudo-header sum; ``CHECKSUM_NONE`` (nobody checked) goes to Python.
+
+What the inner frame becomes (design.md §5):
+
+* P with an MSS and more payload than one MSS (the rule of the kernel's
+  ``virtio_net_hdr_to_skb``, which the Python path's TAP write goes through): a GSO
+  skb - gso_size set to the STT MSS by growing then shrinking with
+  ``BPF_F_ADJ_ROOM_FIXED_GSO``, and ``CHECKSUM_UNNECESSARY`` (TCP segmentation
+  recomputes the checksums of a non-partial skb).  Only when the outer skb is GSO
+  (the program cannot make one) and the inner packet is of the family V says; an
+  inner family other than the outer one gets its GSO type from
+  ``bpf_skb_change_proto``.
+* P otherwise: the inner L4 checksum is completed here (at most
+  :data:`CSUM_MAX` bytes, written like the kernel's ``skb_checksum_help``: a sum
+  folding to 0 is stored as 0xFFFF), then ``CHECKSUM_UNNECESSARY``.
+* C: ``CHECKSUM_UNNECESSARY``; no flag: ``CHECKSUM_NONE`` (the inner checksum is
+  complete and unverified, the receiver checks it).  The outer verdict is never
+  carried over to the inner header.
+* a non-GSO inner packet in a GSO outer skb is linearised and its GSO state reset
+  with ``bpf_skb_change_tail(skb, len, 0)``.
+
+Helper numbers, ``__sk_buff`` offsets and flag values are from
+``include/uapi/linux/bpf.h``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from sttun.io.ebpf.asm import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm, Reg
+
+# Helpers (enum bpf_func_id).
+MAP_LOOKUP_ELEM = 1
+SKB_STORE_BYTES = 9
+REDIRECT = 23
+SKB_LOAD_BYTES = 26
+SKB_CHANGE_PROTO = 31
+SKB_CHANGE_TAIL = 38
+SKB_PULL_DATA = 39
+SKB_ADJUST_ROOM = 50
+CSUM_LEVEL = 135
+# Helper arguments.
+BPF_F_INGRESS = 1
+BPF_ADJ_ROOM_MAC = 1
+BPF_F_ADJ_ROOM_FIXED_GSO = 1
+CSUM_LEVEL_QUERY = 0
+CSUM_LEVEL_INC = 1
+CSUM_LEVEL_RESET = 3
+# tc verdicts.  Passing returns TC_ACT_UNSPEC (TCX_NEXT): programs and filters
+# after this one still run, and without any the packet goes up the stack.
+TC_ACT_UNSPEC = -1
+TC_ACT_SHOT = 2
+# struct __sk_buff offsets.
+SKB_LEN = 0
+SKB_PROTOCOL = 16
+SKB_VLAN_PRESENT = 20
+SKB_DATA = 76
+SKB_DATA_END = 80
+SKB_GSO_SIZE = 176
+
+#: Largest L4 segment (inner L4 header + payload) whose checksum the program
+#: completes itself; longer non-GSO frames with P go to Python.  Covers inner MTUs
+#: up to ~2000 bytes; the verifier walks the summing loop once per 8 bytes.
+CSUM_MAX = 2048
+#: Largest |STT MSS - outer gso_size| the program adjusts (adjust_room moves at most
+#: 0xfff bytes per call, and the strip itself is up to 92).
+MAX_GSO_DELTA = 2048
+
+#: Map layouts, shared with the Python side (:mod:`sttun.io.rx_fastpath`).
+TUNNEL_KEY_SIZE = 48  # remote[16] local[16] context id[8] dport[2] family[1] pad[5]
+TUNNEL_VALUE_SIZE = 16  # tap ifindex u32, counter slot u32, flags u32, pad u32
+TUNNEL_FLAG_DSCP_UNIFORM = 1
+COUNTER_VALUE_SIZE = 16  # packets u64, bytes u64 (per CPU)
+PORT_KEY_SIZE = 2  # destination port, network order
+SCRATCH_SIZE = CSUM_MAX + 8
+
+# Stack slots (offsets from the frame pointer).
+_KEY = -48
+_ETH = -64
+_S_IFINDEX = -72
+_S_INDEX = -80
+_S_FLAGS = -88
+_S_L4OFF = -96
+_S_MSS = -104
+_S_INLEN = -112
+_S_TOS = -120
+_S_MODE = -128
+_S_CSUMOFF = -136
+_S_ET = -144
+_S_DELTA = -152
+_S_PORT = -160
+_S_STATKEY = -168
+_S_CSUM = -176
+_S_ZERO = -184
+_S_STRIP = -192
+_STACK_LOW = _S_STRIP
+
+# What the program does with the inner frame's checksum/GSO state.
+_MODE_NONE = 0
+_MODE_VALID = 1
+_MODE_COMPLETE = 2
+_MODE_GSO = 3
+_MODE_GSO_CROSS = 4  # GSO, inner IP family not the outer one
+
+# skb->protocol as the program reads it (a __be16 loaded little-endian).
+_ETH_P_IP_RAW = 0x0008
+_ETH_P_IPV6_RAW = 0xDD86
+
+
+class PassReason(enum.IntEnum):
+    """Why the program left a packet to Python (index of the per-CPU counter)."""
+
+    NOT_STT = 0  # not IP/TCP to an STT port of a tunnel (other traffic)
+    PIECE = 1  # part of a frame (offset != 0 or shorter than the frame)
+    UNKNOWN_TUNNEL = 2  # (remote, local, port, context id) is not in the map
+    HEADER = 3  # IP options/fragment, lengths, data offset, version, L4 offset, C+P
+    VLAN = 4  # the STT header carries a VLAN TCI
+    MARKING = 5  # outer CE, or the uniform DSCP model would rewrite the inner header
+    CHECKSUM = 6  # nobody verified the outer checksum (CHECKSUM_NONE, COMPLETE)
+    OFFLOAD = 7  # GSO/checksum combination the program does not do
+    ERROR = 8  # a helper failed after the frame was changed: dropped (TC_ACT_SHOT)
+
+
+@dataclass(frozen=True)
+class MapFds:
+    """File descriptors of the program's maps."""
+
+    tunnels: int  # HASH tunnel key -> tunnel value
+    ports: int  # HASH destination port -> unused u8
+    reasons: int  # PERCPU_ARRAY PassReason -> counter
+    tunnel_stats: int  # PERCPU_ARRAY counter slot -> counter
+    scratch: int  # PERCPU_ARRAY [0] -> SCRATCH_SIZE bytes
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Offsets of one outer IP family (from the start of the outer Ethernet header)."""
+
+    version: int
+    ip_len: int  # fixed header length
+    len_min: int  # what bpf_skb_adjust_room keeps at least after the network header
+
+    @property
+    def tcp(self) -> int:
+        return 14 + self.ip_len
+
+    @property
+    def stt(self) -> int:
+        return self.tcp + 20
+
+    @property
+    def inner(self) -> int:
+        return self.stt + 18
+
+    @property
+    def strip(self) -> int:
+        """Bytes removed after the outer Ethernet header (IP + TCP + STT + inner Eth;
+        the inner Ethernet header is then written over the outer one)."""
+        return self.ip_len + 20 + 18 + 14
+
+
+_V4 = _Family(4, 20, 20)
+_V6 = _Family(6, 40, 40)
+
+
+def build(maps: MapFds, *, max_linear_len: int, invalid: bool = False) -> bytes:
+    """The program's bytecode for these maps.
+
+    ``max_linear_len``: the largest inner frame that may be linearised out of a GSO
+    skb (``bpf_skb_change_tail`` refuses more than the underlay's MTU + 14).
+    ``invalid`` builds a program the verifier must refuse (for fallback tests).
+    """
+    a = Asm()
+    if invalid:
+        a.exit()  # R0 never written: "R0 !read_ok"
+        return a.assemble()
+    _Builder(a, maps, max_linear_len).emit()
+    return a.assemble()
+
+
+class _Builder:
+    def __init__(self, a: Asm, maps: MapFds, max_linear_len: int) -> None:
+        self.a = a
+        self.maps = maps
+        self.max_linear_len = max_linear_len
+
+    # -- the program ------------------------------------------------------------------
+    def emit(self) -> None:
+        a = self.a
+        a.mov(R6, R1)
+        for off in range(_STACK_LOW, 0, 8):
+            a.st("dw", FP, off, 0)
+        a.ldx("w", R1, R6, SKB_VLAN_PRESENT)
+        a.jne(R1, 0, "not_stt")
+        a.ldx("w", R1, R6, SKB_PROTOCOL)
+        a.jeq(R1, _ETH_P_IP_RAW, "ip4")
+        a.jeq(R1, _ETH_P_IPV6_RAW, "ip6")
+        a.ja("not_stt")
+        for fam in (_V4, _V6):
+            a.label(f"ip{fam.version}")
+            self.family(fam)
+        self.commit()
+        self.exits()
+
+    def reload(self) -> None:
+        """R7 = data, R8 = data_end."""
+        self.a.ldx("w", R7, R6, SKB_DATA)
+        self.a.ldx("w", R8, R6, SKB_DATA_END)
+
+    def bound(self, n: int, fail: str) -> None:
+        """Go to ``fail`` unless ``n`` bytes from data are in the linear area (uses R0)."""
+        a = self.a
+        a.mov(R0, R7)
+        a.add(R0, n)
+        a.jgt(R0, R8, fail)
+
+    def lookup(self, fd: int, key_slot: int) -> None:
+        """R0 = map_lookup_elem(fd, fp + key_slot)."""
+        a = self.a
+        a.ld_map_fd(R1, fd)
+        a.mov(R2, FP)
+        a.add(R2, key_slot)
+        a.call(MAP_LOOKUP_ELEM)
+
+    def family(self, f: _Family) -> None:
+        a = self.a
+        v = f.version
+        ip, tcp, stt, inner = 14, f.tcp, f.stt, f.inner
+        # -- outer headers, linear -----------------------------------------------
+        self.reload()
+        ok = a.fresh("hdr_ok")
+        a.mov(R1, R7)
+        a.add(R1, tcp + 20)
+        a.jle(R1, R8, ok)
+        a.ldx("w", R1, R6, SKB_LEN)
+        a.jlt(R1, tcp + 20, "not_stt")
+        a.mov(R1, R6)
+        a.mov(R2, tcp + 20)
+        a.call(SKB_PULL_DATA)
+        a.jne(R0, 0, "not_stt")
+        self.reload()
+        self.bound(tcp + 20, "not_stt")
+        a.label(ok)
+        # -- IP protocol and STT port ------------------------------------------------
+        if v == 4:
+            a.ldx("b", R1, R7, ip + 9)
+        else:
+            a.ldx("b", R1, R7, ip + 6)
+        a.jne(R1, 6, "not_stt")
+        a.ldx("h", R1, R7, tcp + 2)
+        a.stx("h", FP, _S_PORT, R1)
+        self.lookup(self.maps.ports, _S_PORT)
+        a.jeq(R0, 0, "not_stt")
+        # -- outer IP checks -------------------------------------------------------
+        a.ldx("w", R2, R6, SKB_LEN)
+        if v == 4:
+            a.ldx("b", R1, R7, ip)
+            a.jne(R1, 0x45, "header")  # IPv4, no options
+            a.ldx("h", R1, R7, ip + 6)
+            a.and_(R1, 0xFF3F)  # MF | fragment offset (network order 0x3FFF)
+            a.jne(R1, 0, "header")
+            a.ldx("h", R1, R7, ip + 2)
+            a.be16(R1)  # total length
+            a.mov(R3, R1)
+            a.add(R3, 14)
+            a.sub(R1, 40)  # STT payload bytes
+        else:
+            a.ldx("b", R1, R7, ip)
+            a.rsh(R1, 4)
+            a.jne(R1, 6, "header")
+            a.ldx("h", R1, R7, ip + 4)
+            a.be16(R1)  # payload length
+            a.mov(R3, R1)
+            a.add(R3, 14 + 40)
+            a.sub(R1, 20)
+        a.jne(R3, R2, "header")  # the skb is exactly the IP packet
+        a.ldx("b", R2, R7, tcp + 12)
+        a.rsh(R2, 4)
+        a.jne(R2, 5, "header")  # data offset 5
+        # -- a whole frame ---------------------------------------------------------
+        a.ldx("h", R2, R7, tcp + 6)
+        a.jne(R2, 0, "piece")  # offset
+        a.ldx("h", R2, R7, tcp + 4)
+        a.be16(R2)  # frame length
+        a.jne(R2, R1, "piece")
+        a.jlt(R1, 32, "header")  # shorter than STT header + Ethernet
+        a.sub(R1, 18)
+        a.stx("dw", FP, _S_INLEN, R1)
+        a.jlt(R1, 14 + f.len_min, "offload")  # adjust_room keeps >= len_min after L3
+        # -- outer TOS and the tunnel key's addresses --------------------------------
+        if v == 4:
+            a.ldx("b", R1, R7, ip + 1)
+            a.stx("dw", FP, _S_TOS, R1)
+            a.ldx("w", R1, R7, ip + 12)
+            a.stx("w", FP, _KEY, R1)  # remote = outer source
+            a.ldx("w", R1, R7, ip + 16)
+            a.stx("w", FP, _KEY + 16, R1)  # local = outer destination
+        else:
+            a.ldx("b", R1, R7, ip)
+            a.and_(R1, 0x0F)
+            a.lsh(R1, 4)
+            a.ldx("b", R2, R7, ip + 1)
+            a.rsh(R2, 4)
+            a.or_(R1, R2)
+            a.stx("dw", FP, _S_TOS, R1)
+            for k in range(0, 32, 8):
+                a.ldx("dw", R1, R7, ip + 8 + k)
+                a.stx("dw", FP, _KEY + k, R1)
+        a.ldx("h", R1, R7, tcp + 2)
+        a.stx("h", FP, _KEY + 40, R1)
+        a.st("b", FP, _KEY + 42, v)
+        # -- STT header and inner Ethernet header, linear ----------------------------
+        need = inner + 16
+        lin = a.fresh("lin_ok")
+        pull = a.fresh("pull")
+        a.mov(R1, R7)
+        a.add(R1, need)
+        a.jle(R1, R8, lin)
+        a.ldx("w", R2, R6, SKB_LEN)
+        a.jle(R2, need, pull)
+        a.mov(R2, need)
+        a.label(pull)
+        a.mov(R1, R6)
+        a.call(SKB_PULL_DATA)
+        a.jne(R0, 0, "header")
+        self.reload()
+        a.label(lin)
+        self.bound(inner + 14, "header")
+        a.ldx("b", R1, R7, stt)
+        a.jne(R1, 0, "header")  # version
+        a.ldx("h", R1, R7, stt + 6)
+        a.jne(R1, 0, "vlan")  # TCI
+        a.ldx("dw", R1, R7, stt + 8)
+        a.stx("dw", FP, _KEY + 32, R1)  # context id
+        a.ldx("b", R1, R7, stt + 1)
+        a.stx("dw", FP, _S_FLAGS, R1)
+        a.ldx("b", R1, R7, stt + 2)
+        a.stx("dw", FP, _S_L4OFF, R1)
+        a.ldx("h", R1, R7, stt + 4)
+        a.be16(R1)
+        a.stx("dw", FP, _S_MSS, R1)
+        a.ldx("dw", R1, R7, inner)
+        a.stx("dw", FP, _ETH, R1)
+        a.ldx("w", R1, R7, inner + 8)
+        a.stx("w", FP, _ETH + 8, R1)
+        a.ldx("h", R1, R7, inner + 12)
+        a.stx("h", FP, _ETH + 12, R1)
+        a.stx("dw", FP, _S_ET, R1)
+        # -- the tunnel ----------------------------------------------------------------
+        self.lookup(self.maps.tunnels, _KEY)
+        a.jeq(R0, 0, "unknown")
+        a.ldx("w", R1, R0, 0)
+        a.stx("dw", FP, _S_IFINDEX, R1)
+        a.ldx("w", R1, R0, 4)
+        a.stx("dw", FP, _S_INDEX, R1)
+        a.ldx("w", R9, R0, 8)
+        self.marking(f)
+        self.flags(f)
+        self.checksum_state(f)
+        a.ja("commit")
+
+    def marking(self, f: _Family) -> None:
+        """Outer CE, or a DSCP the uniform model would copy in: Python's job."""
+        a = self.a
+        inner = f.inner
+        done = a.fresh("dscp_done")
+        d4 = a.fresh("dscp4")
+        d6 = a.fresh("dscp6")
+        a.ldx("dw", R1, FP, _S_TOS)
+        a.mov(R2, R1)
+        a.and_(R2, 3)
+        a.jeq(R2, 3, "marking")
+        uniform = a.fresh("uniform")
+        a.jset(R9, TUNNEL_FLAG_DSCP_UNIFORM, uniform)
+        a.ja(done)
+        a.label(uniform)
+        a.rsh(R1, 2)  # outer DSCP
+        a.ldx("dw", R2, FP, _S_ET)
+        a.ldx("dw", R3, FP, _S_INLEN)
+        a.jeq(R2, _ETH_P_IP_RAW, d4)
+        a.jeq(R2, _ETH_P_IPV6_RAW, d6)
+        a.ja(done)
+        a.label(d4)
+        a.jlt(R3, 34, done)
+        self.bound(inner + 16, "header")
+        a.ldx("b", R4, R7, inner + 15)
+        a.rsh(R4, 2)
+        a.jne(R4, R1, "marking")
+        a.ja(done)
+        a.label(d6)
+        a.jlt(R3, 54, done)
+        self.bound(inner + 16, "header")
+        a.ldx("b", R4, R7, inner + 14)
+        a.and_(R4, 0x0F)
+        a.lsh(R4, 4)
+        a.ldx("b", R5, R7, inner + 15)
+        a.rsh(R5, 4)
+        a.or_(R4, R5)
+        a.rsh(R4, 2)
+        a.jne(R4, R1, "marking")
+        a.label(done)
+
+    def flags(self, f: _Family) -> None:
+        """Decide the mode (what happens to checksum/GSO) or pass the frame on."""
+        a = self.a
+        partial = a.fresh("partial")
+        valid = a.fresh("valid")
+        plain = a.fresh("plain")
+        mode_set = a.fresh("mode_set")
+        p_v4 = a.fresh("p_v4")
+        p_l4 = a.fresh("p_l4")
+        p_tcp = a.fresh("p_tcp")
+        p_len = a.fresh("p_len")
+        p_gso = a.fresh("p_gso")
+        p_nogso = a.fresh("p_nogso")
+        fam_ok = a.fresh("fam_ok")
+        a.ldx("dw", R1, FP, _S_FLAGS)
+        a.mov(R2, R1)
+        a.and_(R2, 3)
+        a.jeq(R2, 3, "header")  # C and P: Python counts csum_both_flags
+        a.jset(R1, 2, partial)
+        a.jset(R1, 1, valid)
+        a.mov(R2, _MODE_NONE)
+        a.ja(plain)
+        a.label(valid)
+        a.mov(R2, _MODE_VALID)
+        a.ja(plain)
+        # -- P: L4 offset rules of rx_vnet ------------------------------------------
+        a.label(partial)
+        a.ldx("dw", R3, FP, _S_L4OFF)
+        a.ldx("dw", R4, FP, _S_INLEN)
+        a.jset(R1, 4, p_v4)
+        a.jlt(R3, 14 + 40, "header")
+        a.ja(p_l4)
+        a.label(p_v4)
+        a.jlt(R3, 14 + 20, "header")
+        a.label(p_l4)
+        a.mov(R5, 8)
+        a.mov(R0, 6)
+        a.jset(R1, 8, p_tcp)
+        a.ja(p_len)
+        a.label(p_tcp)
+        a.mov(R5, 20)
+        a.mov(R0, 16)
+        a.label(p_len)
+        a.stx("dw", FP, _S_CSUMOFF, R0)
+        a.mov(R2, R3)
+        a.add(R2, R5)
+        a.jgt(R2, R4, "header")  # the L4 header does not fit
+        # GSO as the TAP write would make it: TCP, MSS != 0, payload > MSS.
+        a.jset(R1, 8, p_gso)
+        a.ja(p_nogso)
+        a.label(p_gso)
+        a.ldx("dw", R5, FP, _S_MSS)
+        a.jeq(R5, 0, p_nogso)
+        a.mov(R2, R4)
+        a.sub(R2, R3)
+        a.sub(R2, 20)
+        a.jle(R2, R5, p_nogso)
+        a.ldx("w", R2, R6, SKB_GSO_SIZE)
+        a.jeq(R2, 0, "offload")  # the program cannot make a GSO skb
+        # The inner packet must be of the family the V flag says (the TAP write's GSO
+        # type follows V); across families the GSO type is switched at commit.
+        g_v4 = a.fresh("g_v4")
+        a.ldx("dw", R0, FP, _S_ET)
+        a.jset(R1, 4, g_v4)
+        a.jne(R0, _ETH_P_IPV6_RAW, "offload")
+        a.mov(R3, _MODE_GSO if f.version == 6 else _MODE_GSO_CROSS)
+        a.ja(fam_ok)
+        a.label(g_v4)
+        a.jne(R0, _ETH_P_IP_RAW, "offload")
+        a.mov(R3, _MODE_GSO if f.version == 4 else _MODE_GSO_CROSS)
+        a.label(fam_ok)
+        a.mov(R0, R5)
+        a.sub(R0, R2)
+        a.stx("dw", FP, _S_DELTA, R0)
+        a.add(R0, MAX_GSO_DELTA)
+        a.jgt(R0, 2 * MAX_GSO_DELTA, "offload")
+        a.mov(R2, R3)
+        a.ja(mode_set)
+        a.label(p_nogso)
+        a.mov(R2, R4)
+        a.sub(R2, R3)
+        a.jgt(R2, CSUM_MAX, "offload")
+        a.mov(R2, _MODE_COMPLETE)
+        # -- a non-GSO result out of a GSO skb must be linearisable ----------------------
+        a.label(plain)
+        a.ldx("w", R3, R6, SKB_GSO_SIZE)
+        a.jeq(R3, 0, mode_set)
+        a.ldx("dw", R4, FP, _S_INLEN)
+        a.jgt(R4, self.max_linear_len, "offload")
+        a.label(mode_set)
+        a.stx("dw", FP, _S_MODE, R2)
+
+    def checksum_state(self, f: _Family) -> None:
+        """Pass the frame on unless the outer checksum was (or will be) verified."""
+        a = self.a
+        trusted = a.fresh("trusted")
+        not_none = a.fresh("not_none")
+        ip, tcp = 14, f.tcp
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_QUERY)
+        a.call(CSUM_LEVEL)
+        a.jsge(R0, 0, trusted)  # CHECKSUM_UNNECESSARY
+        # INC turns only CHECKSUM_NONE into UNNECESSARY: that is how NONE shows.
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_INC)
+        a.call(CSUM_LEVEL)
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_QUERY)
+        a.call(CSUM_LEVEL)
+        a.jslt(R0, 0, not_none)
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_RESET)  # back to CHECKSUM_NONE
+        a.call(CSUM_LEVEL)
+        a.ja("checksum")
+        a.label(not_none)
+        # PARTIAL or COMPLETE.  GSO skbs are PARTIAL (GRO or a local sender).
+        a.ldx("w", R1, R6, SKB_GSO_SIZE)
+        a.jne(R1, 0, trusted)
+        # A non-GSO PARTIAL skb's checksum field holds the pseudo-header sum.
+        self.reload()
+        self.bound(f.inner + 14, "header")
+        a.mov(R1, 0x0600)  # protocol 6, as a little-endian load of the pair 0x00 0x06
+        addrs = range(ip + 12, ip + 20, 2) if f.version == 4 else range(ip + 8, ip + 40, 2)
+        for off in addrs:
+            a.ldx("h", R2, R7, off)
+            a.add(R1, R2)
+        a.ldx("w", R3, R6, SKB_LEN)
+        a.sub(R3, tcp)  # TCP length
+        a.be16(R3)
+        a.mov(R2, R1)
+        a.add(R2, R3)
+        for reg in (R1, R2):
+            for _ in range(3):
+                a.mov(R4, reg)
+                a.rsh(R4, 16)
+                a.and_(reg, 0xFFFF)
+                a.add(reg, R4)
+        a.ldx("h", R3, R7, tcp + 16)
+        a.jeq(R3, R2, trusted)  # Linux: sum includes the TCP length
+        a.jeq(R3, R1, trusted)  # Windows LSO: without it
+        a.ja("checksum")
+        a.label(trusted)
+        # the family decides how much is stripped: remember it in R9 for commit()
+        a.mov(R9, f.strip)
+        same = a.fresh("same_family")
+        a.ldx("dw", R1, FP, _S_MODE)
+        a.jne(R1, _MODE_GSO_CROSS, same)
+        # GSO across families: bpf_skb_change_proto switches SKB_GSO_TCPV4 and
+        # SKB_GSO_TCPV6 (and adds/removes the 20 bytes the headers differ by, right
+        # after the Ethernet header, where the strip removes them); gso_size stays.
+        a.mov(R1, R6)
+        a.mov(R2, _ETH_P_IPV6_RAW if f.version == 4 else _ETH_P_IP_RAW)
+        a.mov(R3, 0)
+        a.call(SKB_CHANGE_PROTO)
+        a.jne(R0, 0, "error")
+        a.st("dw", FP, _S_MODE, _MODE_GSO)
+        a.mov(R9, f.strip + 20 if f.version == 4 else f.strip - 20)
+        a.label(same)
+
+    def adjust(self, diff: int | Reg, flags: int) -> None:
+        """bpf_skb_adjust_room(skb, diff, MAC, flags); a failure drops the frame."""
+        a = self.a
+        if isinstance(diff, Reg):
+            if diff != R2:
+                a.mov(R2, diff)
+        else:
+            a.mov(R2, diff)
+        a.mov(R1, R6)
+        a.mov(R3, BPF_ADJ_ROOM_MAC)
+        a.mov(R4, flags)
+        a.call(SKB_ADJUST_ROOM)
+        a.jne(R0, 0, "error")
+
+    def commit(self) -> None:
+        """Strip, fix checksum/GSO state, count, redirect.  R9 = bytes to strip."""
+        a = self.a
+        fixed = BPF_F_ADJ_ROOM_FIXED_GSO
+        a.label("commit")
+        a.stx("dw", FP, _S_STRIP, R9)
+        a.ldx("dw", R1, FP, _S_MODE)
+        a.jeq(R1, _MODE_GSO, "gso")
+        # -- non-GSO result ----------------------------------------------------------
+        a.mov(R2, 0)
+        a.sub(R2, R9)
+        self.adjust(R2, fixed)
+        a.ldx("w", R1, R6, SKB_GSO_SIZE)
+        a.jeq(R1, 0, "stripped")
+        a.mov(R1, R6)
+        a.ldx("w", R2, R6, SKB_LEN)
+        a.mov(R3, 0)
+        a.call(SKB_CHANGE_TAIL)  # linearise, reset GSO
+        a.jne(R0, 0, "error")
+        a.ja("stripped")
+        # -- GSO result: gso_size := STT MSS -----------------------------------------
+        # A non-FIXED_GSO grow by g lowers gso_size by g, a shrink by s raises it by s.
+        a.label("gso")
+        a.ldx("dw", R1, FP, _S_DELTA)  # MSS - gso_size
+        a.jslt(R1, 0, "gso_neg")
+        a.jeq(R1, 0, "gso_zero")
+        a.jmp("sgt", R1, R9, "gso_big")
+        # 0 < delta <= strip: shrink delta (gso += delta), then the rest fixed.
+        a.mov(R2, 0)
+        a.sub(R2, R1)
+        self.adjust(R2, 0)
+        a.ldx("dw", R1, FP, _S_DELTA)
+        a.ldx("dw", R2, FP, _S_STRIP)
+        a.sub(R1, R2)  # delta - strip (<= 0)
+        a.jeq(R1, 0, "stripped")
+        self.adjust(R1, fixed)
+        a.ja("stripped")
+        a.label("gso_neg")  # grow -delta (gso -= -delta), shrink strip - delta fixed
+        a.mov(R2, 0)
+        a.sub(R2, R1)
+        self.adjust(R2, 0)
+        a.ldx("dw", R2, FP, _S_DELTA)
+        a.ldx("dw", R1, FP, _S_STRIP)
+        a.sub(R2, R1)  # delta - strip
+        self.adjust(R2, fixed)
+        a.ja("stripped")
+        a.label("gso_zero")
+        a.mov(R2, 0)
+        a.sub(R2, R9)
+        self.adjust(R2, fixed)
+        a.ja("stripped")
+        a.label("gso_big")  # grow delta - strip fixed, shrink delta (gso += delta)
+        a.mov(R2, R1)
+        a.sub(R2, R9)
+        self.adjust(R2, fixed)
+        a.ldx("dw", R1, FP, _S_DELTA)
+        a.mov(R2, 0)
+        a.sub(R2, R1)
+        self.adjust(R2, 0)
+        # -- the inner Ethernet header over the outer one ------------------------------
+        a.label("stripped")
+        a.mov(R1, R6)
+        a.mov(R2, 0)
+        a.mov(R3, FP)
+        a.add(R3, _ETH)
+        a.mov(R4, 14)
+        a.mov(R5, 0)
+        a.call(SKB_STORE_BYTES)
+        a.jne(R0, 0, "error")
+        a.ldx("dw", R1, FP, _S_MODE)
+        a.jeq(R1, _MODE_NONE, "deliver")
+        a.jne(R1, _MODE_COMPLETE, "mark_valid")
+        self.complete_checksum()
+        a.label("mark_valid")
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_INC)  # CHECKSUM_NONE -> UNNECESSARY
+        a.call(CSUM_LEVEL)
+        a.label("deliver")
+        a.ldx("dw", R1, FP, _S_INDEX)
+        a.stx("w", FP, _S_STATKEY, R1)
+        self.count(self.maps.tunnel_stats)
+        a.ldx("dw", R1, FP, _S_IFINDEX)
+        a.mov(R2, BPF_F_INGRESS)
+        a.call(REDIRECT)
+        a.exit()
+
+    def complete_checksum(self) -> None:
+        """Sum the inner L4 segment (P: its checksum field holds the pseudo-header
+        sum) and store the folded complement, 0 written as 0xFFFF."""
+        a = self.a
+        self.lookup(self.maps.scratch, _S_ZERO)
+        a.jeq(R0, 0, "error")
+        a.mov(R9, R0)
+        a.ldx("dw", R8, FP, _S_INLEN)
+        a.ldx("dw", R3, FP, _S_L4OFF)
+        a.sub(R8, R3)  # L4 length
+        a.jlt(R8, 8, "error")
+        a.jgt(R8, CSUM_MAX, "error")
+        # zero the 8 bytes the last partial word reads past the data
+        a.mov(R1, R8)
+        a.and_(R1, -8)
+        a.add(R1, R9)
+        a.st("dw", R1, 0, 0)
+        a.mov(R1, R6)
+        a.mov(R2, R3)
+        a.mov(R3, R9)
+        a.mov(R4, R8)
+        a.call(SKB_LOAD_BYTES)
+        a.jne(R0, 0, "error")
+        a.mov(R3, R8)
+        a.add(R3, 7)
+        a.and_(R3, -8)
+        a.mov(R1, 0)
+        a.mov(R2, 0)
+        a.label("sum_loop")
+        a.jge(R1, R3, "sum_done")
+        a.mov(R4, R9)
+        a.add(R4, R1)
+        a.ldx("dw", R5, R4, 0)
+        a.mov(R4, R5)
+        a.rsh(R4, 32)
+        a.add(R2, R4)
+        a.alu32("mov", R4, R5)
+        a.add(R2, R4)
+        a.add(R1, 8)
+        a.ja("sum_loop")
+        a.label("sum_done")
+        a.mov(R4, R2)
+        a.rsh(R4, 32)
+        a.alu32("mov", R2, R2)
+        a.add(R2, R4)
+        for _ in range(4):
+            a.mov(R4, R2)
+            a.rsh(R4, 16)
+            a.and_(R2, 0xFFFF)
+            a.add(R2, R4)
+        a.xor(R2, 0xFFFF)
+        a.jne(R2, 0, "csum_store")
+        a.mov(R2, 0xFFFF)  # CSUM_MANGLED_0
+        a.label("csum_store")
+        a.stx("h", FP, _S_CSUM, R2)
+        a.mov(R1, R6)
+        a.ldx("dw", R2, FP, _S_L4OFF)
+        a.ldx("dw", R3, FP, _S_CSUMOFF)
+        a.add(R2, R3)
+        a.mov(R3, FP)
+        a.add(R3, _S_CSUM)
+        a.mov(R4, 2)
+        a.mov(R5, 0)
+        a.call(SKB_STORE_BYTES)
+        a.jne(R0, 0, "error")
+
+    def count(self, fd: int) -> None:
+        """Add one packet and skb->len bytes to ``fd``'s per-CPU slot at _S_STATKEY."""
+        a = self.a
+        skip = a.fresh("count_skip")
+        self.lookup(fd, _S_STATKEY)
+        a.jeq(R0, 0, skip)
+        a.ldx("dw", R1, R0, 0)
+        a.add(R1, 1)
+        a.stx("dw", R0, 0, R1)
+        a.ldx("w", R2, R6, SKB_LEN)
+        a.ldx("dw", R1, R0, 8)
+        a.add(R1, R2)
+        a.stx("dw", R0, 8, R1)
+        a.label(skip)
+
+    def exits(self) -> None:
+        a = self.a
+        labels = {
+            "not_stt": PassReason.NOT_STT,
+            "piece": PassReason.PIECE,
+            "unknown": PassReason.UNKNOWN_TUNNEL,
+            "header": PassReason.HEADER,
+            "vlan": PassReason.VLAN,
+            "marking": PassReason.MARKING,
+            "checksum": PassReason.CHECKSUM,
+            "offload": PassReason.OFFLOAD,
+        }
+        for name, reason in labels.items():
+            a.label(name)
+            a.mov(R0, int(reason))
+            a.ja("pass")
+        a.label("pass")
+        a.stx("w", FP, _S_STATKEY, R0)
+        self.count(self.maps.reasons)
+        a.mov(R0, TC_ACT_UNSPEC)
+        a.exit()
+        a.label("error")
+        a.mov(R0, int(PassReason.ERROR))
+        a.stx("w", FP, _S_STATKEY, R0)
+        self.count(self.maps.reasons)
+        a.mov(R0, TC_ACT_SHOT)
+        a.exit()
