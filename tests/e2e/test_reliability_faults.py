@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sttun.tools.topology import Host
 from tests.e2e.impair import (
     OVERLAY_A,
     OVERLAY_B,
@@ -21,7 +22,7 @@ from tests.e2e.impair import (
     stop_relay,
 )
 from tests.e2e.sttun_hosts import Endpoint, drops_of, ping, tcp_transfer, wait_until
-from tests.netns import Netns, link_mac, make_two_hosts, need_root, need_tools
+from tests.netns import link_mac, make_two_hosts, need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -148,6 +149,6 @@ def test_peer_mac_change(tmp_path: Path) -> None:
         assert (p.a.show()["pid"], p.b.show()["pid"]) == pids
 
 
-def _pings(ns: Netns, addr: str) -> bool:
+def _pings(ns: Host, addr: str) -> bool:
     res = ns.run(["ping", "-c", "1", "-W", "1", addr], check=False)
     return bool(res.returncode == 0)

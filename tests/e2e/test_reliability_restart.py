@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from sttun.tools.topology import Host
 from tests.e2e.impair import OVERLAY_A, OVERLAY_B
 from tests.e2e.sttun_hosts import (
     Endpoint,
@@ -29,7 +30,7 @@ from tests.e2e.sttun_hosts import (
     start_endpoint,
     wait_until,
 )
-from tests.netns import Netns, make_two_hosts, need_root, need_tools
+from tests.netns import make_two_hosts, need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -41,13 +42,13 @@ def _root() -> None:
     need_root()
 
 
-def _master(ns: Netns, dev: str) -> str | None:
+def _master(ns: Host, dev: str) -> str | None:
     info = json.loads(ns.run(["ip", "-j", "-d", "link", "show", dev]).stdout)[0]
     master: str | None = info.get("master")
     return master
 
 
-def _sttun_tables(ns: Netns) -> list[str]:
+def _sttun_tables(ns: Host) -> list[str]:
     out = ns.run(["nft", "list", "tables"]).stdout
     return [ln.strip() for ln in out.splitlines() if "sttun" in ln]
 
@@ -143,7 +144,7 @@ s.shutdown(socket.SHUT_WR); s.recv(1); print(sent, h.hexdigest(), flush=True)
 
 
 def paced_transfer(
-    sender: Netns, receiver: Netns, addr: str, nbytes: int, rate: float, port: int = 5202
+    sender: Host, receiver: Host, addr: str, nbytes: int, rate: float, port: int = 5202
 ) -> None:
     """Like ``tcp_transfer`` but at about ``rate`` bytes/s (so it lasts long enough to
     be interrupted); asserts the receiver's sha256 equals the sender's."""
@@ -167,7 +168,7 @@ def _pid(ep: Endpoint) -> int | None:
     return pid
 
 
-def _in_ns(ns: Netns, argv: list[str]) -> list[str]:
+def _in_ns(ns: Host, argv: list[str]) -> list[str]:
     """``ip netns exec`` with ``ip`` by absolute path (PATH is changed for the child)."""
     full = ns.argv(argv)
     full[0] = shutil.which("ip") or "/usr/sbin/ip"

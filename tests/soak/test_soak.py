@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from sttun.tools.topology import Host
 from tests.e2e.impair import OVERLAY_B, Pair, start_pair
 from tests.e2e.sttun_hosts import drops_of, wait_until
-from tests.netns import Netns, make_two_hosts, need_root, need_tools
+from tests.netns import make_two_hosts, need_root, need_tools
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -50,12 +51,12 @@ def _rx_drops(d: dict[str, int]) -> int:
     return sum(v for k, v in d.items() if not k.startswith("tx_") or k == "tx_error")
 
 
-def _skmem(ns: Netns) -> str:
+def _skmem(ns: Host) -> str:
     out = ns.run(["ss", "-0", "-m", "-n", "-a"], check=False).stdout
     return " ".join(w for w in out.split() if w.startswith("skmem:"))
 
 
-def _veth_drops(ns: Netns, dev: str) -> tuple[int, int]:
+def _veth_drops(ns: Host, dev: str) -> tuple[int, int]:
     st = json.loads(ns.run(["ip", "-j", "-s", "link", "show", dev]).stdout)[0]["stats64"]
     return int(st["tx"]["dropped"]), int(st["rx"]["dropped"])
 
