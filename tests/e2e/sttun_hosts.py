@@ -152,6 +152,35 @@ def ping(ns: Host, addr: str, count: int = 3, timeout: float = 30.0) -> str:
     return res.stdout
 
 
+_RECEIVER = """\
+import hashlib, socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    d = c.recv(1 << 20)
+    if not d:
+        break
+    h.update(d); n += len(d)
+print(n, h.hexdigest(), flush=True)
+"""
+_SENDER = """\
+import hashlib, socket, sys, time
+n, io_timeout, rate = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+h = hashlib.sha256()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=io_timeout)
+sent = 0; i = 0; t0 = time.monotonic()
+while sent < n:
+    b = hashlib.sha256(i.to_bytes(8, "big")).digest() * (2048 if rate else 32768)
+    b = b[: n - sent]; s.sendall(b); h.update(b); sent += len(b); i += 1
+    ahead = t0 + sent / rate - time.monotonic() if rate else 0
+    if ahead > 0:
+        time.sleep(ahead)  # pacing: about `rate` bytes a second
+s.shutdown(socket.SHUT_WR); s.recv(1); print(sent, h.hexdigest(), flush=True)
+"""
+
+
 def tcp_transfer(
     sender: Host,
     receiver: Host,
@@ -159,43 +188,22 @@ def tcp_transfer(
     nbytes: int,
     port: int = 5201,
     io_timeout: float = 60.0,
+    rate: float = 0.0,
 ) -> None:
     """Send ``nbytes`` of pseudo-random data over TCP; assert the sha256 matches.
 
     ``io_timeout``: how long one blocking socket call may wait (a lossy path needs
     more patience: TCP backs off exponentially when a retransmission is lost too).
+    ``rate`` > 0 paces the sender at about that many bytes a second (so the transfer
+    lasts long enough to be interrupted).
     """
-    server = (
-        "import hashlib,socket,sys\n"
-        "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n"
-        "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-        "s.bind((sys.argv[1],int(sys.argv[2])));s.listen(1);print('ready',flush=True)\n"
-        "c,_=s.accept();h=hashlib.sha256();n=0\n"
-        "while True:\n"
-        "    d=c.recv(1<<20)\n"
-        "    if not d: break\n"
-        "    h.update(d);n+=len(d)\n"
-        "print(n,h.hexdigest(),flush=True)\n"
-    )
-    client = (
-        "import hashlib,socket,sys\n"
-        "n=int(sys.argv[3]);h=hashlib.sha256();blk=bytes(range(256))*4096\n"
-        "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=float(sys.argv[4]))\n"
-        "sent=0;i=0\n"
-        "while sent<n:\n"
-        "    b=hashlib.sha256(i.to_bytes(8,'big')).digest()*32768\n"
-        "    b=b[:n-sent];s.sendall(b);h.update(b);sent+=len(b);i+=1\n"
-        "s.shutdown(socket.SHUT_WR);s.recv(1);print(sent,h.hexdigest(),flush=True)\n"
-    )
     srv = receiver.popen(
-        [sys.executable, "-c", server, addr, str(port)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _RECEIVER, addr, str(port)], stdout=subprocess.PIPE, text=True
     )
     assert srv.stdout is not None
     assert srv.stdout.readline().strip() == "ready"
-    res = sender.run(
-        [sys.executable, "-c", client, addr, str(port), str(nbytes), str(io_timeout)],
-        timeout=max(300.0, 2 * io_timeout),
-    )
+    argv = [sys.executable, "-c", _SENDER, addr, str(port), str(nbytes), str(io_timeout)]
+    res = sender.run([*argv, str(rate)], timeout=max(300.0, 2 * io_timeout))
     out, _ = srv.communicate(timeout=max(120.0, io_timeout))
     sent = res.stdout.split()
     got = out.split()
