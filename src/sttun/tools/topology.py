@@ -144,6 +144,11 @@ def _end_pids(pids: Sequence[int], timeout: float = STOP_TIMEOUT) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def ipv6_available() -> bool:
+    """True unless this kernel runs without IPv6 (``ipv6.disable=1``)."""
+    return os.path.exists("/proc/sys/net/ipv6")
+
+
 def create_namespace(name: str) -> None:
     """``ip netns add name``, ``lo`` up, IPv6 duplicate address detection off.
 
@@ -152,8 +157,20 @@ def create_namespace(name: str) -> None:
     """
     run(["ip", "netns", "add", name])
     try:
-        for key in ("net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"):
-            run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", f"{key}=0"])
+        keys = ("all", "default") if ipv6_available() else ()
+        for key in keys:
+            run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    name,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    f"net.ipv6.conf.{key}.accept_dad=0",
+                ]
+            )
         run(["ip", "-n", name, "link", "set", "lo", "up"])
     except BaseException:
         delete_namespace(name)
@@ -508,19 +525,23 @@ class TwoHosts:
     # -- life cycle --------------------------------------------------------------
     def build(self) -> TwoHosts:
         """Create the namespaces and the veth underlay: addresses set, links up and
-        ready (:func:`wait_link_ready`)."""
+        ready (:func:`wait_link_ready`).  Without IPv6 in the kernel the underlay is
+        IPv4 only (and ``ipv6=True`` is refused)."""
+        if self.ipv6 and not ipv6_available():
+            raise SetupError("this kernel has no IPv6 (booted with ipv6.disable=1)")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / _OWNER).write_text(f"{os.getpid()}\n")
         try:
             for host in self.hosts:
                 create_namespace(host.name)
             add_veth(self.a, UNDERLAY_DEV, self.b, UNDERLAY_DEV, self.underlay_mtu)
+            v6 = ipv6_available()
             for i, host in enumerate(self.hosts):
-                for addr in (UNDERLAY4, UNDERLAY6):
+                for addr in (UNDERLAY4, UNDERLAY6) if v6 else (UNDERLAY4,):
                     add_address(host, UNDERLAY_DEV, f"{addr[i]}/{addr[2]}")
                 host.ip("link", "set", UNDERLAY_DEV, "up")
             for host in self.hosts:
-                wait_link_ready(host, UNDERLAY_DEV)
+                wait_link_ready(host, UNDERLAY_DEV, ipv6=v6)
         except BaseException:
             with contextlib.suppress(SetupError):
                 self.close()
