@@ -1,56 +1,83 @@
-"""Network-namespace helpers for sttun's end-to-end tests.
+"""Test-side fixtures over :mod:`sttun.tools.topology` and :mod:`sttun.tools.capture`.
 
-Every e2e test builds its own little world out of namespaces and veth pairs, runs
-commands in it and tears it down again, even when the test fails.  The pieces:
+The e2e tests build their worlds with the same helpers as ``sttun demo`` and the
+benchmarks; this module only adds what tests need around them:
 
-* :func:`need_root` - skip the test unless we are root and ``ip netns`` works.
-* :func:`unique_suffix` - a short per-process, per-call suffix for names
-  (interface names are limited to 15 characters).
-* :class:`Netns` - ``ip netns add`` / ``ip netns exec`` / ``ip netns del`` as an object
-  and context manager; :meth:`Netns.entered` switches *this thread* into the
-  namespace so that sockets, TAP devices and netlink handles created inside the block
-  live there (they stay there after the block ends).
-* :func:`veth_pair` - a veth pair between two namespaces with addresses, up.
-* :class:`Capture` - tcpdump in a namespace, started and stopped reliably.
-* :func:`leftover_namespaces` - namespaces this process created that still exist,
-  for a cleanliness assertion at the end of a test.
-* pytest fixtures :func:`two_hosts` (two namespaces joined by a veth pair, underlay
-  addresses from test-addresses.md) and :func:`netns_factory` (make any number of
-  namespaces, all deleted at teardown).  ``tests/conftest.py`` re-exports them.
+* :func:`need_root` / :func:`need_tools` - skip a test that cannot run here;
+* :func:`unique_suffix` / :func:`ifname` - names unique to this process and call
+  (interface names are limited to 15 characters);
+* :class:`Netns` - a :class:`~sttun.tools.topology.Host` with a unique name
+  ``sttun-<role>-<suffix>``, deleted (its processes stopped) on :meth:`Netns.close`,
+  also as a context manager and even when the test fails;
+* :func:`veth_pair` - a veth pair between two namespaces with addresses, up and
+  ready (IPv6 included) when it returns;
+* :func:`make_two_hosts` and the pytest fixture :func:`two_hosts` - a
+  :class:`~sttun.tools.topology.TwoHosts` with a unique name, always removed;
+  :func:`netns_factory` - any number of namespaces, all deleted at teardown
+  (``tests/conftest.py`` re-exports both fixtures);
+* :func:`leftover_namespaces` - namespaces this process made that still exist;
+* :func:`non_root_prefix` - an argv prefix that runs a command as a user without
+  root's privileges, from any checkout;
+* raw frame builders for io-level tests (independent of ``sttun.wire``).
 
-Addresses: tests use only the ranges in ``/work/shared/test-addresses.md``
+``TwoHosts`` and ``Capture`` are the project's own classes, re-exported here for
+convenience.  Addresses: only the ranges in ``/work/shared/test-addresses.md``
 (underlay 198.18.0.0/15 and 2001:db8:0:1::/64).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import itertools
 import os
 import random
-import re
 import shutil
-import signal
 import struct
 import subprocess
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import sys
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
+from sttun.tools.capture import Capture
+from sttun.tools.topology import (
+    Host,
+    TwoHosts,
+    add_address,
+    add_veth,
+    create_namespace,
+    list_namespaces,
+    wait_link_ready,
+)
+
+__all__ = [
+    "Capture",
+    "Host",
+    "Netns",
+    "TwoHosts",
+    "add_address",
+    "ifname",
+    "leftover_namespaces",
+    "link_mac",
+    "list_namespaces",
+    "make_two_hosts",
+    "need_root",
+    "need_tools",
+    "netns_factory",
+    "non_root_prefix",
+    "two_hosts",
+    "unique_suffix",
+    "veth_pair",
+]
+
 NS_PREFIX = "sttun-"
 """Every namespace made here starts with this prefix."""
-
-CLONE_NEWNET = 0x40000000
+TWO_HOSTS_PREFIX = "sttun-t"
+"""Prefix of the :func:`make_two_hosts` pairs: ``sttun-t-<suffix>-a`` / ``-b``."""
 
 _counter = itertools.count()
 _created: set[str] = set()
-_libc = ctypes.CDLL(None, use_errno=True)
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -104,144 +131,34 @@ def need_tools(*tools: str) -> None:
         pytest.skip(f"needs {', '.join(missing)}")
 
 
-def _run(
-    argv: Sequence[str], *, check: bool = True, timeout: float = 60.0, input: bytes | None = None
-) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(
-        list(argv),
-        input=input.decode() if input is not None else None,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and res.returncode != 0:
-        raise CommandError(res.returncode, list(argv), output=res.stdout, stderr=res.stderr)
-    return res
-
-
-class CommandError(subprocess.CalledProcessError):
-    """A command failed; ``str()`` includes its stderr."""
-
-    def __str__(self) -> str:
-        return f"{super().__str__()}: {str(self.stderr or '').strip()}"
-
-
-def list_namespaces() -> list[str]:
-    """Names of all named network namespaces (``ip netns list``)."""
-    out = _run(["ip", "netns", "list"], check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
 def leftover_namespaces() -> list[str]:
-    """Namespaces created by this process through :class:`Netns` that still exist."""
+    """Namespaces created by this process (:class:`Netns`, :func:`make_two_hosts`)
+    that still exist."""
     existing = set(list_namespaces())
     return sorted(_created & existing)
 
 
-class Netns:
-    """A named network namespace that deletes itself on :meth:`close`.
+class Netns(Host):
+    """A network namespace with a unique name that deletes itself on :meth:`close`.
 
-    ``Netns()`` picks a unique name ``sttun-<role>-<suffix>``.  ``lo`` is brought up.
-    Processes started with :meth:`popen` are killed on close.
+    ``Netns(role)`` makes ``sttun-<role>-<suffix>`` (``lo`` up, IPv6 DAD off: see
+    :func:`~sttun.tools.topology.create_namespace`).  Processes started with
+    :meth:`popen` are stopped on close, and so is anything else left running in it.
     """
 
     def __init__(self, role: str = "ns", name: str | None = None) -> None:
-        self.name = name or f"{NS_PREFIX}{role}-{unique_suffix()}"
-        self._procs: list[subprocess.Popen[Any]] = []
+        super().__init__(name or f"{NS_PREFIX}{role}-{unique_suffix()}")
         self._closed = False
-        _run(["ip", "netns", "add", self.name])
+        create_namespace(self.name)
         _created.add(self.name)
-        try:
-            self.run(["ip", "link", "set", "lo", "up"])
-        except BaseException:
-            self.close()
-            raise
-
-    # -- running things ------------------------------------------------------
-    def argv(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` prefixed with ``ip netns exec NAME``."""
-        return ["ip", "netns", "exec", self.name, *argv]
-
-    def run(
-        self,
-        argv: Sequence[str],
-        *,
-        check: bool = True,
-        timeout: float = 60.0,
-        input: bytes | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` inside the namespace; text output captured."""
-        return _run(self.argv(argv), check=check, timeout=timeout, input=input)
-
-    def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start ``argv`` inside the namespace; it is killed on :meth:`close`."""
-        proc: subprocess.Popen[Any] = subprocess.Popen(self.argv(argv), **kwargs)
-        self._procs.append(proc)
-        return proc
-
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[Netns]:
-        """Switch the calling thread into this namespace for the ``with`` block.
-
-        Sockets, TAP devices and netlink sockets created inside the block belong to
-        this namespace for their whole life.  Subprocesses started inside the block
-        also run in it.  (``/sys`` is *not* remounted, unlike ``ip netns exec``.)
-        """
-        old = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        new = os.open(f"/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            _setns(new)
-            try:
-                yield self
-            finally:
-                _setns(old)
-        finally:
-            os.close(new)
-            os.close(old)
-
-    # -- small conveniences --------------------------------------------------
-    def ip(self, *args: str) -> str:
-        """Run ``ip ARGS`` in the namespace and return its stdout."""
-        return self.run(["ip", *args]).stdout
-
-    def sysctl(self, key: str, value: str) -> None:
-        """Set a sysctl inside the namespace."""
-        self.run(["sysctl", "-q", "-w", f"{key}={value}"])
-
-    def ethtool_k(self, dev: str, **features: bool | str) -> None:
-        """``ethtool -K dev feature on|off ...``; values True/False or "on"/"off"
-        (underscores in names become dashes)."""
-        args: list[str] = []
-        for k, v in features.items():
-            if isinstance(v, str):
-                if v not in ("on", "off"):
-                    raise ValueError(f"ethtool feature {k}: expected on/off, got {v!r}")
-                val = v
-            else:
-                val = "on" if v else "off"
-            args += [k.replace("_", "-"), val]
-        self.run(["ethtool", "-K", dev, *args])
 
     def close(self) -> None:
-        """Kill our processes and delete the namespace (idempotent)."""
+        """Stop our processes and delete the namespace (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(Exception):
-                proc.wait(timeout=5)
-        # "ip netns del" can fail transiently while processes still exit.
-        for _ in range(20):
-            if _run(["ip", "netns", "del", self.name], check=False).returncode == 0:
-                break
-            if self.name not in list_namespaces():
-                break
-            time.sleep(0.1)
-        if self.name not in list_namespaces():
-            _created.discard(self.name)
+        self.delete()
+        _created.discard(self.name)
 
     def __enter__(self) -> Netns:
         return self
@@ -253,12 +170,6 @@ class Netns:
         return f"Netns({self.name!r})"
 
 
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
 def _with_prefix(addr: str) -> str:
     if "/" in addr:
         return addr
@@ -266,166 +177,58 @@ def _with_prefix(addr: str) -> str:
     return f"{addr}/{24 if ip.version == 4 else 64}"
 
 
-def add_address(ns: Netns, dev: str, addr: str) -> None:
-    """Add ``addr`` (default prefix /24 or /64) to ``dev``; IPv6 without DAD."""
-    cidr = _with_prefix(addr)
-    extra = ["nodad"] if ":" in cidr else []
-    ns.run(["ip", "addr", "add", cidr, "dev", dev, *extra])
-
-
 def veth_pair(
-    ns_a: Netns,
-    ns_b: Netns,
+    ns_a: Host,
+    ns_b: Host,
     name_a: str,
     name_b: str,
     addr_a: str | Sequence[str] | None = None,
     addr_b: str | Sequence[str] | None = None,
     mtu: int = 1500,
 ) -> None:
-    """A veth pair ``name_a`` (in ``ns_a``) <-> ``name_b`` (in ``ns_b``), both up.
+    """A veth pair ``name_a`` (in ``ns_a``) <-> ``name_b`` (in ``ns_b``), up and ready.
 
     Addresses may be a string or a list of strings, each with or without prefix
     length (default /24 for IPv4, /64 for IPv6; IPv6 is added with ``nodad`` so it is
-    usable at once).
+    usable at once).  Returns once both ends are operationally up with IPv6
+    configured (:func:`~sttun.tools.topology.wait_link_ready`).
     """
-    ns_a.run(
-        [
-            "ip",
-            "link",
-            "add",
-            name_a,
-            "mtu",
-            str(mtu),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            name_b,
-            "netns",
-            ns_b.name,
-            "mtu",
-            str(mtu),
-        ]
-    )
+    add_veth(ns_a, name_a, ns_b, name_b, mtu)
     for ns, dev, addrs in ((ns_a, name_a, addr_a), (ns_b, name_b, addr_b)):
         if addrs is None:
             addrs = []
         elif isinstance(addrs, str):
             addrs = [addrs]
         for a in addrs:
-            add_address(ns, dev, a)
-        ns.run(["ip", "link", "set", dev, "up"])
+            add_address(ns, dev, _with_prefix(a))
+        ns.ip("link", "set", dev, "up")
+    for ns, dev in ((ns_a, name_a), (ns_b, name_b)):
+        wait_link_ready(ns, dev)
 
 
-class Capture:
-    """tcpdump writing a pcap inside a namespace; use as a context manager.
-
-    ``__enter__`` returns once tcpdump reports it is listening, ``__exit__`` stops it
-    with SIGINT and waits for the file to be complete.
-    """
-
-    def __init__(
-        self, ns: Netns, dev: str, path: str | Path, bpf: str = "", snaplen: int = 262144
-    ) -> None:
-        self.ns, self.dev, self.path, self.bpf, self.snaplen = ns, dev, Path(path), bpf, snaplen
-        self.proc: subprocess.Popen[bytes] | None = None
-        #: packets tcpdump reported "dropped by kernel" (known after stop; None if unknown)
-        self.dropped: int | None = None
-
-    def __enter__(self) -> Capture:
-        argv = [
-            "tcpdump",
-            "-i",
-            self.dev,
-            "-n",
-            "-U",
-            "--immediate-mode",
-            "-B",
-            "32768",
-            "-s",
-            str(self.snaplen),
-            "-w",
-            str(self.path),
-        ]
-        if self.bpf:
-            argv += self.bpf.split()
-        self.proc = self.ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert self.proc.stderr is not None
-        # tcpdump prints "listening on DEV ..." to stderr once the socket is ready.
-        deadline = time.monotonic() + 10
-        line = b""
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if b"listening on" in line or not line:
-                break
-        if b"listening on" not in line:
-            self.proc.kill()
-            raise RuntimeError(f"tcpdump did not start: {line!r}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Stop tcpdump and wait until the pcap is flushed."""
-        if self.proc is None:
-            return
-        time.sleep(0.2)  # let packets in flight reach the capture socket
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stderr is not None:
-            tail = self.proc.stderr.read().decode(errors="replace")
-            self.proc.stderr.close()
-            m = re.search(r"(\d+) packets? dropped by kernel", tail)
-            self.dropped = int(m.group(1)) if m else None
-        self.proc = None
-
-    def count(self, display_filter: str = "") -> int:
-        """Packets in the pcap matching a tcpdump (BPF) filter expression."""
-        argv = ["tcpdump", "-n", "-r", str(self.path)]
-        if display_filter:
-            argv += display_filter.split()
-        res = _run(argv, check=True)
-        return len([ln for ln in res.stdout.splitlines() if ln.strip()])
+def link_mac(ns: Host, dev: str) -> str:
+    """MAC address of ``dev`` in ``ns``."""
+    return ns.link_mac(dev)
 
 
 # --------------------------------------------------------------------------- fixtures
-@dataclass
-class TwoHosts:
-    """Two namespaces ``a`` and ``b`` joined by veth ``dev_a`` <-> ``dev_b``."""
-
-    a: Netns
-    b: Netns
-    dev_a: str
-    dev_b: str
-    ip_a: str = "198.18.0.1"
-    ip_b: str = "198.18.0.2"
-    ip6_a: str = "2001:db8:0:1::1"
-    ip6_b: str = "2001:db8:0:1::2"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 @contextlib.contextmanager
 def make_two_hosts(mtu: int = 1500) -> Iterator[TwoHosts]:
-    """Context manager behind the :func:`two_hosts` fixture (usable without pytest)."""
-    sfx = unique_suffix()
-    with Netns("a") as a, Netns("b") as b:
-        h = TwoHosts(a, b, ifname("va", sfx), ifname("vb", sfx))
-        veth_pair(
-            a,
-            b,
-            h.dev_a,
-            h.dev_b,
-            [f"{h.ip_a}/24", f"{h.ip6_a}/64"],
-            [f"{h.ip_b}/24", f"{h.ip6_b}/64"],
-            mtu=mtu,
-        )
-        yield h
+    """A built :class:`~sttun.tools.topology.TwoHosts` with a unique name, always removed.
+
+    Namespaces ``sttun-t-<suffix>-a`` / ``-b``; the veth is ``eth0`` on both sides
+    (``h.dev_a`` / ``h.dev_b``) with 198.18.0.1/.2 and 2001:db8:0:1::1/::2
+    (``h.ip_a``, ``h.ip_b``, ``h.ip6_a``, ``h.ip6_b``).
+    """
+    hosts = TwoHosts(prefix=TWO_HOSTS_PREFIX, suffix=unique_suffix(), underlay_mtu=mtu)
+    names = [h.name for h in hosts.hosts]
+    _created.update(names)
+    try:
+        hosts.build()
+        yield hosts
+    finally:
+        hosts.close()
+        _created.difference_update(set(names) - set(list_namespaces()))
 
 
 @pytest.fixture
@@ -437,7 +240,7 @@ def two_hosts() -> Iterator[TwoHosts]:
 
 
 @pytest.fixture
-def netns_factory() -> Iterator[Any]:
+def netns_factory() -> Iterator[Callable[[str], Netns]]:
     """A callable ``make(role) -> Netns``; every namespace is deleted at teardown."""
     need_root()
     made: list[Netns] = []
@@ -452,6 +255,34 @@ def netns_factory() -> Iterator[Any]:
     finally:
         for ns in reversed(made):
             ns.close()
+
+
+# --------------------------------------------------------------------------- privileges
+def non_root_prefix() -> list[str]:
+    """An argv prefix that runs a command without root's privileges, from any checkout.
+
+    ``unshare --user`` without a uid map: inside, ``geteuid()`` is the overflow uid
+    (65534), and there is no capability in this machine's namespaces (no
+    CAP_NET_ADMIN), but files are still opened with the caller's credentials - so a
+    checkout inside a directory only root may enter (``mktemp -d``, ``/root``) stays
+    readable, which ``setpriv --reuid=65534`` cannot offer.  Falls back to
+    ``setpriv`` when user namespaces are unavailable and this Python is usable by
+    nobody; skips the test otherwise.
+    """
+    probe = [sys.executable, "-c", "import os, sttun; assert os.geteuid() != 0"]
+    candidates = [
+        ["unshare", "--user"],
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+    ]
+    for prefix in candidates:
+        if shutil.which(prefix[0]) is None:
+            continue
+        res = subprocess.run(
+            [*prefix, *probe], capture_output=True, timeout=60, check=False, cwd="/"
+        )
+        if res.returncode == 0:
+            return prefix
+    pytest.skip("no way to run this Python without root here (unshare --user, setpriv)")
 
 
 # --------------------------------------------------------------------------- raw frames
@@ -566,10 +397,3 @@ def tcp_frame(
         struct.pack_into("!H", tcp, 16, ~c & 0xFFFF)
         vnet = VNET_HDR.pack(0, 0, 0, 0, 0, 0)
     return vnet, eth + ip + bytes(tcp) + payload
-
-
-def link_mac(ns: Netns, dev: str) -> str:
-    """MAC address of ``dev`` in ``ns``."""
-    import json
-
-    return str(json.loads(ns.run(["ip", "-j", "link", "show", dev]).stdout)[0]["address"])

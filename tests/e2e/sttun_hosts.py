@@ -1,22 +1,31 @@
-"""Two hosts running ``sttun up``: the building block of the endpoint e2e tests."""
+"""Two hosts running ``sttun up``: the building block of the endpoint e2e tests.
+
+The hosts are :class:`sttun.tools.topology.TwoHosts` (through
+:func:`tests.netns.make_two_hosts`) and the endpoints are started by
+:func:`sttun.tools.topology.launch_sttun`, as in ``sttun demo``; what this module
+adds is test-side: endpoints read through the ``sttun show --json`` command line,
+tunnel pairs configured from flags or TOML files, traffic that asserts what it
+delivered, waiting on events, and frame sniffers for TAPs.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import select
 import socket
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.netns import Netns, TwoHosts, make_two_hosts
+from sttun.tools import topology
+from sttun.tools.topology import Host, TwoHosts, launch_sttun
+from tests.netns import Netns, make_two_hosts
 
 OVERLAY_A = "192.0.2.1"
 OVERLAY_B = "192.0.2.2"
@@ -25,50 +34,31 @@ OVERLAY6_B = "2001:db8:1::2"
 
 
 @dataclass
-class Endpoint:
-    """One running ``sttun up`` in a namespace."""
+class Endpoint(topology.Endpoint):
+    """One running ``sttun up`` in a namespace, read as a user would read it."""
 
-    ns: Netns
-    proc: subprocess.Popen[bytes]
-    sock: str
-    log: Path
     devs: list[str] = field(default_factory=list)
 
-    def show(self) -> dict[str, Any]:
-        """``sttun show --json`` of this endpoint."""
-        res = self.ns.run(
-            [sys.executable, "-m", "sttun", "show", "--json", "--control-socket", self.sock]
-        )
-        return json.loads(res.stdout)
+    @property
+    def ns(self) -> Host:
+        """The namespace it runs in."""
+        return self.host
 
-    def tunnel(self, name: str) -> dict[str, Any]:
-        """One tunnel's entry of :meth:`show`."""
-        for t in self.show()["tunnels"]:
-            if t["name"] == name:
-                return t
-        raise KeyError(name)
+    @property
+    def sock(self) -> str:
+        """Its control socket."""
+        return self.control_socket
 
-    def stop(self, sig: int = 15) -> int:
-        """Send ``sig`` and wait; returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def log_text(self) -> str:
-        """What the daemon logged so far."""
-        try:
-            return self.log.read_text()
-        except OSError:
-            return ""
+    def show(self, timeout: float = 30.0) -> dict[str, Any]:
+        """``sttun show --json`` of this endpoint (the command line, in its namespace)."""
+        argv = [sys.executable, "-m", "sttun", "show", "--json", "--control-socket", self.sock]
+        res = self.host.run(argv, timeout=timeout)
+        data: dict[str, Any] = json.loads(res.stdout)
+        return data
 
 
 def start_endpoint(
-    ns: Netns,
+    ns: Host,
     args: Sequence[str],
     devs: Sequence[str],
     tmp: Path,
@@ -76,7 +66,12 @@ def start_endpoint(
     config: str | None = None,
     timeout: float = 20.0,
 ) -> Endpoint:
-    """Start ``sttun up ARGS`` in ``ns`` and wait until every TAP in ``devs`` exists."""
+    """Start ``sttun up ARGS`` in ``ns`` and wait until every TAP in ``devs`` exists.
+
+    With ``config`` the text is written to ``<tmp>/<namespace>.toml`` and passed as
+    ``-c``.  Raises :class:`~sttun.errors.SetupError` with the end of the log if the
+    daemon exits or does not come up.
+    """
     sock = str(tmp / f"{ns.name}.sock")
     log = tmp / f"{ns.name}.log"
     argv = [sys.executable, "-m", "sttun", "up", "--control-socket", sock, "--instance", "e2e"]
@@ -85,21 +80,8 @@ def start_endpoint(
         cfg.write_text(config)
         argv += ["-c", str(cfg)]
     argv += list(args)
-    with open(log, "wb") as fh:
-        proc = ns.popen(argv, stdout=fh, stderr=subprocess.STDOUT)
-    ep = Endpoint(ns, proc, sock, log, list(devs))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sttun up exited with {proc.returncode}: {ep.log_text()}")
-        ready = os.path.exists(sock) and all(
-            ns.run(["ip", "link", "show", d], check=False).returncode == 0 for d in devs
-        )
-        if ready:
-            return ep
-        time.sleep(0.1)
-    ep.stop(9)
-    raise RuntimeError(f"sttun up did not come up in {timeout}s: {ep.log_text()}")
+    proc = launch_sttun(ns, argv, sock=sock, log=log, devs=devs, timeout=timeout)
+    return Endpoint(ns, proc.pid, sock, log, proc, list(devs))
 
 
 @dataclass
@@ -110,6 +92,19 @@ class Tunnelled:
     a: Endpoint
     b: Endpoint
     dev: str
+
+
+def _segment_in_software(h: TwoHosts) -> None:
+    """Real MTU-sized segments on the wire (no TSO); GRO merges them at the receiver."""
+    for host in h.hosts:
+        host.ethtool(topology.UNDERLAY_DEV, tso=False, gso=True, gro=True)
+
+
+def _stop_all(*eps: Endpoint) -> None:
+    """Stop every endpoint; each must exit with status 0."""
+    for ep in eps:
+        status = ep.stop(timeout=15.0)
+        assert status == 0, f"sttun up exited {status}: {ep.log_text()}"
 
 
 @contextlib.contextmanager
@@ -126,9 +121,7 @@ def tunnel_pair(
     """Two namespaces, a veth underlay, ``sttun up`` in each, overlay addresses set."""
     with make_two_hosts() as h:
         if not veth_tso:
-            # real MTU-sized segments on the wire; GRO merges them at the receiver
-            for ns, dev in ((h.a, h.dev_a), (h.b, h.dev_b)):
-                ns.run(["ethtool", "-K", dev, "tso", "off", "gso", "on", "gro", "on"])
+            _segment_in_software(h)
         la, lb = (h.ip6_a, h.ip6_b) if ipv6_underlay else (h.ip_a, h.ip_b)
         dev = "stt0"
         common = ["--key", str(key), "--dev", dev, "--mtu", str(overlay_mtu), *extra]
@@ -146,12 +139,10 @@ def tunnel_pair(
                 ns.run(["ip", "addr", "add", f"{addr6}/64", "dev", dev, "nodad"])
             yield Tunnelled(h, a, b, dev)
         finally:
-            for ep in (a, b):
-                status = ep.stop()
-                assert status == 0, f"sttun up exited {status}: {ep.log_text()}"
+            _stop_all(a, b)
 
 
-def ping(ns: Netns, addr: str, count: int = 3, timeout: float = 30.0) -> str:
+def ping(ns: Host, addr: str, count: int = 3, timeout: float = 30.0) -> str:
     """Ping ``addr`` from ``ns``; raises if not every reply arrives."""
     res = ns.run(
         ["ping", "-c", str(count), "-i", "0.2", "-W", "2", addr], check=False, timeout=timeout
@@ -161,50 +152,58 @@ def ping(ns: Netns, addr: str, count: int = 3, timeout: float = 30.0) -> str:
     return res.stdout
 
 
+_RECEIVER = """\
+import hashlib, socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    d = c.recv(1 << 20)
+    if not d:
+        break
+    h.update(d); n += len(d)
+print(n, h.hexdigest(), flush=True)
+"""
+_SENDER = """\
+import hashlib, socket, sys, time
+n, io_timeout, rate = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+h = hashlib.sha256()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=io_timeout)
+sent = 0; i = 0; t0 = time.monotonic()
+while sent < n:
+    b = hashlib.sha256(i.to_bytes(8, "big")).digest() * (2048 if rate else 32768)
+    b = b[: n - sent]; s.sendall(b); h.update(b); sent += len(b); i += 1
+    ahead = t0 + sent / rate - time.monotonic() if rate else 0
+    if ahead > 0:
+        time.sleep(ahead)  # pacing: about `rate` bytes a second
+s.shutdown(socket.SHUT_WR); s.recv(1); print(sent, h.hexdigest(), flush=True)
+"""
+
+
 def tcp_transfer(
-    sender: Netns,
-    receiver: Netns,
+    sender: Host,
+    receiver: Host,
     addr: str,
     nbytes: int,
     port: int = 5201,
     io_timeout: float = 60.0,
+    rate: float = 0.0,
 ) -> None:
     """Send ``nbytes`` of pseudo-random data over TCP; assert the sha256 matches.
 
     ``io_timeout``: how long one blocking socket call may wait (a lossy path needs
     more patience: TCP backs off exponentially when a retransmission is lost too).
+    ``rate`` > 0 paces the sender at about that many bytes a second (so the transfer
+    lasts long enough to be interrupted).
     """
-    server = (
-        "import hashlib,socket,sys\n"
-        "s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)\n"
-        "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-        "s.bind((sys.argv[1],int(sys.argv[2])));s.listen(1);print('ready',flush=True)\n"
-        "c,_=s.accept();h=hashlib.sha256();n=0\n"
-        "while True:\n"
-        "    d=c.recv(1<<20)\n"
-        "    if not d: break\n"
-        "    h.update(d);n+=len(d)\n"
-        "print(n,h.hexdigest(),flush=True)\n"
-    )
-    client = (
-        "import hashlib,socket,sys\n"
-        "n=int(sys.argv[3]);h=hashlib.sha256();blk=bytes(range(256))*4096\n"
-        "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=float(sys.argv[4]))\n"
-        "sent=0;i=0\n"
-        "while sent<n:\n"
-        "    b=hashlib.sha256(i.to_bytes(8,'big')).digest()*32768\n"
-        "    b=b[:n-sent];s.sendall(b);h.update(b);sent+=len(b);i+=1\n"
-        "s.shutdown(socket.SHUT_WR);s.recv(1);print(sent,h.hexdigest(),flush=True)\n"
-    )
     srv = receiver.popen(
-        [sys.executable, "-c", server, addr, str(port)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _RECEIVER, addr, str(port)], stdout=subprocess.PIPE, text=True
     )
     assert srv.stdout is not None
     assert srv.stdout.readline().strip() == "ready"
-    res = sender.run(
-        [sys.executable, "-c", client, addr, str(port), str(nbytes), str(io_timeout)],
-        timeout=max(300.0, 2 * io_timeout),
-    )
+    argv = [sys.executable, "-c", _SENDER, addr, str(port), str(nbytes), str(io_timeout)]
+    res = sender.run([*argv, str(rate)], timeout=max(300.0, 2 * io_timeout))
     out, _ = srv.communicate(timeout=max(120.0, io_timeout))
     sent = res.stdout.split()
     got = out.split()
@@ -232,16 +231,20 @@ def config_toml(tunnels: Sequence[dict[str, Any]], **daemon: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def wait_until(pred: Any, timeout: float = 10.0, interval: float = 0.1, what: str = "") -> Any:
-    """Poll ``pred()`` until it returns something truthy; raise AssertionError on timeout."""
+def wait_until(
+    pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``pred()`` until it returns something truthy, and return that.
+
+    AssertionError naming ``what`` after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
-    last: Any = None
     while True:
         last = pred()
         if last:
             return last
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what or pred}")
         time.sleep(interval)
 
 
@@ -384,8 +387,7 @@ def config_pair(
     """Like :func:`tunnel_pair`, with a TOML file of several tunnels on each side."""
     with make_two_hosts() as h:
         if not veth_tso:
-            for ns, dev in ((h.a, h.dev_a), (h.b, h.dev_b)):
-                ns.run(["ethtool", "-K", dev, "tso", "off", "gso", "on", "gro", "on"])
+            _segment_in_software(h)
         la, lb = (h.ip6_a, h.ip6_b) if ipv6_underlay else (h.ip_a, h.ip_b)
         devs = [t.name for t in tenants]
         cfg_a = tunnels_toml([t.table(la, lb) for t in tenants])
@@ -402,22 +404,15 @@ def config_pair(
                 h.b.run(["ip", "addr", "add", t.addr_b, "dev", t.name])
             yield ConfigPair(h, a, b, list(tenants), la, lb)
         finally:
-            for ep in (a, b):
-                status = ep.stop()
-                assert status == 0, f"sttun up exited {status}: {ep.log_text()}"
+            _stop_all(a, b)
 
 
-def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``predicate()`` every 50 ms until true; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> None:
+    """:func:`wait_until` for a predicate whose value is not needed."""
+    wait_until(predicate, timeout, what=what)
 
 
-def link_exists(ns: Netns, dev: str) -> bool:
+def link_exists(ns: Host, dev: str) -> bool:
     """True if ``dev`` exists in ``ns``."""
     return ns.run(["ip", "link", "show", dev], check=False).returncode == 0
 
@@ -433,7 +428,7 @@ TPACKET_AUXDATA = struct.Struct("=IIIHHHH")
 """struct tpacket_auxdata: status, len, snaplen, mac, net, vlan_tci, vlan_tpid."""
 
 
-def packet_socket(ns: Netns, dev: str) -> socket.socket:
+def packet_socket(ns: Host, dev: str) -> socket.socket:
     """An ``AF_PACKET``/``SOCK_RAW`` socket bound to ``dev`` in ``ns``, with auxdata on.
 
     Frames written to it leave through ``dev`` exactly as given (tags in-band);
@@ -481,6 +476,61 @@ def recv_frame(
         if tag is not None:
             data = data[:12] + struct.pack("!HH", *tag) + data[12:]
         return data, tag
+
+
+class TapSniffer:
+    """Every frame arriving on a TAP (an ``AF_PACKET`` socket in its namespace).
+
+    :meth:`wait_for` waits for a frame carrying a marker: sent after the packets
+    under test, its arrival is the positive sign that they have all been handled.
+    """
+
+    def __init__(self, ns: Host, dev: str) -> None:
+        with ns.entered():
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            self.sock.bind((dev, ETH_P_ALL))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.dev = dev
+        #: every frame received so far
+        self.frames: list[bytes] = []
+
+    def drain(self) -> list[bytes]:
+        """Read what is waiting; every frame received so far."""
+        while True:
+            try:
+                self.frames.append(self.sock.recv(70000))
+            except BlockingIOError:
+                return self.frames
+
+    def with_marker(self, marker: bytes) -> list[bytes]:
+        """The frames received so far that contain ``marker``."""
+        return [f for f in self.drain() if marker in f]
+
+    def wait_for(self, marker: bytes, timeout: float = 10.0) -> bytes:
+        """The first frame containing ``marker``; AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.with_marker(marker)
+            if found:
+                return found[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no frame with {marker!r} on {self.dev} in {timeout:g}s")
+            select.select([self.sock], [], [], left)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+    def __enter__(self) -> TapSniffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def udp_frame(

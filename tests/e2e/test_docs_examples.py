@@ -50,7 +50,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import Netns, need_root, need_tools
+from sttun.tools import topology
+from tests.netns import make_two_hosts, need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -143,7 +144,7 @@ def scenarios() -> list[tuple[str, list[Block]]]:
 class Host:
     """One example host: a network namespace plus a mount namespace held open."""
 
-    ns: Netns
+    ns: topology.Host
     base: Path
     holder: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -261,28 +262,20 @@ def _signal_all(pids: list[int], sig: int) -> None:
 
 @contextlib.contextmanager
 def world(tmp: Path) -> Iterator[dict[str, Host]]:
-    """Hosts a and b as described in the module docstring; all removed afterwards."""
-    hosts: dict[str, Host] = {}
-    with Netns("da") as na, Netns("db") as nb:
-        # both ends are created inside their namespaces: nothing ever exists here
-        subprocess.run(
-            ["ip", "link", "add", "eth0", "netns", na.name, "type", "veth",
-             "peer", "name", "eth0", "netns", nb.name],
-            check=True,
-        )  # fmt: skip
-        for ns, n in ((na, 1), (nb, 2)):
-            ns.ip("addr", "add", f"198.18.0.{n}/24", "dev", "eth0")
-            ns.ip("-6", "addr", "add", f"2001:db8:0:1::{n}/64", "dev", "eth0", "nodad")
-            ns.ip("link", "set", "eth0", "up")
-            ns.ip("link", "set", "lo", "up")
-        hosts = {"a": Host(na, tmp / "a"), "b": Host(nb, tmp / "b")}
+    """Hosts a and b as described in the module docstring; all removed afterwards.
+
+    The network is the project's own two-host test bed (``make_two_hosts``: a veth
+    ``eth0`` on both sides with both underlay families, up and ready).
+    """
+    with make_two_hosts() as h:
+        hosts = {"a": Host(h.a, tmp / "a"), "b": Host(h.b, tmp / "b")}
         try:
-            for h in hosts.values():
-                h.start()
+            for host in hosts.values():
+                host.start()
             yield hosts
         finally:
-            for h in hosts.values():
-                h.stop()
+            for host in hosts.values():
+                host.stop()
 
 
 # --------------------------------------------------------------------------------

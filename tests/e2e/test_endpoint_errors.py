@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from sttun.tools.topology import Host, TwoHosts
 from tests.e2e.sttun_hosts import link_exists, start_endpoint, tunnels_toml
-from tests.netns import Netns, TwoHosts, need_root
+from tests.netns import need_root, non_root_prefix
 
 pytestmark = pytest.mark.netns
 
@@ -25,7 +26,7 @@ def _root() -> None:
     need_root()
 
 
-def up(ns: Netns, sock: Path, *args: str, prefix: tuple[str, ...] = ()) -> tuple[int, list[str]]:
+def up(ns: Host, sock: Path, *args: str, prefix: tuple[str, ...] = ()) -> tuple[int, list[str]]:
     """Run ``sttun up`` to completion in ``ns``; (exit status, stderr+stdout lines)."""
     argv = [*prefix, sys.executable, "-m", "sttun", "up"]
     argv += ["--instance", INSTANCE, "--control-socket", str(sock), *args]
@@ -51,11 +52,11 @@ def error_line(lines: list[str]) -> str:
     return errors[0]
 
 
-def nft_tables(ns: Netns) -> str:
+def nft_tables(ns: Host) -> str:
     return ns.run(["nft", "list", "tables"]).stdout
 
 
-def assert_nothing_left(ns: Netns, sock: Path, dev: str = "stt0") -> None:
+def assert_nothing_left(ns: Host, sock: Path, dev: str = "stt0") -> None:
     assert not link_exists(ns, dev), f"TAP {dev} left behind"
     assert TABLE not in nft_tables(ns), "nft table left behind"
     assert not sock.exists(), "control socket left behind"
@@ -120,9 +121,10 @@ def test_bad_flag_value(two_hosts: TwoHosts, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ privileges
 def test_not_root(two_hosts: TwoHosts, tmp_path: Path) -> None:
-    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    """Not root (no CAP_NET_ADMIN here): one line, exit 2, nothing made."""
     sock = tmp_path / "s.sock"
-    status, lines = up(two_hosts.a, sock, *tunnel_args(two_hosts), prefix=nobody)
+    prefix = tuple(non_root_prefix())
+    status, lines = up(two_hosts.a, sock, *tunnel_args(two_hosts), prefix=prefix)
     assert status == 2
     assert lines == [
         "sttun: error: up must be run as root (CAP_NET_ADMIN needed for TAP and AF_PACKET)"
@@ -244,7 +246,7 @@ def test_show_without_daemon(two_hosts: TwoHosts, tmp_path: Path) -> None:
 def test_show_stale_socket(two_hosts: TwoHosts, tmp_path: Path) -> None:
     """A socket file left by a killed daemon: the same message, not a traceback."""
     first = start_endpoint(two_hosts.a, tunnel_args(two_hosts), ["stt0"], tmp_path)
-    first.stop(9)
+    first.stop(sig=9)
     assert os.path.exists(first.sock)
     argv = [sys.executable, "-m", "sttun", "show", "--control-socket", first.sock]
     res = two_hosts.a.run(argv, check=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sttun.tools.topology import Host
 from tests.e2e.sttun_hosts import (
     OVERLAY_B,
     TenantSpec,
@@ -23,7 +24,7 @@ from tests.e2e.sttun_hosts import (
     tunnel_pair,
     wait_for,
 )
-from tests.netns import Netns, need_root
+from tests.netns import need_root
 
 pytestmark = pytest.mark.netns
 
@@ -37,7 +38,7 @@ def _root() -> None:
     need_root()
 
 
-def nft_tables(ns: Netns) -> str:
+def nft_tables(ns: Host) -> str:
     return ns.run(["nft", "list", "tables"]).stdout
 
 
@@ -48,7 +49,7 @@ def test_signal_stops_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
         ns = t.hosts.a
         assert TABLE in nft_tables(ns)
         assert os.path.exists(t.a.sock)
-        assert t.a.stop(sig) == 0, t.a.log_text()
+        assert t.a.stop(sig=sig) == 0, t.a.log_text()
         assert not link_exists(ns, t.dev), "non-persistent TAP left behind"
         assert TABLE not in nft_tables(ns), "nft table left behind"
         assert not os.path.exists(t.a.sock), "control socket left behind"
@@ -75,7 +76,7 @@ def test_persistent_tap_survives_restart(tmp_path: Path) -> None:
         assert link_exists(ns, t.dev)
 
 
-def _background_ping(ns: Netns, addr: str, count: int) -> subprocess.Popen[str]:
+def _background_ping(ns: Host, addr: str, count: int) -> subprocess.Popen[str]:
     return ns.popen(
         ["ping", "-c", str(count), "-i", "0.1", "-W", "2", addr],
         stdout=subprocess.PIPE,

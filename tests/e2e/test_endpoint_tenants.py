@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from sttun.tools.capture import Capture
 from tests.e2e.sttun_hosts import ConfigPair, TenantSpec, config_pair, ping, tcp_transfer
-from tests.netns import Capture, need_root, need_tools
+from tests.netns import need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -34,25 +35,32 @@ def _stats(p: ConfigPair) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _traffic_only_on(p: ConfigPair, busy: str, idle: str, tmp: Path) -> None:
-    """Ping and a transfer on ``busy``; tcpdump on both ends of ``idle`` sees none of it."""
+    """Ping and a transfer on ``busy``; tcpdump on both ends of ``idle`` sees none of it.
+
+    After the busy traffic, one ping on ``idle`` itself: both captures must show it
+    (so they were working all along) and nothing of ``busy``'s network.
+    """
     h = p.hosts
     caps = [
-        Capture(h.a, idle, tmp / f"{idle}-a.pcap"),
-        Capture(h.b, idle, tmp / f"{idle}-b.pcap"),
+        Capture(h.a, idle, tmp / f"{idle}-a.pcap", immediate=True),
+        Capture(h.b, idle, tmp / f"{idle}-b.pcap", immediate=True),
     ]
-    for c in caps:
-        c.__enter__()
     try:
+        for c in caps:
+            c.start()
         before_a, before_b = _stats(p)
         ping(h.a, PEER_B[busy], count=5)
         tcp_transfer(h.a, h.b, PEER_B[busy], 20 * MiB, port=5201 if busy == "ten1" else 5202)
         after_a, after_b = _stats(p)
+        ping(h.a, PEER_B[idle], count=1)  # request and reply cross both idle TAPs
     finally:
         for c in caps:
             c.stop()
     for c in caps:
         leaked = c.count(f"net {NET[busy]}")
-        assert leaked == 0, f"{leaked} packets of {busy} seen on {idle} in {c.ns.name}"
+        assert leaked == 0, f"{leaked} packets of {busy} seen on {idle} in {c.host.name}"
+        own = c.count(f"icmp and net {NET[idle]}")
+        assert own == 2, f"{c.host.name}: the capture on {idle} saw {own} of its 2 ping packets"
 
     def delta(s1: dict[str, Any], s0: dict[str, Any], name: str, way: str, what: str) -> int:
         return int(s1[name][way][what]) - int(s0[name][way][what])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sttun.tools.capture import Capture
 from tests.e2e.sttun_hosts import (
     OVERLAY_A,
     OVERLAY_B,
@@ -24,7 +25,7 @@ from tests.e2e.sttun_hosts import (
     tunnel_pair,
     udp_frame,
 )
-from tests.netns import Capture, link_mac, need_root, need_tools
+from tests.netns import link_mac, need_root, need_tools
 
 pytestmark = pytest.mark.netns
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from sttun.tools.demo import TSHARK_CHECKSUM_FIELDS, tshark_checksum_verdict
+from sttun.tools.capture import Capture
+from sttun.tools.wire_check import TSHARK_CHECKSUM_FIELDS, tshark_checksum_verdict
 from tests.e2e.sttun_hosts import OVERLAY_B, ping, tcp_transfer, tunnel_pair
-from tests.netns import Capture, need_root, need_tools
+from tests.netns import need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -66,7 +67,7 @@ def test_underlay_capture_decodes_as_stt(tmp_path: Path, offload: bool) -> None:
     with tunnel_pair(tmp_path, key=KEY, offload=offload) as t:
         h = t.hosts
         for ns, dev in ((h.a, h.dev_a), (h.b, h.dev_b)):
-            ns.ethtool_k(dev, tx=False)  # complete checksums before the capture taps
+            ns.ethtool(dev, tx=False)  # complete checksums before the capture taps
         ping(h.a, OVERLAY_B, count=1)
         with Capture(h.a, h.dev_a, pcap, "tcp") as cap:
             ping(h.a, OVERLAY_B, count=2)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import select
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,17 +13,10 @@ import pytest
 from sttun.errors import SetupError
 from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import RECV_SIZE, PacketSocket
-from tests import netns
-from tests.netns import (
-    STT_PORT,
-    Capture,
-    TwoHosts,
-    link_mac,
-    need_tools,
-    tcp_frame,
-)
-
-two_hosts = netns.two_hosts  # fixture (until tests/conftest.py re-exports it)
+from sttun.tools.capture import Capture
+from sttun.tools.topology import Host, TwoHosts
+from tests.e2e.sttun_hosts import wait_until
+from tests.netns import STT_PORT, link_mac, need_tools, tcp_frame
 
 pytestmark = pytest.mark.netns
 
@@ -40,11 +33,20 @@ def _blast(h: TwoHosts, v6: bool = False) -> None:
             assert tx.send([frame]) == len(frame)
 
 
-def _rsts(h: TwoHosts, tmp_path: Path, name: str, v6: bool = False) -> int:
+def tcp_out_rsts(host: Host) -> int:
+    """The host's ``Tcp: OutRsts`` counter (IPv4 and IPv6 share it)."""
+    lines = [ln.split() for ln in host.run(["cat", "/proc/net/snmp"]).stdout.splitlines()]
+    tcp = [ln for ln in lines if ln and ln[0] == "Tcp:"]
+    return int(tcp[1][tcp[0].index("OutRsts")])
+
+
+def _rsts(h: TwoHosts, tmp_path: Path, name: str, v6: bool, handled: Callable[[], bool]) -> int:
+    """RSTs B sends while NSEND segments arrive; counted once ``handled()`` says B has
+    dealt with all of them (its RST counter, or the firewall's drop counter)."""
     pcap = tmp_path / f"{name}.pcap"
-    os.chmod(tmp_path, 0o777)
-    with Capture(h.b, h.dev_b, pcap, "tcp") as cap:
+    with Capture(h.b, h.dev_b, pcap, "tcp", immediate=True) as cap:
         _blast(h, v6)
+        wait_until(handled, 10, what=f"B to handle the {NSEND} segments ({name})")
     return cap.count("tcp[tcpflags] & tcp-rst != 0" if not v6 else "ip6 and ip6[53] & 4 != 0")
 
 
@@ -54,14 +56,22 @@ def test_firewall_stops_rsts(two_hosts: TwoHosts, tmp_path: Path, v6: bool) -> N
     h = two_hosts
     local = h.ip6_b if v6 else h.ip_b
     # without the firewall the host stack answers every segment with a RST
-    assert _rsts(h, tmp_path, "open", v6) > 0
+    base = tcp_out_rsts(h.b)
+    assert _rsts(h, tmp_path, "open", v6, lambda: tcp_out_rsts(h.b) >= base + NSEND) == NSEND
     with h.b.entered():
         fw = Firewall("t")
         fw.install([h.ip_b, h.ip6_b], [STT_PORT])
         fw.install([local], [STT_PORT])  # idempotent: replaced, not duplicated
         rx = PacketSocket(h.dev_b, ports=(STT_PORT,), vnet_hdr=False)
+
+    def dropped() -> bool:
+        with h.b.entered():
+            return fw.counters()["drop"] >= NSEND
+
+    base = tcp_out_rsts(h.b)
     with rx:
-        assert _rsts(h, tmp_path, "closed", v6) == 0
+        assert _rsts(h, tmp_path, "closed", v6, dropped) == 0
+        assert tcp_out_rsts(h.b) == base
         # AF_PACKET still sees every segment (it receives before netfilter)
         buf = bytearray(RECV_SIZE)
         got = 0
@@ -79,7 +89,8 @@ def test_firewall_stops_rsts(two_hosts: TwoHosts, tmp_path: Path, v6: bool) -> N
         fw.remove()
         assert not fw.is_installed()
         fw.remove()  # idempotent
-    assert _rsts(h, tmp_path, "again", v6) > 0
+    base = tcp_out_rsts(h.b)
+    assert _rsts(h, tmp_path, "again", v6, lambda: tcp_out_rsts(h.b) >= base + NSEND) == NSEND
 
 
 def test_firewall_replaces_leftovers(two_hosts: TwoHosts) -> None:

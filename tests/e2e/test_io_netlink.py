@@ -1,9 +1,20 @@
-"""sttun.io.netlink in a namespace: routes, links, neighbours, change events."""
+"""sttun.io.netlink in a namespace: routes, links, neighbours, change events.
+
+The namespaces come from :func:`tests.netns.make_two_hosts`: the veth is up and IPv6
+is configured on both ends before a test starts (``wait_link_ready``), so the
+first neighbour solicitation is answered.  Without that wait the IPv6 case failed
+on a loaded machine: while the link-local address is tentative, or before the
+kernel's link watch has marked the peer's link up, solicitations go unsent or
+unanswered, the kernel's three probes (one a second) run out and the entry ends
+FAILED.
+"""
 
 from __future__ import annotations
 
 import select
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
@@ -17,22 +28,36 @@ from sttun.io.netlink import (
     route_lookup,
     set_gso_max_size,
 )
-from tests import netns
-from tests.netns import TwoHosts, link_mac
-
-two_hosts = netns.two_hosts  # fixture (until tests/conftest.py re-exports it)
+from sttun.tools.topology import TwoHosts
+from tests.netns import link_mac
 
 pytestmark = pytest.mark.netns
 
+T = TypeVar("T")
 
-def _wait(pred, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout  # hang guard only
-    while time.monotonic() < end:
+
+def _wait(pred: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
+    """Poll ``pred`` until it returns something truthy; AssertionError after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
         val = pred()
         if val:
             return val
-        time.sleep(0.05)
-    return pred()
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _wait_event(w: NetlinkWatcher, kind: str, timeout: float = 10.0) -> None:
+    """Wait until the watcher reports a change of ``kind`` (``"route"``, ``"neigh"``...)."""
+    seen: set[str] = set()
+    end = time.monotonic() + timeout
+    while kind not in seen:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {kind!r} event within {timeout:g}s (saw {sorted(seen)})")
+        select.select([w], [], [], left)
+        seen |= w.read()
 
 
 def test_route_and_link(two_hosts: TwoHosts) -> None:
@@ -71,10 +96,9 @@ def test_resolve_neighbour_without_blocking(two_hosts: TwoHosts, v6: bool) -> No
         assert neighbour(idx, ip) is None
         with NetlinkWatcher() as w:
             resolve(idx, ip)  # returns immediately
-            mac = _wait(lambda: neighbour(idx, ip))
+            mac = _wait(lambda: neighbour(idx, ip), f"the neighbour entry of {ip}")
             assert mac == link_mac(h.b, h.dev_b)
-            select.select([w], [], [], 2)
-            assert "neigh" in w.read()
+            _wait_event(w, "neigh")
         resolve(idx, ip)  # a valid entry is left alone
         assert neighbour(idx, ip) == mac
 
@@ -84,14 +108,11 @@ def test_watcher_reports_changes(two_hosts: TwoHosts) -> None:
     with h.a.entered(), NetlinkWatcher() as w:
         assert w.drain() == set()  # nothing pending, does not block
         h.a.run(["ip", "route", "add", "198.19.2.0/24", "via", h.ip_b])
-        select.select([w], [], [], 2)
-        assert "route" in _wait(w.read)
+        _wait_event(w, "route")
         h.a.run(["ip", "link", "set", h.dev_a, "mtu", "1400"])
-        select.select([w], [], [], 2)
-        assert "link" in _wait(w.read)
+        _wait_event(w, "link")
         h.a.run(["ip", "addr", "add", "198.18.5.1/24", "dev", h.dev_a])
-        select.select([w], [], [], 2)
-        assert "addr" in _wait(w.read)
+        _wait_event(w, "addr")
 
 
 def test_link_info_unpacks_and_gso_max_size(two_hosts: TwoHosts) -> None:

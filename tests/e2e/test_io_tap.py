@@ -11,10 +11,8 @@ import pytest
 
 from sttun.errors import SetupError
 from sttun.io.tap import TAP_READ_SIZE, VNET_HDR_LEN, TapDevice
-from tests import netns
-from tests.netns import VNET_HDR, Netns, ifname, unique_suffix
-
-netns_factory = netns.netns_factory  # fixture (until tests/conftest.py re-exports it)
+from sttun.tools.topology import Host
+from tests.netns import VNET_HDR, ifname, unique_suffix
 
 pytestmark = pytest.mark.netns
 
@@ -38,7 +36,7 @@ print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
 """
 
 
-def _link(ns: Netns, dev: str) -> dict:  # type: ignore[type-arg]
+def _link(ns: Host, dev: str) -> dict:  # type: ignore[type-arg]
     return json.loads(ns.run(["ip", "-j", "-d", "addr", "show", dev]).stdout)[0]
 
 

@@ -10,6 +10,8 @@ must read back identically in ``tshark -r``.
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import subprocess
 import time
@@ -17,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from sttun.io.pcap import CaptureReader, PcapWriter, l3_offset
-from tests.netns import Netns, TwoHosts, need_tools, two_hosts  # noqa: F401 - fixture
+from sttun.io.pcap import CaptureError, CaptureReader, PcapWriter, l3_offset
+from sttun.tools.capture import Capture
+from sttun.tools.topology import Host, TwoHosts
+from tests.e2e.sttun_hosts import wait_until
+from tests.netns import need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -61,24 +66,28 @@ def reader_frames(path: Path) -> tuple[list[Frame], set[int]]:
     return frames, linktypes
 
 
-class Tool:
-    """A capture program running in a namespace, ready once it said so on stderr."""
+class TsharkCapture:
+    """``tshark -w FILE`` (pcapng) in a namespace; ready once the capture has started
+    (tshark logs "Capture started" when dumpcap, with the interface open, reports its
+    file)."""
 
-    def __init__(self, ns: Netns, argv: list[str], ready: bytes) -> None:
+    def __init__(self, ns: Host, dev: str, path: Path) -> None:
+        self.path = path
         self.proc: subprocess.Popen[bytes] = ns.popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+            ["tshark", "-i", dev, "-w", str(path)], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
         assert self.proc.stderr is not None
         seen = b""
-        deadline = time.monotonic() + 20  # hang guard only
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            seen += line
-            if ready in line or not line:
-                break
-        if ready not in seen:
-            self.proc.kill()
-            raise RuntimeError(f"{argv[0]} did not start: {seen!r}")
+        deadline = time.monotonic() + 30
+        while b"Capture started" not in seen:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.proc.stderr], [], [], left)
+            chunk = os.read(self.proc.stderr.fileno(), 4096) if ready else b""
+            if not chunk:
+                self.stop()
+                raise RuntimeError(f"tshark did not start: {seen!r}")
+            seen += chunk
 
     def stop(self) -> None:
         """SIGINT, then wait for the file to be complete."""
@@ -91,7 +100,31 @@ class Tool:
             self.proc.communicate()
 
 
-def start_captures(h: TwoHosts, tmp: Path) -> tuple[dict[str, Path], list[Tool]]:
+#: The echo replies the pings of :func:`ping` bring back (IPv4 and IPv6).
+REPLIES = "icmp[icmptype] == icmp-echoreply or icmp6[icmp6type] == icmp6-echoreply"
+NREPLIES = 12
+
+
+def _echo_replies(path: Path) -> int:
+    """Echo replies in an Ethernet capture file that may still be growing."""
+    n = 0
+    try:
+        with CaptureReader(path) as reader:
+            for _ts, lt, data, _orig in reader:
+                found = l3_offset(lt, data)
+                if found is None:
+                    continue
+                etype, off = found
+                if etype == 0x0800 and data[off + 9] == 1:
+                    n += data[off + (data[off] & 0x0F) * 4] == 0
+                elif etype == 0x86DD and data[off + 6] == 58:
+                    n += data[off + 40] == 129
+    except (CaptureError, OSError):
+        return 0  # not even the file header yet
+    return n
+
+
+def start_captures(h: TwoHosts, tmp: Path) -> tuple[dict[str, Path], list[Capture], TsharkCapture]:
     a = h.a
     files = {
         "eth": tmp / "x.pcap",
@@ -99,28 +132,17 @@ def start_captures(h: TwoHosts, tmp: Path) -> tuple[dict[str, Path], list[Tool]]
         "sll": tmp / "any.pcap",
         "sll2": tmp / "any2.pcap",
     }
-    common = ["-n", "-U", "--immediate-mode", "-s", "262144", "-w"]
-    specs: list[tuple[list[str], bytes]] = [
-        (["tcpdump", "-i", h.dev_a, *common, str(files["eth"])], b"listening on"),
-        (["tshark", "-i", h.dev_a, "-w", str(files["ng"])], b"Capturing on"),
-        (
-            ["tcpdump", "-i", "any", "-y", "LINUX_SLL", *common, str(files["sll"])],
-            b"listening on",
-        ),
-        (
-            ["tcpdump", "-i", "any", "-y", "LINUX_SLL2", *common, str(files["sll2"])],
-            b"listening on",
-        ),
-    ]
-    tools: list[Tool] = []
+    caps: list[Capture] = []
     try:
-        for argv, ready in specs:
-            tools.append(Tool(a, argv, ready))
+        caps.append(Capture(a, h.dev_a, files["eth"], immediate=True).start())
+        tshark = TsharkCapture(a, h.dev_a, files["ng"])
+        for key, link in (("sll", "LINUX_SLL"), ("sll2", "LINUX_SLL2")):
+            caps.append(Capture(a, "any", files[key], link_type=link, immediate=True).start())
     except BaseException:
-        for t in tools:
-            t.stop()
+        for c in caps:
+            c.stop(sync=False)
         raise
-    return files, tools
+    return files, caps, tshark
 
 
 def ping(h: TwoHosts) -> None:
@@ -130,18 +152,22 @@ def ping(h: TwoHosts) -> None:
 
 
 def test_reader_matches_tshark_and_tshark_reads_writer(
-    two_hosts: TwoHosts,  # noqa: F811 - fixture
+    two_hosts: TwoHosts,
     tmp_path: Path,
 ) -> None:
     need_tools("tcpdump", "tshark", "ping")
     h = two_hosts
-    files, tools = start_captures(h, tmp_path)
+    files, caps, tshark = start_captures(h, tmp_path)
     try:
         ping(h)
-        time.sleep(0.3)  # let the last replies reach the capture sockets
+        # every file holds the last reply before the captures stop
+        for c in caps:
+            assert c.wait_for(NREPLIES, REPLIES) == NREPLIES
+        wait_until(lambda: _echo_replies(files["ng"]) >= NREPLIES, 30, what="replies in pcapng")
     finally:
-        for t in tools:
-            t.stop()
+        for c in caps:
+            c.stop()
+        tshark.stop()
 
     seen: dict[str, tuple[list[Frame], set[int]]] = {}
     for key, path in files.items():

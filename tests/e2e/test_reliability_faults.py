@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sttun.tools.topology import Host
 from tests.e2e.impair import (
     OVERLAY_A,
     OVERLAY_B,
@@ -21,7 +22,7 @@ from tests.e2e.impair import (
     stop_relay,
 )
 from tests.e2e.sttun_hosts import Endpoint, drops_of, ping, tcp_transfer, wait_until
-from tests.netns import Netns, link_mac, make_two_hosts, need_root, need_tools
+from tests.netns import link_mac, make_two_hosts, need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -90,12 +91,14 @@ def test_reorder_and_duplicate(tmp_path: Path, window: int, dup: float) -> None:
             ping(line.a, OVERLAY_B, count=3)
             tcp_transfer(line.a, line.b, OVERLAY_B, 20 * MiB)
             ping(line.b, OVERLAY_A, count=3)
-            time.sleep(0.5)
+            # the relay is the only path: once it has stopped (flushing what it held),
+            # nothing more reaches either side; receive counters are read before send
+            # counters, so a frame still in flight cannot make rx exceed tx
             stats = stop_relay(relay, stats_path)
-            sa_tx = p.a.tunnel("stt0")["tx"]
-            sb_tx = p.b.tunnel("stt0")["tx"]
             sb_rx = p.b.tunnel("stt0")["rx"]
             sa_rx = p.a.tunnel("stt0")["rx"]
+            sa_tx = p.a.tunnel("stt0")["tx"]
+            sb_tx = p.b.tunnel("stt0")["tx"]
             db, da = drops_of(p.b), drops_of(p.a)
             print(
                 f"relay {stats}; A tx {sa_tx} -> B rx {sb_rx}; B tx {sb_tx} -> A rx {sa_rx}; "
@@ -123,7 +126,8 @@ def test_underlay_link_flap(tmp_path: Path) -> None:
         ping(h.a, OVERLAY_B)
         pids = (p.a.show()["pid"], p.b.show()["pid"])
         h.a.run(["ip", "link", "set", h.dev_a, "down"])
-        time.sleep(1.5)
+        # the route to B goes with the link: A's daemon marks the tunnel down
+        wait_until(lambda: p.a.tunnel("stt0")["state"] == "down", 15, what="A's tunnel down")
         h.a.run(["ip", "link", "set", h.dev_a, "up"])
         wait_until(lambda: _pings(h.a, OVERLAY_B), 15, what="ping after link flap")
         wait_until(lambda: _pings(h.b, OVERLAY_A), 15, what="ping back after link flap")
@@ -148,6 +152,6 @@ def test_peer_mac_change(tmp_path: Path) -> None:
         assert (p.a.show()["pid"], p.b.show()["pid"]) == pids
 
 
-def _pings(ns: Netns, addr: str) -> bool:
+def _pings(ns: Host, addr: str) -> bool:
     res = ns.run(["ping", "-c", "1", "-W", "1", addr], check=False)
     return bool(res.returncode == 0)

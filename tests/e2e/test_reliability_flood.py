@@ -13,11 +13,9 @@ floods fill them quickly and the memory comes back within the test.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from tests.e2e import stt_craft as sc
 from tests.e2e.sttun_hosts import (
     Endpoint,
     Star,
+    TapSniffer,
     config_toml,
     drops_of,
     make_star,
@@ -38,7 +37,7 @@ from tests.e2e.sttun_hosts import (
     tcp_transfer,
     wait_until,
 )
-from tests.netns import Netns, link_mac, need_root
+from tests.netns import link_mac, need_root
 
 pytestmark = pytest.mark.netns
 
@@ -105,29 +104,6 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 # --------------------------------------------------------------------------- spoofing
 
 
-class TapSniffer:
-    """An AF_PACKET socket on a TAP (in its namespace) collecting every frame."""
-
-    def __init__(self, ns: Netns, dev: str) -> None:
-        with ns.entered():
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-            self.sock.bind((dev, 3))
-        self.sock.setblocking(False)
-        self.frames: list[bytes] = []
-
-    def drain(self) -> list[bytes]:
-        """Everything received so far."""
-        while True:
-            try:
-                self.frames.append(self.sock.recv(70000))
-            except BlockingIOError:
-                return self.frames
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.sock.close()
-
-
 def test_spoofed_keys_never_reach_a_tap(hub: Hub) -> None:
     """Allowed source + another tunnel's key, or a key nobody uses: counted as
     unknown_context, delivered to no TAP.  A correctly keyed frame is delivered."""
@@ -152,17 +128,12 @@ def test_spoofed_keys_never_reach_a_tap(hub: Hub) -> None:
             inj.send(sc.segment(src, dst, frame, frame_len=len(frame), ack=1000 + i))
             inj.send_all(sc.split(src, dst, frame, ack=2000 + i, mss=30))
             sent += 2
+        # the control frame goes last: once it is on stt0, the hub has handled the rest
         control = sc.stt_frame(good, KEY0)
         hub.inj0.send(
             sc.segment(s.peer_ip(0), s.hub_ip(0), control, frame_len=len(control), ack=3000)
         )
-
-        def counted() -> bool:
-            d = drops_of(hub.hub)
-            return d.get("unknown_context", 0) - before.get("unknown_context", 0) >= sent
-
-        wait_until(counted, 5, what=f"{sent} unknown_context drops")
-        time.sleep(0.3)
+        sniffers[0].wait_for(sc.MARKER + b"-good")
         after = drops_of(hub.hub)
         assert after.get("unknown_context", 0) - before.get("unknown_context", 0) == sent
         seen = [f for sn in sniffers for f in sn.drain()]
@@ -217,13 +188,16 @@ def test_flood_from_unknown_source_buffers_nothing(hub: Hub) -> None:
         stop_sampling.set()
         sampler.join()
 
-    def settled() -> int | None:
-        n = drops_of(hub.hub).get("unknown_source", 0) - before.get("unknown_source", 0)
-        time.sleep(0.3)
-        m = drops_of(hub.hub).get("unknown_source", 0) - before.get("unknown_source", 0)
-        return m if m == n else None
-
-    counted = wait_until(settled, 20, what="the unknown_source count to settle")
+    # a frame the hub delivers, sent after the flood from the same host: once it is
+    # on stt0, the hub has read every flood segment its socket queued before it
+    marker = sc.MARKER + b"-after-unknown-flood"
+    frame = sc.stt_frame(sc.inner_udp4(marker), KEY0)
+    with TapSniffer(hub.star.hub, "stt0") as sniffer:
+        hub.inj0.send(
+            sc.segment(hub.star.peer_ip(0), hub.star.hub_ip(0), frame, frame_len=len(frame), ack=5)
+        )
+        sniffer.wait_for(marker, timeout=30)
+    counted = drops_of(hub.hub).get("unknown_source", 0) - before.get("unknown_source", 0)
     print(f"unknown-source flood: sent {sent}, counted unknown_source {counted}")
     assert samples, "no show samples during the flood"
     assert all(x["bytes"] == 0 and x["entries"] == 0 for x in samples)

@@ -5,18 +5,20 @@ too; the peer additionally sends hand-made segments (``stt_craft``) from its own
 allowed, underlay address with an AF_PACKET socket.  Each case sends packets
 broken in one way and checks that ``sttun show --json`` counts them under that
 reason and under no other; afterwards the tunnel still carries a ping.
+
+"Under no other" is read once the hub has handled everything sent before: a valid
+frame with a fresh marker is sent last, and the counters are read when it arrives on
+the hub's TAP (the daemon reads its socket in order).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
-import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -24,6 +26,7 @@ from tests.e2e import stt_craft as sc
 from tests.e2e.sttun_hosts import (
     Endpoint,
     Star,
+    TapSniffer,
     config_toml,
     drops_of,
     make_star,
@@ -51,6 +54,7 @@ class World:
     inj: sc.Injector
     src: str
     dst: str
+    sniff: TapSniffer
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             s.peers[0].run(["ip", "addr", "add", f"{PEER_OVERLAY}/24", "dev", "stt0"])
             with s.peers[0].entered():
                 inj = sc.Injector(s.peer_devs[0], link_mac(s.hub, s.hub_devs[0]))
-            with inj:
-                yield World(s, hub, peer, inj, s.peer_ip(0), s.hub_ip(0))
+            with inj, TapSniffer(s.hub, "stt0") as sniff:
+                yield World(s, hub, peer, inj, s.peer_ip(0), s.hub_ip(0), sniff)
         finally:
             for ep in (hub, peer):
                 status = ep.stop()
@@ -171,6 +175,16 @@ CASES: dict[str, Callable[[World], list[bytes]]] = {
 """Reason[/variant] -> the packets that must be counted under it (one count per case)."""
 
 
+_markers = itertools.count()
+
+
+def _all_handled(w: World) -> None:
+    """Send a valid frame with a fresh marker; return once the hub delivered it."""
+    marker = sc.MARKER + f"-end-{next(_markers)}".encode()
+    w.inj.send(_whole(w, _frame(inner=sc.inner_udp4(marker))))
+    w.sniff.wait_for(marker)
+
+
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
@@ -182,16 +196,12 @@ def test_malformed_counted(world: World, case: str) -> None:
     before = drops_of(world.hub)
     rx_before = world.hub.tunnel("stt0")["rx"]["frames"]
     world.inj.send_all(CASES[case](world), gap=0.01)
-    after = wait_until(
-        lambda: (
-            (d if d.get(reason, 0) > before.get(reason, 0) else None)
-            if (d := drops_of(world.hub))
-            else None
-        ),
-        timeout=5,
+    wait_until(
+        lambda: drops_of(world.hub).get(reason, 0) > before.get(reason, 0),
+        timeout=10,
         what=f"a {reason} drop",
     )
-    time.sleep(0.3)  # anything else these packets cause shows up by now
+    _all_handled(world)
     after = drops_of(world.hub)
     assert _delta(after, before) == {reason: 1}
     if reason == "late_segment":
@@ -253,38 +263,11 @@ def test_serving_after_malformed(world: World) -> None:
 def test_duplicate_whole_frame_delivered_once(world: World) -> None:
     """A frame that fits one segment, sent twice with the same frame id: delivered
     once, the copy counted (late_segment) - as for frames of several segments."""
-    sniffer = TapSniff(world.star.hub, "stt0")
-    try:
-        before = drops_of(world.hub)
-        marker = sc.MARKER + b"-dup-whole"
-        seg = _whole(world, _frame(inner=sc.inner_udp4(marker)))
-        world.inj.send_all([seg, seg], gap=0.05)
-        time.sleep(0.5)
-        seen = [f for f in sniffer.drain() if marker in f]
-        assert len(seen) == 1, f"delivered {len(seen)} times"
-        assert _delta(drops_of(world.hub), before) == {"late_segment": 1}
-    finally:
-        sniffer.close()
-
-
-class TapSniff:
-    """Incoming frames on a TAP (AF_PACKET, non-blocking)."""
-
-    def __init__(self, ns: Any, dev: str) -> None:
-        with ns.entered():
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-        self.sock.bind((dev, 3))
-        self.sock.setblocking(False)
-
-    def drain(self) -> list[bytes]:
-        """Frames received so far."""
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(70000))
-            except BlockingIOError:
-                return out
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.sock.close()
+    before = drops_of(world.hub)
+    marker = sc.MARKER + b"-dup-whole"
+    seg = _whole(world, _frame(inner=sc.inner_udp4(marker)))
+    world.inj.send_all([seg, seg], gap=0.05)
+    _all_handled(world)
+    seen = world.sniff.with_marker(marker)
+    assert len(seen) == 1, f"delivered {len(seen)} times"
+    assert _delta(drops_of(world.hub), before) == {"late_segment": 1}

@@ -16,20 +16,21 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from sttun.tools.topology import Host
 from tests.e2e.impair import OVERLAY_A, OVERLAY_B
 from tests.e2e.sttun_hosts import (
     Endpoint,
     config_toml,
     ping,
     start_endpoint,
+    tcp_transfer,
     wait_until,
 )
-from tests.netns import Netns, make_two_hosts, need_root, need_tools
+from tests.netns import make_two_hosts, need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -41,13 +42,13 @@ def _root() -> None:
     need_root()
 
 
-def _master(ns: Netns, dev: str) -> str | None:
+def _master(ns: Host, dev: str) -> str | None:
     info = json.loads(ns.run(["ip", "-j", "-d", "link", "show", dev]).stdout)[0]
     master: str | None = info.get("master")
     return master
 
 
-def _sttun_tables(ns: Netns) -> list[str]:
+def _sttun_tables(ns: Host) -> list[str]:
     out = ns.run(["nft", "list", "tables"]).stdout
     return [ln.strip() for ln in out.splitlines() if "sttun" in ln]
 
@@ -75,7 +76,9 @@ def test_kill9_restart_mid_transfer(tmp_path: Path) -> None:
 
             def transfer() -> None:
                 try:
-                    paced_transfer(h.a, h.b, OVERLAY_B, 30 * MiB, rate=5 * MiB)
+                    tcp_transfer(
+                        h.a, h.b, OVERLAY_B, 30 * MiB, port=5202, io_timeout=120.0, rate=5 * MiB
+                    )
                 except BaseException as exc:  # reported by the main thread
                     errors.append(exc)
 
@@ -86,7 +89,9 @@ def test_kill9_restart_mid_transfer(tmp_path: Path) -> None:
             old_pid = b.proc.pid
             b.proc.kill()  # SIGKILL: no clean-up at all
             assert b.proc.wait(timeout=10) == -9
-            time.sleep(1.0)
+            # the outage is felt: A keeps sending (retransmissions) to nobody
+            sent = a.tunnel("stt0")["tx"]["frames"]
+            wait_until(lambda: a.tunnel("stt0")["tx"]["frames"] > sent, 30, what="A to resend")
             # the persistent TAP outlived the process, still in the bridge
             assert _master(h.b, "stt0") == br
             assert _sttun_tables(h.b) == ["table inet sttun_e2e"]
@@ -114,51 +119,6 @@ def test_kill9_restart_mid_transfer(tmp_path: Path) -> None:
         assert h.b.run(["ip", "link", "show", "stt0"], check=False).returncode == 0
 
 
-_SERVER = """
-import hashlib, socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("ready", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while True:
-    d = c.recv(1 << 20)
-    if not d:
-        break
-    h.update(d); n += len(d)
-print(n, h.hexdigest(), flush=True)
-"""
-_CLIENT = """
-import hashlib, socket, sys, time
-n, rate = int(sys.argv[3]), float(sys.argv[4]); h = hashlib.sha256()
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120)
-sent = 0; i = 0; t0 = time.monotonic()
-while sent < n:
-    b = hashlib.sha256(i.to_bytes(8, "big")).digest() * 2048
-    b = b[: n - sent]; s.sendall(b); h.update(b); sent += len(b); i += 1
-    ahead = t0 + sent / rate - time.monotonic()
-    if ahead > 0:
-        time.sleep(ahead)
-s.shutdown(socket.SHUT_WR); s.recv(1); print(sent, h.hexdigest(), flush=True)
-"""
-
-
-def paced_transfer(
-    sender: Netns, receiver: Netns, addr: str, nbytes: int, rate: float, port: int = 5202
-) -> None:
-    """Like ``tcp_transfer`` but at about ``rate`` bytes/s (so it lasts long enough to
-    be interrupted); asserts the receiver's sha256 equals the sender's."""
-    srv = receiver.popen(
-        [sys.executable, "-c", _SERVER, addr, str(port)], stdout=subprocess.PIPE, text=True
-    )
-    assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
-    res = sender.run(
-        [sys.executable, "-c", _CLIENT, addr, str(port), str(nbytes), str(rate)], timeout=300
-    )
-    out, _ = srv.communicate(timeout=120)
-    assert int(res.stdout.split()[0]) == nbytes
-    assert out.split() == res.stdout.split(), f"sent {res.stdout}, received {out}"
-
-
 def _pid(ep: Endpoint) -> int | None:
     try:
         pid: int = ep.show()["pid"]
@@ -167,7 +127,7 @@ def _pid(ep: Endpoint) -> int | None:
     return pid
 
 
-def _in_ns(ns: Netns, argv: list[str]) -> list[str]:
+def _in_ns(ns: Host, argv: list[str]) -> list[str]:
     """``ip netns exec`` with ``ip`` by absolute path (PATH is changed for the child)."""
     full = ns.argv(argv)
     full[0] = shutil.which("ip") or "/usr/sbin/ip"

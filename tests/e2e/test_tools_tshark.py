@@ -12,6 +12,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import select
 import shutil
 import socket
 import struct
@@ -21,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from sttun.io.pcap import CaptureReader
-from sttun.tools.demo import TSHARK_CHECKSUM_FIELDS, tshark_checksum_verdict
+from sttun.io.pcap import CaptureError, CaptureReader
+from sttun.tools.capture import Capture
+from sttun.tools.topology import TwoHosts
+from sttun.tools.wire_check import TSHARK_CHECKSUM_FIELDS, tshark_checksum_verdict
 from sttun.wire.checksum import checksum, ones_sum
-from tests.netns import Capture, TwoHosts
+from tests.e2e.sttun_hosts import wait_until
 from tests.unit.test_tools_decap import decap_json, frames_of, inner_udp, run, write_pcap
 
 pytestmark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
@@ -77,16 +82,34 @@ def test_decap_output_shows_inner_protocols(tmp_path: Path) -> None:
 
 
 def _tshark_capture(hosts: TwoHosts, path: Path) -> subprocess.Popen[bytes]:
+    """``tshark -w`` on B's veth; returns once its capture has started (dumpcap has the
+    interface open: tshark logs "Capture started" when dumpcap reports its file)."""
     proc = hosts.b.popen(["tshark", "-i", hosts.dev_b, "-w", str(path), "-F", "pcapng"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     assert proc.stderr is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if b"Capturing on" in line or not line:
-            break
-    time.sleep(1.0)  # dumpcap may still be opening its socket
+    seen = b""
+    deadline = time.monotonic() + 30
+    while b"Capture started" not in seen:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, left))
+        chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
+        if not chunk:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"tshark did not start capturing: {seen.decode(errors='replace')}")
+        seen += chunk
     return proc
+
+
+def _packets_in(path: Path, match: bytes) -> int:
+    """Packets containing ``match`` in a capture file that may still be growing."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    try:
+        with CaptureReader(path) as r:  # a cut record at the end is not an error
+            return sum(1 for _t, _l, data, _o in r if match in bytes(data))
+    except CaptureError:
+        return 0  # the file header is not complete yet
 
 
 @pytest.mark.netns
@@ -104,10 +127,12 @@ def test_real_traffic_captured_by_tcpdump_and_tshark(
                "--context-id", "0x77", *extra).returncode == 0  # fmt: skip
     with CaptureReader(stt) as r:
         packets = [bytes(d) for _t, _l, d, _o in r]
+    # every segment carries the outer source and destination address, in this order
+    marker = ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
     ng = tmp_path / "cap.pcapng"
     tshark_proc = _tshark_capture(h, ng)
     try:
-        with Capture(h.b, h.dev_b, tmp_path / "cap.pcap", bpf="tcp port 7471"):
+        with Capture(h.b, h.dev_b, tmp_path / "cap.pcap", bpf="tcp port 7471") as cap:
             with h.a.entered():
                 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
             try:
@@ -116,14 +141,16 @@ def test_real_traffic_captured_by_tcpdump_and_tshark(
                     s.send(p)
             finally:
                 s.close()
-            time.sleep(1.0)
+            cap.wait_for(len(packets), "tcp port 7471")
+        wait_until(lambda: _packets_in(ng, marker) >= len(packets), 30,
+                   what=f"{len(packets)} segments in tshark's capture")  # fmt: skip
     finally:
         tshark_proc.send_signal(2)
         tshark_proc.wait(timeout=20)
     want = [inner_udp(n, n & 0xFF) for n in SIZES]
-    for cap in (tmp_path / "cap.pcap", ng):
-        out = tmp_path / f"{cap.name}.inner"
-        summary = decap_json(cap, tmp_path, "--split-by-context", out)
+    for cap_file in (tmp_path / "cap.pcap", ng):
+        out = tmp_path / f"{cap_file.name}.inner"
+        summary = decap_json(cap_file, tmp_path, "--split-by-context", out)
         assert summary["drops"] == {}, summary
         assert summary["checksums"]["verified"] == len(packets), summary
         assert [f for _t, f in frames_of(out / "ctx-77.pcap")] == want

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from sttun.tools.topology import Host
 from tests.e2e.impair import OVERLAY_B, Pair, start_pair
-from tests.e2e.sttun_hosts import drops_of, wait_until
-from tests.netns import Netns, make_two_hosts, need_root, need_tools
+from tests.e2e.sttun_hosts import drops_of, ping, wait_until
+from tests.netns import make_two_hosts, need_root, need_tools
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -50,12 +51,12 @@ def _rx_drops(d: dict[str, int]) -> int:
     return sum(v for k, v in d.items() if not k.startswith("tx_") or k == "tx_error")
 
 
-def _skmem(ns: Netns) -> str:
+def _skmem(ns: Host) -> str:
     out = ns.run(["ss", "-0", "-m", "-n", "-a"], check=False).stdout
     return " ".join(w for w in out.split() if w.startswith("skmem:"))
 
 
-def _veth_drops(ns: Netns, dev: str) -> tuple[int, int]:
+def _veth_drops(ns: Host, dev: str) -> tuple[int, int]:
     st = json.loads(ns.run(["ip", "-j", "-s", "link", "show", dev]).stdout)[0]["stats64"]
     return int(st["tx"]["dropped"]), int(st["rx"]["dropped"])
 
@@ -67,6 +68,28 @@ def _books(p: Pair) -> tuple[int, int, int, int, int, int]:
         t = ep.tunnel("stt0")
         out += [t["tx"]["frames"], t["rx"]["frames"], _rx_drops(drops_of(ep))]
     return out[0], out[1], out[2], out[3], out[4], out[5]
+
+
+def _settled_books(p: Pair, a: Host) -> tuple[int, int, int, int, int, int]:
+    """:func:`_books` once every frame sent so far is accounted for: one ping A -> B
+    and back goes through the tunnel behind them (each daemon sends and receives in
+    order), and nothing else talks on the idle tunnel (IPv6 is off on the TAPs)."""
+    ping(a, OVERLAY_B, count=1)
+    return _books(p)
+
+
+def _iperf3_server(b: Host, port: int, tmp: Path) -> subprocess.Popen[bytes]:
+    """``iperf3 -s`` on ``port`` in ``b``, returned once it is listening."""
+    log = tmp / f"iperf3-server-{port}.log"
+    argv = ["iperf3", "-s", "-B", OVERLAY_B, "-p", str(port), "--forceflush"]
+    proc = b.popen([*argv, "--logfile", str(log)], stdout=subprocess.DEVNULL)
+    wait_until(
+        lambda: proc.poll() is not None or (log.exists() and "listening" in log.read_text()),
+        30,
+        what=f"iperf3 server on port {port}",
+    )
+    assert proc.poll() is None, f"iperf3 -s exited: {log.read_text()}"
+    return proc
 
 
 @pytest.mark.timeout(SECONDS + 300)
@@ -82,13 +105,8 @@ def test_soak_mixed_traffic(tmp_path: Path) -> None:
         # tunnel is idle, so no frame is in flight between reading A and reading B.
         for ns in (h.a, h.b):
             ns.sysctl("net.ipv6.conf.stt0.disable_ipv6", "1")
-        time.sleep(2.0)
-        books0 = _books(p)
-        servers = [
-            h.b.popen(["iperf3", "-s", "-B", OVERLAY_B, "-p", str(port)], stdout=subprocess.DEVNULL)
-            for port in (5301, 5302)
-        ]
-        time.sleep(0.5)
+        books0 = _settled_books(p, h.a)
+        servers = [_iperf3_server(h.b, port, tmp_path) for port in (5301, 5302)]
         t = str(SECONDS)
         clients = [
             h.a.popen(
@@ -131,14 +149,13 @@ def test_soak_mixed_traffic(tmp_path: Path) -> None:
                 {k: _fds(pid) for k, pid in pids.items()},
             )
         )
-        # let partial frames time out, then compare the books
-        time.sleep(TIMEOUT + 1)
+        # let partial frames time out (each counted as a drop), then compare the books
         wait_until(
             lambda: all(ep.show()["reassembly"]["entries"] == 0 for ep in (p.a, p.b)),
-            10,
+            TIMEOUT + 10,
             what="no partial frames",
         )
-        books = _books(p)
+        books = _settled_books(p, h.a)
         a_tx, a_rx, a_drops, b_tx, b_rx, b_drops = (
             x - y for x, y in zip(books, books0, strict=True)
         )

@@ -1,19 +1,36 @@
-"""Two hosts on a veth underlay, as network namespaces: the demo's and benchmarks' test bed.
+"""Network namespaces as hosts, and two of them on a veth underlay: the test bed.
 
-:class:`TwoHosts` makes two namespaces ``<prefix>-<suffix>-a`` and ``-b`` joined by a
-veth pair (``eth0`` in each), with underlay addresses from the documentation ranges
-(198.18.0.1/.2, or 2001:db8:0:1::1/::2), and puts an overlay on top of it:
+The demo, the benchmarks and the end-to-end tests all build their worlds from this
+module (the tests through thin fixtures in ``tests/netns.py``):
 
-* :meth:`TwoHosts.start_sttun` — an ``sttun up`` endpoint in each namespace (a
-  subprocess: ``python -m sttun up ...``), overlay addresses on their TAP devices;
-* :meth:`TwoHosts.add_vxlan` — the kernel's VXLAN device between the same hosts;
-* :meth:`TwoHosts.add_overlay_on_underlay` — the overlay addresses on the veth itself.
+* :func:`create_namespace` / :class:`Host` — a named network namespace: run commands
+  in it (``ip netns exec``), start processes that are stopped when it is deleted,
+  switch the calling thread into it (:meth:`Host.entered`);
+* :func:`add_veth`, :func:`add_address`, :func:`wait_link_ready` — links between
+  hosts, usable (IPv6 included) when the call returns;
+* :class:`TwoHosts` — two namespaces ``<prefix>-<suffix>-a`` and ``-b`` joined by a
+  veth pair (``eth0`` in each) with both underlay families from the documentation
+  ranges (198.18.0.1/.2 and 2001:db8:0:1::1/::2); ``ipv6`` selects the family the
+  overlays use.  On top of it:
 
-Everything lives inside the two namespaces: deleting them (:meth:`TwoHosts.close`)
+  * :meth:`TwoHosts.start_sttun` — an ``sttun up`` endpoint in each namespace (a
+    subprocess: ``python -m sttun up ...``), overlay addresses on their TAP devices;
+  * :meth:`TwoHosts.add_vxlan` — the kernel's VXLAN device between the same hosts;
+  * :meth:`TwoHosts.add_overlay_on_underlay` — the overlay addresses on the veth itself.
+
+Everything lives inside the namespaces: deleting them (:meth:`TwoHosts.close`)
 removes the interfaces, the routes and the endpoints' nftables tables with them; the
-endpoint processes are stopped first.  A small state directory under
-:data:`STATE_ROOT` records who owns the hosts so that :func:`remove_stale` can find and
-remove hosts that a ``--keep`` run (or a killed one) left behind.
+processes are stopped first.  A small state directory under :data:`STATE_ROOT`
+records who owns the hosts so that :func:`remove_stale` can find and remove hosts
+that a ``--keep`` run (or a killed one) left behind.
+
+A namespace made here has IPv6 duplicate address detection off: on a veth between
+two namespaces of our own there is nobody to collide with, and while a link-local
+address is still tentative the kernel sends no neighbour solicitation at all, so the
+first IPv6 neighbour resolutions after ``link up`` would fail for a second or two
+(longer on a loaded machine).  :func:`wait_link_ready` then waits until the kernel
+has really brought the link up (its link watch runs asynchronously) and IPv6 has
+configured it.
 
 Only :mod:`subprocess` calls to ``ip``, ``ethtool`` and ``sysctl``; nothing here needs
 pyroute2, so the module is cheap to import.
@@ -22,6 +39,8 @@ pyroute2, so the module is cheap to import.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 import secrets
 import shutil
@@ -53,18 +72,32 @@ VXLAN_PORT = 4789
 START_TIMEOUT = 20.0
 #: Seconds an endpoint gets to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 10.0
+#: Seconds a new link may take to come up (the kernel's link watch, IPv6 set-up).
+LINK_TIMEOUT = 20.0
 
 _KEPT = "kept"
 _OWNER = "owner"
+_CLONE_NEWNET = 0x40000000
 
 
 def run(
-    argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60.0,
+    input: str | bytes | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv``; text output captured.  Raises :class:`SetupError` on failure."""
+    text_in = input.decode() if isinstance(input, bytes) else input
     try:
         res = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+            list(argv),
+            input=text_in,
+            stdin=None if text_in is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     except FileNotFoundError as e:
         raise SetupError(f"{argv[0]}: not installed") from e
@@ -111,51 +144,225 @@ def _end_pids(pids: Sequence[int], timeout: float = STOP_TIMEOUT) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def ipv6_available() -> bool:
+    """True unless this kernel runs without IPv6 (``ipv6.disable=1``)."""
+    return os.path.exists("/proc/sys/net/ipv6")
+
+
+def create_namespace(name: str) -> None:
+    """``ip netns add name``, ``lo`` up, IPv6 duplicate address detection off.
+
+    DAD is off for every link made in the namespace afterwards (see the module
+    docstring); raises :class:`SetupError` and leaves nothing behind on failure.
+    """
+    run(["ip", "netns", "add", name])
+    try:
+        keys = ("all", "default") if ipv6_available() else ()
+        for key in keys:
+            run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    name,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    f"net.ipv6.conf.{key}.accept_dad=0",
+                ]
+            )
+        run(["ip", "-n", name, "link", "set", "lo", "up"])
+    except BaseException:
+        delete_namespace(name)
+        raise
+
+
 def delete_namespace(name: str) -> None:
     """End every process in namespace ``name`` and delete it (quiet if it is gone)."""
     _end_pids(namespace_pids(name))
-    for _ in range(50):
+    deadline = time.monotonic() + 5.0
+    while True:
         if run(["ip", "netns", "del", name], check=False).returncode == 0:
             return
         if name not in list_namespaces():
             return
-        time.sleep(0.1)
-    raise SetupError(f"cannot delete network namespace {name}")
+        if time.monotonic() > deadline:
+            raise SetupError(f"cannot delete network namespace {name}")
+        time.sleep(0.1)  # "ip netns del" fails while exiting processes still hold it
 
 
 class Host:
-    """One named network namespace: run commands in it."""
+    """One named network namespace: run commands in it, start processes in it.
+
+    Processes started with :meth:`popen` are stopped by :meth:`stop_processes` and
+    :meth:`delete` (every other process in the namespace is ended by
+    :func:`delete_namespace` too).
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.procs: list[subprocess.Popen[Any]] = []
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed with ``ip netns exec NAME``."""
         return ["ip", "netns", "exec", self.name, *argv]
 
     def run(
-        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 60.0,
+        input: str | bytes | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the namespace and wait; raises :class:`SetupError` on failure."""
-        return run(self.argv(argv), check=check, timeout=timeout)
+        return run(self.argv(argv), check=check, timeout=timeout, input=input)
 
     def popen(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in the namespace (``ip netns exec`` execs it: same pid)."""
-        return subprocess.Popen(self.argv(argv), **kwargs)
+        proc: subprocess.Popen[Any] = subprocess.Popen(self.argv(argv), **kwargs)
+        self.procs.append(proc)
+        return proc
 
     def ip(self, *args: str) -> str:
         """``ip ARGS`` in the namespace; its stdout."""
         return self.run(["ip", *args]).stdout
 
-    def ethtool(self, dev: str, **features: bool) -> None:
-        """``ethtool -K dev feature on|off ...`` (underscores become dashes)."""
+    def ethtool(self, dev: str, **features: bool | str) -> None:
+        """``ethtool -K dev feature on|off ...``: values True/False or "on"/"off"
+        (underscores in feature names become dashes)."""
         args: list[str] = []
         for k, v in features.items():
-            args += [k.replace("_", "-"), "on" if v else "off"]
+            if isinstance(v, str) and v not in ("on", "off"):
+                raise ValueError(f"ethtool feature {k}: expected on/off, got {v!r}")
+            value = v if isinstance(v, str) else ("on" if v else "off")
+            args += [k.replace("_", "-"), value]
         self.run(["ethtool", "-K", dev, *args])
+
+    def sysctl(self, key: str, value: str) -> None:
+        """Set a sysctl inside the namespace."""
+        self.run(["sysctl", "-q", "-w", f"{key}={value}"])
+
+    def link_mac(self, dev: str) -> str:
+        """The MAC address of ``dev``."""
+        return str(json.loads(self.ip("-j", "link", "show", dev))[0]["address"])
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[Host]:
+        """Switch the calling *thread* into this namespace for the ``with`` block.
+
+        Sockets, TAP devices and netlink sockets created inside the block belong to
+        the namespace for their whole life; subprocesses started inside the block run
+        in it.  (``/sys`` is not remounted, unlike ``ip netns exec``.)
+        """
+        old = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            new = os.open(f"/run/netns/{self.name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(new)
+                try:
+                    yield self
+                finally:
+                    _setns(old)
+            finally:
+                os.close(new)
+        finally:
+            os.close(old)
+
+    def stop_processes(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the processes :meth:`popen` started, SIGKILL after ``timeout``; reap them."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+        self.procs.clear()
+
+    def delete(self) -> None:
+        """Stop our processes and delete the namespace (quiet if it is gone)."""
+        self.stop_processes()
+        delete_namespace(self.name)
 
     def __repr__(self) -> str:
         return f"Host({self.name!r})"
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _setns(fd: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def add_veth(a: Host, name_a: str, b: Host, name_b: str, mtu: int = 1500) -> None:
+    """A veth pair: ``name_a`` in ``a`` and ``name_b`` in ``b`` (both still down).
+
+    Both ends are created inside their namespaces, so no name ever exists in the
+    namespace of the caller.
+    """
+    a.ip(
+        "link", "add", name_a, "mtu", str(mtu), "type", "veth",
+        "peer", "name", name_b, "netns", b.name, "mtu", str(mtu),
+    )  # fmt: skip
+
+
+def add_address(host: Host, dev: str, cidr: str) -> None:
+    """``ip addr add cidr dev dev``; IPv6 addresses with ``nodad`` (usable at once)."""
+    extra = ["nodad"] if ":" in cidr else []
+    host.ip("addr", "add", cidr, "dev", dev, *extra)
+
+
+def link_state(host: Host, dev: str) -> tuple[str, bool, bool]:
+    """(operstate, has a usable IPv6 link-local address, has a tentative address)."""
+    info = json.loads(host.ip("-j", "addr", "show", "dev", dev))[0]
+    addrs = info.get("addr_info") or []
+    link_local = any(
+        a.get("family") == "inet6" and a.get("scope") == "link" and not a.get("tentative")
+        for a in addrs
+    )
+    tentative = any(a.get("tentative") for a in addrs)
+    return str(info.get("operstate", "")), link_local, tentative
+
+
+def wait_link_ready(
+    host: Host, dev: str, *, ipv6: bool = True, timeout: float = LINK_TIMEOUT
+) -> None:
+    """Wait until ``dev`` is operationally up and, with ``ipv6``, IPv6 is configured
+    on it (a usable link-local address, nothing tentative).
+
+    ``ip link set up`` returns before the kernel's link watch has run (it batches
+    events, about once a second, later under load); until then the peer may drop
+    multicast such as IPv6 neighbour solicitations.  Raises :class:`SetupError`
+    after ``timeout`` seconds naming what was still missing.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        state, link_local, tentative = link_state(host, dev)
+        ready = state == "UP" and (not ipv6 or (link_local and not tentative))
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise SetupError(
+                f"{dev} in {host.name} not ready after {timeout:g}s: operstate {state}, "
+                f"IPv6 link-local {'yes' if link_local else 'no'}, "
+                f"tentative addresses {'yes' if tentative else 'no'}"
+            )
+        time.sleep(0.02)
 
 
 @dataclass
@@ -191,11 +398,19 @@ class Endpoint:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM, wait, SIGKILL if needed; the exit status if it is our child."""
+    def tunnel(self, name: str, timeout: float = 5.0) -> dict[str, Any]:
+        """One tunnel's entry of :meth:`show` (KeyError if there is none)."""
+        for t in self.show(timeout=timeout).get("tunnels") or []:
+            if t.get("name") == name:
+                return dict(t)
+        raise KeyError(name)
+
+    def stop(self, timeout: float = STOP_TIMEOUT, sig: int = signal.SIGTERM) -> int | None:
+        """Send ``sig`` (SIGTERM), wait, SIGKILL if needed; the exit status if it is
+        our child."""
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.terminate()
+                self.proc.send_signal(sig)
                 try:
                     self.proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
@@ -239,8 +454,9 @@ def new_suffix() -> str:
 class TwoHosts:
     """Two namespaces ``a`` and ``b`` on a veth underlay, with an optional overlay.
 
-    Use as a context manager, or call :meth:`build` and :meth:`close`.  ``ipv6``
-    selects the underlay address family; ``underlay_mtu`` the veth MTU.
+    Use as a context manager, or call :meth:`build` and :meth:`close`.  The veth
+    (``eth0`` on both sides) carries both underlay families; ``ipv6`` selects the one
+    the overlays (:attr:`underlay`) use.  ``underlay_mtu`` is the veth MTU.
     """
 
     prefix: str = "sttun-hosts"
@@ -250,7 +466,6 @@ class TwoHosts:
     a: Host = field(init=False)
     b: Host = field(init=False)
     endpoints: list[Endpoint] = field(default_factory=list, init=False)
-    _built: list[Host] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.a = Host(f"{self.prefix}-{self.suffix}-a")
@@ -259,13 +474,43 @@ class TwoHosts:
     # -- addresses ---------------------------------------------------------------
     @property
     def underlay(self) -> tuple[str, str, int]:
-        """(address of a, address of b, prefix length) on the underlay."""
+        """(address of a, address of b, prefix length) on the underlay the overlays use."""
         return UNDERLAY6 if self.ipv6 else UNDERLAY4
 
     @property
     def overlay(self) -> tuple[str, str, int]:
         """(address of a, address of b, prefix length) of the IPv4 overlay."""
         return OVERLAY4
+
+    @property
+    def dev_a(self) -> str:
+        """The underlay device in a."""
+        return UNDERLAY_DEV
+
+    @property
+    def dev_b(self) -> str:
+        """The underlay device in b."""
+        return UNDERLAY_DEV
+
+    @property
+    def ip_a(self) -> str:
+        """a's IPv4 underlay address."""
+        return UNDERLAY4[0]
+
+    @property
+    def ip_b(self) -> str:
+        """b's IPv4 underlay address."""
+        return UNDERLAY4[1]
+
+    @property
+    def ip6_a(self) -> str:
+        """a's IPv6 underlay address."""
+        return UNDERLAY6[0]
+
+    @property
+    def ip6_b(self) -> str:
+        """b's IPv6 underlay address."""
+        return UNDERLAY6[1]
 
     @property
     def state_dir(self) -> Path:
@@ -279,26 +524,27 @@ class TwoHosts:
 
     # -- life cycle --------------------------------------------------------------
     def build(self) -> TwoHosts:
-        """Create the namespaces and the veth underlay, addresses set and links up."""
+        """Create the namespaces and the veth underlay: addresses set, links up and
+        ready (:func:`wait_link_ready`).  Without IPv6 in the kernel the underlay is
+        IPv4 only (and ``ipv6=True`` is refused)."""
+        if self.ipv6 and not ipv6_available():
+            raise SetupError("this kernel has no IPv6 (booted with ipv6.disable=1)")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / _OWNER).write_text(f"{os.getpid()}\n")
         try:
             for host in self.hosts:
-                run(["ip", "netns", "add", host.name])
-                self._built.append(host)
-                host.ip("link", "set", "lo", "up")
-            mtu = str(self.underlay_mtu)
-            self.a.ip(
-                "link", "add", UNDERLAY_DEV, "mtu", mtu, "type", "veth",
-                "peer", "name", UNDERLAY_DEV, "netns", self.b.name, "mtu", mtu,
-            )  # fmt: skip
-            addr_a, addr_b, plen = self.underlay
-            for host, addr in ((self.a, addr_a), (self.b, addr_b)):
-                extra = ["nodad"] if self.ipv6 else []
-                host.ip("addr", "add", f"{addr}/{plen}", "dev", UNDERLAY_DEV, *extra)
+                create_namespace(host.name)
+            add_veth(self.a, UNDERLAY_DEV, self.b, UNDERLAY_DEV, self.underlay_mtu)
+            v6 = ipv6_available()
+            for i, host in enumerate(self.hosts):
+                for addr in (UNDERLAY4, UNDERLAY6) if v6 else (UNDERLAY4,):
+                    add_address(host, UNDERLAY_DEV, f"{addr[i]}/{addr[2]}")
                 host.ip("link", "set", UNDERLAY_DEV, "up")
+            for host in self.hosts:
+                wait_link_ready(host, UNDERLAY_DEV, ipv6=v6)
         except BaseException:
-            self.close()
+            with contextlib.suppress(SetupError):
+                self.close()
             raise
         return self
 
@@ -317,10 +563,9 @@ class TwoHosts:
         self.endpoints.clear()
         for host in self.hosts:
             try:
-                delete_namespace(host.name)
+                host.delete()
             except SetupError as e:
                 errors.append(str(e))
-        self._built.clear()
         shutil.rmtree(self.state_dir, ignore_errors=True)
         if errors:
             raise SetupError("; ".join(errors))
@@ -392,33 +637,12 @@ class TwoHosts:
     def _start_endpoint(self, host: Host, argv: list[str], dev: str, detach: bool) -> Endpoint:
         log = self.state_dir / f"{host.name}.log"
         sock = argv[argv.index("--control-socket") + 1]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)
-        with open(log, "wb") as fh:
-            proc: subprocess.Popen[bytes] = host.popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
-            )
+        proc = launch_sttun(host, argv, sock=sock, log=log, devs=[dev])
         ep = Endpoint(host, proc.pid, sock, log, proc)
         self.endpoints.append(ep)
         if detach:
             (self.state_dir / f"{host.name}.pid").write_text(f"{proc.pid}\n")
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SetupError(
-                    f"sttun up in {host.name} exited with status {proc.returncode}: "
-                    f"{_tail(ep.log_text())}"
-                )
-            if os.path.exists(sock) and _link_exists(host, dev):
-                return ep
-            time.sleep(0.05)
-        raise SetupError(
-            f"sttun up in {host.name} did not come up in {START_TIMEOUT:g}s: {_tail(ep.log_text())}"
-        )
+        return ep
 
     def add_overlay(self, dev: str) -> None:
         """Put the overlay addresses (IPv4 and IPv6) on ``dev`` in both hosts, link up."""
@@ -434,7 +658,54 @@ class TwoHosts:
         return [f"ip netns exec {h.name} bash" for h in self.hosts]
 
 
-def _tail(text: str, lines: int = 3) -> str:
+def launch_sttun(
+    host: Host,
+    argv: Sequence[str],
+    *,
+    sock: str,
+    log: Path,
+    devs: Sequence[str],
+    timeout: float = START_TIMEOUT,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (an ``sttun up`` command line) in ``host``, output to ``log``.
+
+    Returns once the control socket ``sock`` and every TAP in ``devs`` exist.  The
+    process gets its own session (a Ctrl-C reaches only the caller, which stops it in
+    order).  Raises :class:`SetupError` with the end of its log if it exits or does
+    not come up in ``timeout`` seconds (it is killed then).
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)
+    with open(log, "wb") as fh:
+        proc: subprocess.Popen[bytes] = host.popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SetupError(
+                f"sttun up in {host.name} exited with status {proc.returncode}: {_tail(log)}"
+            )
+        if os.path.exists(sock) and all(_link_exists(host, d) for d in devs):
+            return proc
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise SetupError(
+                f"sttun up in {host.name} did not come up in {timeout:g}s: {_tail(log)}"
+            )
+        time.sleep(0.05)
+
+
+def _tail(log: Path, lines: int = 3) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        text = ""
     kept = [ln for ln in text.strip().splitlines() if ln.strip()][-lines:]
     return " | ".join(kept) if kept else "(no output)"
 
