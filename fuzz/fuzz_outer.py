@@ -3,7 +3,7 @@
 Byte 0 picks the mode:
 
 * raw — the rest of the input is handed to ``Endpoint.receive`` as it is (and to
-  ``parse_ip``, ``parse_frame`` and ``parse_outer``);
+  ``parse_ip``, ``skip_vlan_tags`` and ``parse_outer``);
 * crafted — fuzz-chosen header fields around a fuzz payload: source/destination
   from the tunnel table or strangers, TOS, DF/fragment bits, protocol, IPv4 options,
   a lying total length, ports, SEQ/ACK, data offset, a right or wrong checksum, and
@@ -12,7 +12,7 @@ Byte 0 picks the mode:
 Invariants: ``receive`` never raises; a ``None`` result is a counted drop or a
 stored segment; a delivered frame went to the tunnel whose remote, local address
 and key it carries; reassembly limits hold.  ``parse_ip`` raises only
-``DecodeError``, ``parse_frame`` only ``DecodeError`` (``TruncatedError``),
+``DecodeError``, ``skip_vlan_tags`` only ``DecodeError`` (``TruncatedError``),
 ``parse_outer`` returns fields or a ``DropReason``.
 """
 
@@ -26,7 +26,7 @@ from fuzz.netutil import ADDRS, KEYS, PORTS, build_packet, make_endpoint, receiv
 from sttun.core.drops import DropReason
 from sttun.core.outer import parse_outer
 from sttun.errors import DecodeError
-from sttun.wire.ether import parse_frame
+from sttun.wire.ether import skip_vlan_tags
 from sttun.wire.ip import parse_ip
 from sttun.wire.stt import SttHeader
 
@@ -35,7 +35,7 @@ def _parsers(buf: bytes) -> None:
     with contextlib.suppress(DecodeError):
         parse_ip(buf)
     with contextlib.suppress(DecodeError):
-        parse_frame(buf)
+        skip_vlan_tags(buf)
     res = parse_outer(buf)
     if not isinstance(res, DropReason):
         src, dst, _tos, l4, end = res

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, TypeAlias
 
 from sttun.errors import ConfigError
+from sttun.wire.stt import STT_PORT
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 Inherit = Literal["inherit"]
@@ -49,7 +50,6 @@ INHERIT: Inherit = "inherit"
 """Value of ``tos`` / ``ttl`` that copies the inner packet's value."""
 
 # --- limits and defaults (where each comes from) ---------------------------------
-STT_PORT = 7471  # IANA-assigned STT port; OVS default dst_port
 MAX_KEY = 2**64 - 1  # the STT context id is 64 bits (draft-davie-stt-08 §3.1)
 IFNAMSIZ = 16  # Linux: interface names are at most 15 characters plus NUL
 MIN_MTU = 68  # smallest IPv4 MTU (RFC 791)

@@ -47,13 +47,11 @@ from sttun.io import netlink
 from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import RECV_SIZE, PacketSocket
 from sttun.io.tap import TAP_READ_SIZE, TapDevice
+from sttun.wire.ether import ETH_HLEN, ETH_P_IP, ETH_P_IPV6
 from sttun.wire.vnet import VNET_HDR, VNET_HDR_LEN, VNET_NONE, VnetFlag, VnetHdr
 
 log = logging.getLogger("sttun.daemon")
 
-ETH_HLEN = 14
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
 #: Frames handled per readiness event before other descriptors get a turn.
 BATCH = 64
 #: Frames held per tunnel while its next hop is being resolved (Linux keeps a few

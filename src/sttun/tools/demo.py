@@ -53,12 +53,12 @@ from sttun.tools.topology import (
     check_support,
     remove_stale,
 )
+from sttun.wire.stt import STT_PORT
 
 #: Namespaces of the demo are called ``sttun-demo-<suffix>-a`` / ``-b``.
 PREFIX = "sttun-demo"
 #: The tunnel's context id.
 KEY = 0x5747
-STT_PORT = 7471
 TRANSFER_PORT = 5301
 IPERF_PORT = 5302
 IPERF_SECONDS = 3
