@@ -126,31 +126,25 @@ class Decapsulator:
         et = (inner[12] << 8) | inner[13] if len(inner) >= ETH_HLEN else 0
         if et == ETH_P_IP and len(inner) >= 34:
             old = inner[15]
-            if not ce and old >> 2 == dscp:
-                return inner  # the common case: nothing to change
-            new = _new_tos(old, dscp, ce)
-            if isinstance(new, DropReason):
-                return new
-            if new == old:
-                return inner
-            out = bytearray(inner)
+        elif et == ETH_P_IPV6 and len(inner) >= 54:
+            old = ((inner[14] & 0x0F) << 4) | (inner[15] >> 4)
+        else:
+            return inner  # not IP: nothing to mark
+        if not ce and old >> 2 == dscp:
+            return inner  # the common case: nothing to change
+        new = _new_tos(old, dscp, ce)
+        if isinstance(new, DropReason):
+            return new
+        if new == old:
+            return inner
+        out = bytearray(inner)
+        if et == ETH_P_IP:
             out[15] = new
             (csum,) = _U16.unpack_from(out, 24)
             _U16.pack_into(out, 24, update16(csum, (out[14] << 8) | old, (out[14] << 8) | new))
-        elif et == ETH_P_IPV6 and len(inner) >= 54:
-            old = ((inner[14] & 0x0F) << 4) | (inner[15] >> 4)
-            if not ce and old >> 2 == dscp:
-                return inner
-            new = _new_tos(old, dscp, ce)
-            if isinstance(new, DropReason):
-                return new
-            if new == old:
-                return inner
-            out = bytearray(inner)
+        else:
             out[14] = (out[14] & 0xF0) | (new >> 4)
             out[15] = ((new & 0x0F) << 4) | (out[15] & 0x0F)
-        else:
-            return inner  # not IP: nothing to mark
         if ce:
             self.ce_marked += 1
         return out
