@@ -32,7 +32,7 @@ from sttun.io.rx_fastpath import (
     fastpath_support,
 )
 from sttun.io.tap import TapDevice
-from sttun.tools.demo import tshark_checksum_verdict
+from sttun.tools.wire_check import tshark_checksum_verdict
 from tests.e2e.fastpath_env import (
     KEY,
     Case,

@@ -12,13 +12,9 @@ from tests.reference import naive_sum
 from sttun.wire.checksum import (
     add,
     checksum,
-    checksum_parts,
     ones_sum,
     ones_sum_parts,
-    sub,
     update16,
-    update32,
-    verify,
 )
 
 
@@ -66,10 +62,6 @@ def test_ones_sum_parts_any_split(parts: list[bytes], initial: int) -> None:
     assert normal(ones_sum_parts([memoryview(p) for p in parts], initial)) == normal(
         ones_sum(joined, initial)
     )
-    assert checksum_parts(parts, initial) == checksum(joined, initial) or {
-        checksum_parts(parts, initial),
-        checksum(joined, initial),
-    } == {0, 0xFFFF}
 
 
 @given(st.binary(min_size=1, max_size=2000), st.data())
@@ -124,32 +116,9 @@ def test_update16_matches_recompute(words: list[int]) -> None:
     assert normal(~got & 0xFFFF) == normal(naive_sum(new_data))
 
 
-@given(st.binary(min_size=4, max_size=200), st.integers(0, 0xFFFFFFFF))
-def test_update32_matches_recompute(data: bytes, new_value: int) -> None:
-    if len(data) % 2:
-        data += b"\0"
-    old_value = int.from_bytes(data[:4], "big")
-    new_data = new_value.to_bytes(4, "big") + data[4:]
-    got = update32(naive_checksum(data), old_value, new_value)
-    assert normal(~got & 0xFFFF) == normal(naive_sum(new_data))
-
-
 @given(words16, words16)
-def test_add_sub(a: int, b: int) -> None:
+def test_add(a: int, b: int) -> None:
     assert normal(add(a, b)) == normal(naive_sum(a.to_bytes(2, "big") + b.to_bytes(2, "big")))
-    assert normal(add(sub(a, b), b)) == normal(a)
-
-
-@given(st.binary(max_size=500))
-def test_verify_with_checksum_in_place(data: bytes) -> None:
-    if len(data) % 2:
-        data += b"\0"
-    c = checksum(data)
-    assert verify(data + c.to_bytes(2, "big"))
-    if data:
-        bad = bytearray(data + c.to_bytes(2, "big"))
-        bad[0] ^= 0x01
-        assert not verify(bad)
 
 
 # Sizes around the strategy changes of ones_sum (one read / two halves / 4 KB chunks

@@ -28,7 +28,8 @@ from sttun.daemon.datapath import (
     Underlay,
 )
 from sttun.io.packet_socket import RECV_SIZE
-from sttun.wire.ip import ETH_P_IP, ip_bytes
+from sttun.wire.ether import ETH_P_IP
+from sttun.wire.ip import ip_bytes
 from sttun.wire.stt import STT_HEADER_LEN, TCP_HEADER_LEN
 from sttun.wire.vnet import VNET_HDR, VNET_HDR_LEN, VNET_NONE, GsoType, VnetFlag
 

@@ -335,8 +335,8 @@ def test_edge44_frame_ids_differ_and_do_not_repeat() -> None:
     assert all((b - a) & 0xFFFFFFFF == 1 for a, b in itertools.pairwise(ids))
     # default start is random per tunnel, then a counter
     e1 = Encapsulator(L4, R4, 5)
-    a = [e1.next_frame_id() for _ in range(3)]
-    assert a[1] == (a[0] + 1) & 0xFFFFFFFF
+    a = [parse_seg(frames_of(e1.encap(inner, None, gso=False))[0]).ack for _ in range(3)]
+    assert a[1] == (a[0] + 1) & 0xFFFFFFFF and a[2] == (a[0] + 2) & 0xFFFFFFFF
 
 
 @pytest.mark.parametrize("local,remote", [(L4, R4), (L6, R6)])
@@ -375,3 +375,144 @@ def test_gso_super_packet_single_segment_has_no_gso() -> None:
     assert len(sp[0]) == VNET_HDR_LEN
     v = VnetHdr.unpack(sp[0])
     assert v == VnetHdr(VnetFlag.NEEDS_CSUM, 0, 0, 0, 20, 16)
+
+
+# ------------------------------------------------------------------ encap_gso
+
+
+def ipv6_udp(payload_len: int, *, tclass: int = 0, hop: int = 64) -> bytes:
+    """An IPv6/UDP frame whose UDP checksum field holds the pseudo-header sum (partial)."""
+    udp = bytearray(struct.pack("!HHHH", 1000, 2000, 8 + payload_len, 0)) + bytes(payload_len)
+    struct.pack_into("!H", udp, 6, naive_sum(S6 + D6 + len(udp).to_bytes(4) + bytes([0, 0, 0, 17])))
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28 | tclass << 20, len(udp), 17, hop, S6, D6)
+    return MACS + b"\x86\xdd" + ip6 + bytes(udp)
+
+
+def ipv6_tcp(payload_len: int) -> bytes:
+    """An IPv6/TCP frame, checksum partial."""
+    tcp = bytearray(struct.pack("!HHIIBBHHH", 1, 2, 1, 0, 0x50, 0x18, 512, 0, 0))
+    tcp += bytes(payload_len)
+    struct.pack_into("!H", tcp, 16, naive_sum(S6 + D6 + len(tcp).to_bytes(4) + bytes([0, 0, 0, 6])))
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, S6, D6)
+    return MACS + b"\x86\xdd" + ip6 + bytes(tcp)
+
+
+NC, DV = int(VnetFlag.NEEDS_CSUM), int(VnetFlag.DATA_VALID)
+#: (frame, vnet fields, STT flags, L4 offset, MSS): what encap_gso takes as it is.
+GSO_CASES = [
+    (ipv4_tcp(3000, partial=True), (NC, GsoType.TCPV4, 1448, 34, 16), 0x0E, 34, 1448),
+    (ipv4_tcp(100, partial=True), (NC, 0, 0, 34, 16), 0x0E, 34, 0),
+    (ipv6_tcp(5000), (NC, GsoType.TCPV6, 1428, 54, 16), 0x0A, 54, 1428),
+    (ipv6_udp(700), (NC, 0, 0, 54, 6), 0x02, 54, 0),
+    (ipv4_tcp(100), (DV, 0, 0, 0, 0), 0x01, 0, 0),
+    (ipv4_tcp(100), (0, 0, 0, 0, 0), 0x00, 0, 0),
+    (MACS + b"\x08\x06" + bytes(28), (0, 0, 0, 0, 0), 0x00, 0, 0),  # ARP
+]
+
+
+@pytest.mark.parametrize("local,remote", [(L4, R4), (L6, R6)])
+@pytest.mark.parametrize("frame,fields,flags,l4,mss", GSO_CASES)
+def test_encap_gso_takes_the_common_frames(
+    local: bytes,
+    remote: bytes,
+    frame: bytes,
+    fields: tuple[int, int, int, int, int],
+    flags: int,
+    l4: int,
+    mss: int,
+) -> None:
+    """One super-packet with the offload state carried in the STT header, the same
+    bytes encap(gso=True) gives, counted once."""
+    fast = Encapsulator(local, remote, 5, first_frame_id=9, first_ip_ident=3)
+    ref = Encapsulator(local, remote, 5, first_frame_id=9, first_ip_ident=3)
+    pkt = fast.encap_gso(memoryview(frame), *fields)
+    assert pkt is not None
+    vnet = VnetHdr(fields[0], fields[1], 0, fields[2], fields[3], fields[4])
+    ((want_vnet, want_hdr, want_inner),) = ref.encap(frame, vnet, gso=True)
+    assert [bytes(b) for b in pkt] == [bytes(want_vnet), bytes(want_hdr), bytes(want_inner)]
+    ip_hlen = len(local) + len(local) + (12 if len(local) == 4 else 8)  # 20 or 40
+    hdr = bytes(pkt[1])
+    stt = SttHeader.unpack(hdr, ip_hlen + 20)
+    assert (stt.flags, stt.l4_offset, stt.mss, stt.vlan_tci, stt.context_id) == (
+        flags,
+        l4,
+        mss,
+        0,
+        5,
+    )
+    assert bytes(pkt[2]) == frame  # the frame is sent as it is, not copied
+    frame_len = len(frame) + 18
+    nseg = -(-frame_len // fast.segment_payload)
+    v = VnetHdr.unpack(pkt[0])
+    assert v.gso_type == (0 if nseg == 1 else (GsoType.TCPV4 if ip_hlen == 20 else GsoType.TCPV6))
+    assert (fast.frames, fast.bytes, fast.segments) == (1, len(frame), nseg)
+    assert (fast.frames, fast.bytes, fast.segments) == (ref.frames, ref.bytes, ref.segments)
+    assert fast.software_completions == 0
+
+
+@pytest.mark.parametrize(
+    "frame,fields",
+    [
+        # an 802.1Q tag: it must move into the STT header first (encap)
+        (ipv4_tcp(100)[:12] + bytes.fromhex("81000064") + ipv4_tcp(100)[12:], (0, 0, 0, 0, 0)),
+        (bytes(13), (0, 0, 0, 0, 0)),  # shorter than an Ethernet header
+        (MACS + b"\x08\x06" + bytes(65478 - 14), (0, 0, 0, 0, 0)),  # too long for a frame
+        (ipv4_tcp(3000, partial=True), (NC, GsoType.TCPV4 | GSO_ECN, 1448, 34, 16)),
+        (ipv4_tcp(3000, partial=True), (NC, GsoType.TCPV6, 1448, 34, 16)),  # wrong family
+        (ipv4_tcp(3000, partial=True), (NC, GsoType.UDP, 1448, 34, 6)),  # UFO
+        (ipv4_tcp(3000, partial=True), (0, GsoType.TCPV4, 1448, 0, 0)),  # TSO, no csum
+        (ipv4_tcp(100, partial=True), (NC, 0, 0, 20, 16)),  # L4 offset inside IPv4
+        (ipv6_tcp(100), (NC, 0, 0, 34, 16)),  # L4 offset inside the IPv6 header
+        (ipv4_tcp(100, partial=True), (NC, 0, 0, 34, 2)),  # neither TCP nor UDP
+        (MACS + b"\x88\xa8" + bytes(60), (NC, 0, 0, 38, 16)),  # in-band 802.1ad tag
+    ],
+)
+def test_encap_gso_leaves_the_rest_to_encap(
+    frame: bytes, fields: tuple[int, int, int, int, int]
+) -> None:
+    enc = Encapsulator(L4, R4, 5, first_frame_id=1)
+    assert enc.encap_gso(memoryview(frame), *fields) is None
+    assert (enc.frames, enc.bytes, enc.segments, enc.software_completions) == (0, 0, 0, 0)
+    assert not enc.drops.as_dict()
+
+
+def test_encap_gso_headers_follow_configuration() -> None:
+    """TOS/TTL inherited or fixed (CE sent as ECT(0)), DF, the outer Ethernet header,
+    the TCI of a tag encap() took out, frame id and IPv4 ID counting up."""
+    l2 = bytes(range(12)) + b"\x08\x00"
+    enc = Encapsulator(L4, R4, 5, tos=None, ttl=None, l2=l2, first_frame_id=7, first_ip_ident=9)
+    frame = ipv4_tcp(100, tos=0xB8 | 3, ttl=9)
+    pkt = enc.encap_gso(memoryview(frame), 0, 0, 0, 0, 0)
+    assert pkt is not None
+    hdr = bytes(pkt[1])
+    assert hdr[:14] == l2
+    assert naive_sum(hdr[14:34]) == 0xFFFF  # IPv4 header checksum
+    # TOS, ID, DF, TTL; the TCP ACK (frame id) and flags
+    assert struct.unpack_from("!xBxxHHB", hdr, 14) == (0xB8 | 2, 9, 0x4000, 9)
+    assert struct.unpack_from("!IxB", hdr, 14 + 28) == (7, ACK | PSH)
+    enc.tos, enc.ttl, enc.df = 10, 33, False
+    pkt = enc.encap_gso(memoryview(frame), 0, 0, 0, 0, 0, 0x1064)
+    assert pkt is not None
+    hdr = bytes(pkt[1])
+    assert naive_sum(hdr[14:34]) == 0xFFFF
+    assert struct.unpack_from("!xBxxHHB", hdr, 14) == (10 << 2 | 2, 10, 0, 33)
+    assert struct.unpack_from("!I", hdr, 14 + 28) == (8,)
+    assert SttHeader.unpack(hdr, 14 + 40).vlan_tci == 0x1064
+    # a second, in-band 802.1Q tag stays in the frame once the outer one is in the header
+    double = frame[:12] + bytes.fromhex("81000005") + frame[12:]
+    assert enc.encap_gso(memoryview(double), 0, 0, 0, 0, 0) is None
+    assert enc.encap_gso(memoryview(double), 0, 0, 0, 0, 0, 0x1064) is not None
+
+
+def test_encap_gso_headers_are_scratch_until_the_next_call() -> None:
+    """encap_gso hands out its scratch buffer (no copy per frame); encap() copies, so
+    the packets it returns together stay valid."""
+    enc = Encapsulator(L4, R4, 5, first_frame_id=1)
+    a = enc.encap_gso(memoryview(ipv4_tcp(100)), 0, 0, 0, 0, 0)
+    assert a is not None
+    first = bytes(a[1])
+    b = enc.encap_gso(memoryview(ipv4_tcp(100)), 0, 0, 0, 0, 0)
+    assert b is not None and b[1] is a[1] and bytes(a[1]) != first
+    vnet = VnetHdr(NC, GsoType.TCPV4 | GSO_ECN, 54, 1000, 34, 16)
+    pkts = enc.encap(ipv4_tcp(3000, partial=True), vnet, gso=True)
+    assert len(pkts) == 3 and len({bytes(p[1]) for p in pkts}) == 3

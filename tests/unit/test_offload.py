@@ -16,13 +16,16 @@ from sttun.core.offload import (
     TX_GSO_FOR_L3,
     TX_GSO_WHITELIST,
     TX_NONE,
+    TX_OFFLOAD_MEMO,
     TX_VERIFIED,
     SoftwareReason,
     TxOffload,
     rx_vnet,
     tx_offload,
+    tx_offload_fields,
 )
-from sttun.wire.ip import ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP
+from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
+from sttun.wire.ip import IPPROTO_TCP, IPPROTO_UDP
 from sttun.wire.stt import SttFlag
 from sttun.wire.vnet import GSO_ECN, GsoType, VnetFlag, VnetHdr
 
@@ -135,8 +138,47 @@ def test_tx_software_reasons() -> None:
     for et in (0x8100, 0x88A8, 0x0806, 0x8847):
         assert tx_offload(tcp4, et, 999) is SoftwareReason.NOT_IP
     assert tx_offload(tcp4._replace(csum_offset=2), ETH_P_IP, 999) is SoftwareReason.L4_PROTO
-    assert tx_offload(tcp4, ETH_P_IPV6, 999) is SoftwareReason.MISMATCH
+    assert tx_offload(tcp4._replace(csum_start=54), ETH_P_IPV6, 999) is SoftwareReason.MISMATCH
     udp_gso = VnetHdr(VnetFlag.NEEDS_CSUM, GsoType.TCPV4, 42, 1448, 34, 6)
     assert tx_offload(udp_gso, ETH_P_IP, 999) is SoftwareReason.MISMATCH
     ecn = tcp4._replace(gso_type=GsoType.TCPV4 | GSO_ECN)
     assert tx_offload(ecn, ETH_P_IP, 999) is SoftwareReason.GSO_TYPE
+
+
+@pytest.mark.parametrize("key", list(RX_OFFLOAD_MAP))
+def test_tx_l4_offset_is_one_the_receiver_accepts(key: tuple[bool, bool]) -> None:
+    """An L4 offset inside the Ethernet + minimal IP header would be dropped by the
+    receiver (#7): such a frame is completed here instead (never a wrong header, #42)."""
+    ipv4, tcp = key
+    row = RX_OFFLOAD_MAP[key]
+    ethertype = ETH_P_IP if ipv4 else ETH_P_IPV6
+    vnet = VnetHdr(VnetFlag.NEEDS_CSUM, 0, 0, 0, row.min_l4_offset, row.csum_offset)
+    got = tx_offload(vnet, ethertype, 3000)
+    assert got == TxOffload(stt_flags(ipv4, tcp), row.min_l4_offset, 0)
+    assert isinstance(rx_vnet(got.flags, got.l4_offset, 0, 3000), VnetHdr)
+    for start in (0, 14, row.min_l4_offset - 1, MAX_L4_OFFSET + 1):
+        low = vnet._replace(csum_start=start)
+        assert tx_offload(low, ethertype, 3000) is SoftwareReason.L4_OFFSET
+
+
+FIELD_VALUES = {
+    "flags": [0, 1, 2, 3, 4],
+    "gso_type": [0, 1, 3, 4, 5, 0x81, 0x84, 2],
+    "gso_size": [0, 1448],
+    "csum_start": [0, 33, 34, 53, 54, 255, 256],
+    "csum_offset": [0, 2, 6, 16],
+    "ethertype": [ETH_P_IP, ETH_P_IPV6, 0x8100, 0x88A8, 0x0806],
+}
+
+
+def test_tx_offload_fields_is_tx_offload() -> None:
+    """The send path's remembered answers are tx_offload's (None for a SoftwareReason),
+    for every combination, asked twice: computed, then looked up (the memo is cleared
+    when full several times over)."""
+    for values in itertools.product(*FIELD_VALUES.values()):
+        flags, gso_type, gso_size, start, offset, ethertype = values
+        got = tx_offload(VnetHdr(flags, gso_type, 0, gso_size, start, offset), ethertype, 9000)
+        want = got if isinstance(got, TxOffload) else None
+        assert tx_offload_fields(*values) == want
+        assert TX_OFFLOAD_MEMO[values] == want
+        assert tx_offload_fields(*values) == want

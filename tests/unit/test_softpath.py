@@ -251,6 +251,63 @@ def test_finish_checksum_last_two_bytes() -> None:
     assert naive_sum(bytes(buf)) == 0xFFFF
 
 
+def _seeded(frame: bytes, l4: int, field: int, seed: int) -> bytearray:
+    buf = bytearray(frame)
+    struct.pack_into("!H", buf, l4 + field, seed)
+    return buf
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("tags", [(), ((0x8100, 5),), ((0x88A8, 5), (0x8100, 6))])
+def test_finish_checksum_pseudo_from_headers_tcp(
+    v6: bool, tags: tuple[tuple[int, int], ...]
+) -> None:
+    """Another sender's seed is not trusted: whatever the field holds (the sum with
+    or without the length, garbage), the checksum comes out right; Ethernet padding
+    after the IP packet is not summed."""
+    frame, l4 = tcp_frame(os.urandom(333), v6=v6, tags=tags)
+    for seed in (0, 0x1234, 0xFFFF, struct.unpack_from("!H", frame, l4 + 16)[0]):
+        buf = _seeded(frame, l4, 16, seed) + b"\x55" * 7  # padding
+        finish_checksum(buf, l4, 16, pseudo_from_headers=True)
+        check_tcp_piece(bytes(buf[:-7]), l4)
+        assert buf[-7:] == b"\x55" * 7
+        assert buf[: l4 + 16] == frame[: l4 + 16] and buf[l4 + 18 : -7] == frame[l4 + 18 :]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_finish_checksum_pseudo_from_headers_udp(v6: bool) -> None:
+    frame, l4 = udp_frame(os.urandom(101), v6=v6)
+    buf = _seeded(frame, l4, 6, 0xBEEF)
+    finish_checksum(buf, l4, 6, pseudo_from_headers=True)
+    check_udp_datagram(bytes(buf), l4)
+    zero = _udp_with_zero_checksum(6)  # a complete UDP checksum of 0 is sent as 0xFFFF
+    zero[34 + 6 : 34 + 8] = b"\x12\x34"
+    finish_checksum(zero, 34, 6, pseudo_from_headers=True)
+    assert zero[34 + 6 : 34 + 8] == b"\xff\xff"
+
+
+def test_finish_checksum_pseudo_from_headers_falls_back_to_the_field() -> None:
+    """No IP header to follow (not IP, cut short, or the field outside the IP packet):
+    the field is taken as the pseudo-header sum, as without the option."""
+    frame, l4 = tcp_frame(os.urandom(50))
+    cases = [
+        bytearray(frame[:12] + b"\x08\x06" + frame[14:]),  # not IP
+        bytearray(frame[:12] + b"\x81\x00"),  # a tag cut off
+    ]
+    short_ip = bytearray(frame)
+    struct.pack_into("!H", short_ip, 16, 20)  # IPv4 total length: header only
+    cases.append(short_ip)
+    for buf in cases:
+        want = bytearray(buf)
+        if len(buf) > l4 + 18:
+            finish_checksum(want, l4, 16)
+            finish_checksum(buf, l4, 16, pseudo_from_headers=True)
+            assert buf == want
+        else:
+            with pytest.raises(DecodeError):
+                finish_checksum(buf, l4, 16, pseudo_from_headers=True)
+
+
 # -------------------------------------------------------------------- TSO
 def _check_tso(
     frame: bytes, l4: int, pieces: list[bytearray], mss: int, seq0: int, flags: int

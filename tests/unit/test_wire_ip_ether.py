@@ -9,18 +9,16 @@ from tests.reference import naive_sum
 
 from sttun.errors import DecodeError, EncodeError, TruncatedError
 from sttun.wire.ether import (
-    TPID_8021AD,
-    TPID_8021Q,
-    ipv4_is_fragment,
-    parse_frame,
-    pop_vlan,
-    push_vlan,
-)
-from sttun.wire.ip import (
     ETH_P_IP,
     ETH_P_IPV6,
+    TPID_8021AD,
+    TPID_8021Q,
+    TPID_QINQ_OLD,
+    VLAN_TPIDS,
+    skip_vlan_tags,
+)
+from sttun.wire.ip import (
     IPPROTO_TCP,
-    IPPROTO_UDP,
     build_ipv4,
     build_ipv6,
     ip_bytes,
@@ -142,64 +140,39 @@ def eth(etype: int, body: bytes, tags: tuple[tuple[int, int], ...] = ()) -> byte
     return MACS + t + struct.pack("!H", etype) + body
 
 
-def test_parse_frame_ipv4_tcp_udp() -> None:
-    tcp = eth(ETH_P_IP, build_ipv4(A4, B4, 20) + bytes(20))
-    assert parse_frame(tcp) == (ETH_P_IP, 14, IPPROTO_TCP, 34, 0, 0, 0)
-    udp = eth(ETH_P_IP, build_ipv4(A4, B4, 8, proto=IPPROTO_UDP) + bytes(8))
-    assert parse_frame(udp).l4_proto == IPPROTO_UDP
+def test_skip_vlan_tags_untagged_and_tagged() -> None:
+    ip4 = build_ipv4(A4, B4, 20) + bytes(20)
+    assert skip_vlan_tags(eth(ETH_P_IP, ip4)) == (ETH_P_IP, 14)
+    assert skip_vlan_tags(eth(0x0806, bytes(28))) == (0x0806, 14)
+    one = eth(ETH_P_IPV6, build_ipv6(A6, B6, 20) + bytes(20), ((TPID_8021Q, 0xB064),))
+    assert skip_vlan_tags(one) == (ETH_P_IPV6, 18)
+    assert skip_vlan_tags(memoryview(one)) == (ETH_P_IPV6, 18)
+    qinq = eth(ETH_P_IP, ip4, ((TPID_8021AD, 5), (TPID_8021Q, 6)))
+    assert skip_vlan_tags(qinq) == (ETH_P_IP, 22)
+    old = eth(ETH_P_IP, ip4, ((TPID_QINQ_OLD, 5), (TPID_8021Q, 6)))
+    assert skip_vlan_tags(old) == (ETH_P_IP, 22)
 
 
-def test_parse_frame_ipv6_and_tags() -> None:
-    f = eth(ETH_P_IPV6, build_ipv6(A6, B6, 20) + bytes(20), ((TPID_8021Q, 0xB064),))
-    assert parse_frame(f) == (ETH_P_IPV6, 18, 6, 58, TPID_8021Q, 0xB064, 1)
-    qinq = eth(ETH_P_IP, build_ipv4(A4, B4, 20) + bytes(20), ((TPID_8021AD, 5), (TPID_8021Q, 6)))
-    info = parse_frame(qinq)
-    assert (info.tags, info.outer_tpid, info.outer_tci, info.l3_offset, info.l4_offset) == (
-        2,
-        TPID_8021AD,
-        5,
-        22,
-        42,
-    )
+def test_vlan_tpid_set() -> None:
+    """802.1Q and 802.1ad (Linux ``eth_type_vlan``) and the old QinQ type (Wireshark)."""
+    assert {0x8100, 0x88A8, 0x9100} == VLAN_TPIDS
+    for tpid in (0x9200, 0x9300, 0x8847, 0x0806):  # not tags: the type is the payload's
+        assert skip_vlan_tags(eth(tpid, bytes(30), ((TPID_8021Q, 1),))) == (tpid, 18)
 
 
-def test_parse_frame_no_l4() -> None:
-    arp = eth(0x0806, bytes(28))
-    assert parse_frame(arp) == (0x0806, 14, 0, 0, 0, 0, 0)
-    h = bytearray(build_ipv4(A4, B4, 20))
-    struct.pack_into("!H", h, 6, 0x0010)  # non-first fragment
-    assert parse_frame(eth(ETH_P_IP, bytes(h) + bytes(20))).l4_offset == 0
-    assert parse_frame(eth(ETH_P_IP, bytes(10))).l4_offset == 0  # IP header does not fit
-    v6frag = bytes([6, 0, 0x00, 0x10]) + bytes(4)  # fragment offset 2 (non-first)
-    f = eth(ETH_P_IPV6, build_ipv6(A6, B6, 28, next_header=44) + v6frag + bytes(20))
-    assert parse_frame(f).l4_offset == 0
+def test_skip_vlan_tags_other_layouts() -> None:
+    """Linux cooked captures: the protocol field and the payload elsewhere."""
+    sll = bytes(14) + struct.pack("!HHH", TPID_8021Q, 7, ETH_P_IP) + bytes(20)
+    assert skip_vlan_tags(sll, 14, 16) == (ETH_P_IP, 20)
+    sll2 = struct.pack("!H", ETH_P_IPV6) + bytes(18) + bytes(40)
+    assert skip_vlan_tags(sll2, 0, 20) == (ETH_P_IPV6, 20)
 
 
-def test_parse_frame_truncated() -> None:
-    with pytest.raises(TruncatedError):
-        parse_frame(bytes(13))
-    with pytest.raises(TruncatedError):
-        parse_frame(MACS + b"\x81\x00\x00")
-
-
-def test_pop_push_vlan() -> None:
-    base = eth(ETH_P_IP, bytes(30))
-    tagged = push_vlan(base, 0x2064)
-    assert tagged[12:16] == bytes.fromhex("81002064") and len(tagged) == len(base) + 4
-    assert pop_vlan(tagged) == (TPID_8021Q, 0x2064, base)
-    ad = push_vlan(base, 7, TPID_8021AD)
-    assert pop_vlan(ad)[0] == TPID_8021AD
-    with pytest.raises(DecodeError):
-        pop_vlan(base)
-    with pytest.raises(TruncatedError):
-        pop_vlan(base[:15])
-    with pytest.raises(TruncatedError):
-        push_vlan(b"12345", 1)
-
-
-def test_ipv4_is_fragment() -> None:
-    h = bytearray(build_ipv4(A4, B4, 8))
-    f = eth(ETH_P_IP, bytes(h) + bytes(8))
-    assert not ipv4_is_fragment(f, 14)
-    struct.pack_into("!H", h, 6, 0x2000)
-    assert ipv4_is_fragment(eth(ETH_P_IP, bytes(h) + bytes(8)), 14)
+def test_skip_vlan_tags_truncated() -> None:
+    with pytest.raises(TruncatedError, match="Ethernet header"):
+        skip_vlan_tags(bytes(13))
+    with pytest.raises(TruncatedError, match="VLAN tag"):
+        skip_vlan_tags(MACS + b"\x81\x00\x00")
+    assert skip_vlan_tags(MACS + bytes.fromhex("810000010800")) == (ETH_P_IP, 18)
+    with pytest.raises(TruncatedError, match="VLAN tag"):
+        skip_vlan_tags(MACS + bytes.fromhex("8100000188a80002"))

@@ -16,8 +16,16 @@ from sttun.core.offload import rx_vnet
 from sttun.core.vlan import DEFAULT_VLAN_POLICY, VlanPolicy, insert_tag, rx_tag_tci
 from sttun.errors import DecodeError, TruncatedError
 from sttun.wire.checksum import update16
+from sttun.wire.ether import ETH_HLEN, ETH_P_IP, ETH_P_IPV6
 from sttun.wire.ip import ECN_CE, ECN_MASK, ECN_NOT_ECT
-from sttun.wire.stt import MIN_FRAME_LEN, STT_HEADER, STT_HEADER_LEN, STT_VERSION, SttHeader
+from sttun.wire.stt import (
+    MIN_FRAME_LEN,
+    STT_HEADER,
+    STT_HEADER_LEN,
+    STT_VERSION,
+    VLAN_V_MASK,
+    SttHeader,
+)
 from sttun.wire.vnet import VnetFlag, VnetHdr
 
 Buffer = bytes | bytearray | memoryview
@@ -102,7 +110,7 @@ class Decapsulator:
         if tci:
             tag = rx_tag_tci(tci, self.vlan_policy)
             if tag is not None:
-                if not tci & 0x1000:
+                if not tci & VLAN_V_MASK:
                     self.vlan_without_v += 1
                 inner = insert_tag(inner, tag)
                 if vnet.flags & _NEEDS_CSUM:
@@ -115,34 +123,28 @@ class Decapsulator:
 
     def _mark(self, inner: Buffer, dscp: int | None, ce: bool) -> Buffer | DropReason:
         """Apply the outer DSCP (uniform model) and CE to the inner IP header."""
-        et = (inner[12] << 8) | inner[13] if len(inner) >= 14 else 0
-        if et == 0x0800 and len(inner) >= 34:
+        et = (inner[12] << 8) | inner[13] if len(inner) >= ETH_HLEN else 0
+        if et == ETH_P_IP and len(inner) >= 34:
             old = inner[15]
-            if not ce and old >> 2 == dscp:
-                return inner  # the common case: nothing to change
-            new = _new_tos(old, dscp, ce)
-            if isinstance(new, DropReason):
-                return new
-            if new == old:
-                return inner
-            out = bytearray(inner)
+        elif et == ETH_P_IPV6 and len(inner) >= 54:
+            old = ((inner[14] & 0x0F) << 4) | (inner[15] >> 4)
+        else:
+            return inner  # not IP: nothing to mark
+        if not ce and old >> 2 == dscp:
+            return inner  # the common case: nothing to change
+        new = _new_tos(old, dscp, ce)
+        if isinstance(new, DropReason):
+            return new
+        if new == old:
+            return inner
+        out = bytearray(inner)
+        if et == ETH_P_IP:
             out[15] = new
             (csum,) = _U16.unpack_from(out, 24)
             _U16.pack_into(out, 24, update16(csum, (out[14] << 8) | old, (out[14] << 8) | new))
-        elif et == 0x86DD and len(inner) >= 54:
-            old = ((inner[14] & 0x0F) << 4) | (inner[15] >> 4)
-            if not ce and old >> 2 == dscp:
-                return inner
-            new = _new_tos(old, dscp, ce)
-            if isinstance(new, DropReason):
-                return new
-            if new == old:
-                return inner
-            out = bytearray(inner)
+        else:
             out[14] = (out[14] & 0xF0) | (new >> 4)
             out[15] = ((new & 0x0F) << 4) | (out[15] & 0x0F)
-        else:
-            return inner  # not IP: nothing to mark
         if ce:
             self.ce_marked += 1
         return out

@@ -1,19 +1,24 @@
 """Encapsulation: inner Ethernet frame → STT frame → outer packets.
 
 One :class:`Encapsulator` per tunnel precomputes everything that does not change
-per frame (addresses, pseudo-header partial sum, L2 header, header templates).
-Two output shapes:
+per frame (addresses, pseudo-header partial sum, L2 header, header templates,
+the outer TOS and TTL for every inner value).  Every STT frame is built as a
+*super-packet* by one method, :meth:`Encapsulator.encap_gso`; two output shapes:
 
 * **GSO sink** (``gso=True``, an ``AF_PACKET`` socket with ``PACKET_VNET_HDR``):
-  one *super-packet* per STT frame: a ``virtio_net_hdr`` asking the kernel to cut
-  TCP segments of the underlay MSS, the outer headers with the TCP checksum field
+  the super-packet itself: a ``virtio_net_hdr`` asking the kernel to cut TCP
+  segments of the underlay MSS, the outer headers with the TCP checksum field
   seeded with the pseudo-header sum over the full TCP length (Linux
   ``CHECKSUM_PARTIAL`` convention), the STT header and the inner frame.  The
   kernel (software GSO or NIC TSO) produces the segments: SEQ low half advances by
   the payload size, ACK (the frame id) stays, PSH only on the last.
-* **Software** (``gso=False``, pcap files, sinks without offload): the MTU-sized
-  outer segments themselves, each with a complete TCP checksum, ACK on all, PSH
-  on the last, data offset 5.
+  The daemon asks ``encap_gso`` first for every frame; what it cannot take as it
+  is (an 802.1Q tag to move into the STT header, offloads STT cannot carry) goes
+  through :meth:`Encapsulator.encap`, which prepares the frame and hands it back to
+  ``encap_gso``.
+* **Software** (``gso=False``, pcap files, sinks without offload): the super-packet
+  cut into the MTU-sized outer segments in Python, each with a complete TCP
+  checksum, ACK on all, PSH on the last, data offset 5.
 
 Every output packet is a list of buffers for scatter-gather I/O
 (``socket.sendmsg``/``os.writev``); nothing is joined.  The buffers may point into
@@ -27,14 +32,18 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 from sttun.core import softpath
 from sttun.core.drops import DropCounters, DropReason
-from sttun.core.offload import SoftwareReason, tx_offload
+from sttun.core.offload import (
+    MAX_OFFLOAD_INNER_LEN,
+    TX_OFFLOAD_MEMO,
+    tx_offload_fields,
+)
 from sttun.core.vlan import tx_split_tag
 from sttun.errors import DecodeError, EncodeError
-from sttun.wire.checksum import add, little_endian_value, ones_sum
+from sttun.wire.checksum import little_endian_value, ones_sum
+from sttun.wire.ether import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, TPID_8021Q
 from sttun.wire.ip import (
     ECN_CE,
     ECN_ECT0,
@@ -42,21 +51,17 @@ from sttun.wire.ip import (
     IPPROTO_TCP,
     IPPROTO_UDP,
     IPV4_DF,
-    IPV4_HEADER,
     IPV4_HLEN,
-    IPV6_HEADER,
     IPV6_HLEN,
 )
 from sttun.wire.stt import (
     MAX_FRAME_LEN,
-    STT_HEADER,
     STT_HEADER_LEN,
     STT_PORT,
+    STT_VERSION,
     TCP_CSUM_OFFSET,
     TCP_DOFF_BYTE,
-    TCP_HEADER,
     TCP_HEADER_LEN,
-    SttFlag,
     TcpFlag,
 )
 from sttun.wire.vnet import VNET_HDR, GsoType, VnetFlag, VnetHdr
@@ -64,7 +69,6 @@ from sttun.wire.vnet import VNET_HDR, GsoType, VnetFlag, VnetHdr
 Buffer = bytes | bytearray | memoryview
 Packet = list[Buffer]
 
-ETH_HLEN = 14
 DEFAULT_TTL = 64  # OVS DEFAULT_TTL
 DEFAULT_UNDERLAY_MTU = 1500
 MIN_UNDERLAY_MTU = 576  # room for outer headers plus a useful segment
@@ -74,56 +78,51 @@ TX_TCP_FLAGS = TcpFlag.ACK | TcpFlag.PSH  # GSO clears PSH on all but the last s
 TX_TCP_FLAGS_MID = int(TcpFlag.ACK)
 TX_WINDOW = 0  # draft §3.2: SHOULD be 0 (OVS sends 0xFFFF; receivers ignore it)
 
-_U16 = struct.Struct("!H")
 _IP4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _IP6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
+# What _segments reads back from the super-packet's headers.
+_IP4_FIRST = struct.Struct("!BBHHHB")  # version/IHL, TOS, total length, ID, DF, TTL
+_IP6_FIRST = struct.Struct("!IHBB")  # version/class/label, payload length, next, hop limit
+_TCP_PORTS_SEQ_ACK = struct.Struct("!HHII")
 _HASHED_L4 = (IPPROTO_TCP, IPPROTO_UDP)
+_remembered_offload = TX_OFFLOAD_MEMO.get
+_crc32 = zlib.crc32
 _NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
-_DATA_VALID = int(VnetFlag.DATA_VALID)
-_C = int(SttFlag.CSUM_VERIFIED)
-_P = int(SttFlag.CSUM_PARTIAL)
-_V4 = int(SttFlag.IPV4)
-_T = int(SttFlag.TCP)
 # Outer IP + TCP-like + STT headers of a super-packet, packed in one call.
 _SUPER4 = struct.Struct("!BBHHHBBH4s4sHHIIBBHHHBBBBHHQH")
 _SUPER6 = struct.Struct("!IHBB16s16sHHIIBBHHHBBBBHHQH")
 
 
-class TxFrame(NamedTuple):
-    """What one STT frame became on the wire (for stats and tests)."""
-
-    frame_id: int
-    frame_len: int
-    segments: int
-
-
-def flow_source_port(frame: Buffer) -> int:
+def flow_source_port(frame: Buffer, ethertype: int | None = None) -> int:
     """A source port from the inner flow: stable per flow, spread over 32768..65535.
 
     Hashes the IP addresses and, for unfragmented TCP/UDP, the L4 ports; the MAC
     addresses for anything else.  Every segment of a frame and every frame of one
-    inner flow get the same port (draft §2.5, protocol.md #45).
+    inner flow get the same port (draft §2.5, protocol.md #45).  ``ethertype`` is
+    the type at byte 12, if the caller has read it already.
     """
     # crc32(b, crc32(a)) == crc32(a + b): where addresses and ports are adjacent
     # (IPv4 without options, IPv6) they are hashed with one call.
     n = len(frame)
+    if ethertype is None:
+        ethertype = (frame[12] << 8) | frame[13] if n >= ETH_HLEN else 0
     h: int
-    if n >= 34 and frame[12] == 0x08 and frame[13] == 0x00:
+    if ethertype == ETH_P_IP and n >= 34:
         ihl = frame[14] & 0x0F
         if frame[23] in _HASHED_L4 and not (frame[20] & 0x3F or frame[21]):
             if ihl == 5:
-                h = zlib.crc32(frame[26:38] if n >= 38 else frame[26:34])
+                h = _crc32(frame[26:38] if n >= 38 else frame[26:34])
             else:
                 l4 = 14 + ihl * 4
-                h = zlib.crc32(frame[26:34])
+                h = _crc32(frame[26:34])
                 if n >= l4 + 4:
-                    h = zlib.crc32(frame[l4 : l4 + 4], h)
+                    h = _crc32(frame[l4 : l4 + 4], h)
         else:
-            h = zlib.crc32(frame[26:34])
-    elif n >= 54 and frame[12] == 0x86 and frame[13] == 0xDD:
-        h = zlib.crc32(frame[22:58] if frame[20] in _HASHED_L4 and n >= 58 else frame[22:54])
+            h = _crc32(frame[26:34])
+    elif ethertype == ETH_P_IPV6 and n >= 54:
+        h = _crc32(frame[22:58] if frame[20] in _HASHED_L4 and n >= 58 else frame[22:54])
     else:
-        h = zlib.crc32(frame[0:12])
+        h = _crc32(frame[0:12])
     return SPORT_BASE | ((h ^ (h >> 15)) & SPORT_MASK)
 
 
@@ -135,6 +134,12 @@ class Encapsulator:
     hop limit or None to inherit the inner one.  ECN is always inherited (an inner
     CE becomes ECT(0) outside, as Open vSwitch does).  ``l2`` is the outer
     Ethernet header (14 bytes) or ``b""`` when the sink takes IP packets.
+
+    Every output is built by one method, :meth:`encap_gso`, which the daemon calls
+    directly for the frames it can take as they are; :meth:`encap` first moves an
+    802.1Q tag into the STT header and completes in software what STT cannot
+    carry, then hands each resulting frame to :meth:`encap_gso`, and for a sink
+    without offloads cuts the super-packet into finished segments (:meth:`_segments`).
     """
 
     def __init__(
@@ -159,10 +164,6 @@ class Encapsulator:
             raise EncodeError("local and remote must be packed addresses of one family")
         if not 0 <= context_id < 1 << 64:
             raise EncodeError(f"context_id: expected 0..2**64-1, got {context_id}")
-        if tos is not None and not 0 <= tos <= 63:
-            raise EncodeError(f"tos: expected a DSCP value 0..63 or inherit, got {tos}")
-        if ttl is not None and not 1 <= ttl <= 255:
-            raise EncodeError(f"ttl: expected 1..255 or inherit, got {ttl}")
         self.local = local
         self.remote = remote
         self.ipv6 = len(local) == 16
@@ -170,9 +171,16 @@ class Encapsulator:
         self.dst_port = dst_port
         self.tos = tos
         self.ttl = ttl
-        self.df = df
+        # IPv4 header sum of the addresses (the DF bit and the constant words are
+        # added by the df setter, the rest per packet).
+        self._ip4_addr_sum = ones_sum(local + remote) if len(local) == 4 else 0
         self.fixed_sport = fixed_sport
         self.ip_hlen = IPV6_HLEN if self.ipv6 else IPV4_HLEN
+        #: Largest inner frame whose outer IP packet still fits 64 KB (for IPv4 that is
+        #: MAX_OFFLOAD_INNER_LEN itself: every frame built may be asked about offloads).
+        self.max_inner_len = min(
+            MAX_FRAME_LEN - self.ip_hlen - TCP_HEADER_LEN - STT_HEADER_LEN, MAX_OFFLOAD_INNER_LEN
+        )
         self.drops = drops if drops is not None else DropCounters()
         self._frame_id = (
             first_frame_id if first_frame_id is not None else int.from_bytes(os.urandom(4))
@@ -181,8 +189,7 @@ class Encapsulator:
         self.window = window
         # Pseudo-header sum without the length: src + dst + protocol.
         self._pseudo_base = ones_sum(local + remote + bytes((0, IPPROTO_TCP)))
-        # IPv4 header sum of the addresses (the other words are added per segment).
-        self._ip4_const = ones_sum(local + remote) if not self.ipv6 else 0
+        self.df = df
         self.l2 = l2
         self.underlay_mtu = underlay_mtu
         # statistics
@@ -192,6 +199,49 @@ class Encapsulator:
         self.software_completions = 0
 
     # -- configuration that may change while running ---------------------------
+    @property
+    def df(self) -> bool:
+        """Whether outer IPv4 packets carry the Don't Fragment bit."""
+        return self._df_bits != 0
+
+    @df.setter
+    def df(self, df: bool) -> None:
+        self._df_bits = IPV4_DF if df else 0
+        #: The IPv4 header words that never change, summed (version/IHL, DF,
+        #: protocol, addresses): a packet adds TOS, length, ID and TTL.
+        self._ip4_const = self._ip4_addr_sum + 0x4500 + self._df_bits + IPPROTO_TCP
+
+    @property
+    def tos(self) -> int | None:
+        """The outer DSCP (0..63), or None to inherit the inner one."""
+        return self._tos
+
+    @tos.setter
+    def tos(self, dscp: int | None) -> None:
+        if dscp is not None and not 0 <= dscp <= 63:
+            raise EncodeError(f"tos: expected a DSCP value 0..63 or inherit, got {dscp}")
+        self._tos = dscp
+        #: The outer TOS byte for each inner TOS byte: DSCP fixed or inherited, ECN
+        #: inherited with CE sent as ECT(0) (RFC 6040 normal mode, as Open vSwitch).
+        self._outer_tos = bytes(
+            ((itos >> 2 if dscp is None else dscp) << 2)
+            | (ECN_ECT0 if itos & ECN_MASK == ECN_CE else itos & ECN_MASK)
+            for itos in range(256)
+        )
+
+    @property
+    def ttl(self) -> int | None:
+        """The outer TTL / hop limit (1..255), or None to inherit the inner one."""
+        return self._ttl
+
+    @ttl.setter
+    def ttl(self, ttl: int | None) -> None:
+        if ttl is not None and not 1 <= ttl <= 255:
+            raise EncodeError(f"ttl: expected 1..255 or inherit, got {ttl}")
+        self._ttl = ttl
+        #: The outer TTL for each inner TTL (0: no inner IP header, DEFAULT_TTL).
+        self._outer_ttl = bytes(ttl if ttl is not None else (i or DEFAULT_TTL) for i in range(256))
+
     @property
     def l2(self) -> bytes:
         """The outer Ethernet header (or ``b""``)."""
@@ -232,227 +282,89 @@ class Encapsulator:
             _NEEDS_CSUM, gso_type, self._hdr_len, self.segment_payload, o, TCP_CSUM_OFFSET
         )
         self._vnet_one = VNET_HDR.pack(_NEEDS_CSUM, 0, 0, 0, o, TCP_CSUM_OFFSET)
-        # largest inner frame whose outer IP packet still fits 64 KB
-        self._fast_max = MAX_FRAME_LEN - self.ip_hlen - TCP_HEADER_LEN - STT_HEADER_LEN
 
-    def next_frame_id(self) -> int:
-        """Allocate a frame id (ACK): a 32-bit counter per tunnel, random start."""
-        fid = self._frame_id
-        self._frame_id = (fid + 1) & 0xFFFFFFFF
-        return fid
-
-    # -- the public operation ----------------------------------------------------
-    def encap(
-        self, frame: Buffer, vnet: VnetHdr | None = None, *, gso: bool = True
-    ) -> list[Packet]:
-        """Encapsulate one inner Ethernet frame; returns the packets to send.
-
-        ``vnet`` is the overlay stack's offload state for the frame (None: a
-        complete, checksummed frame).  Frames whose offloads STT cannot carry are
-        completed in software first (each resulting packet its own STT frame,
-        flags 0).  A frame that cannot be sent at all is counted as a drop and
-        yields an empty list.
-        """
-        n = len(frame)
-        if n < ETH_HLEN:
-            self.drops.count(DropReason.TX_BAD_INNER, n)
-            return []
-        tci, frame = tx_split_tag(frame)
-        if tci and vnet is not None and vnet.flags & _NEEDS_CSUM:
-            vnet = vnet._replace(csum_start=vnet.csum_start - 4, hdr_len=max(0, vnet.hdr_len - 4))
-        n = len(frame)
-        if vnet is None or not (vnet.flags or vnet.gso_type):
-            return self._emit(frame, 0, 0, 0, tci, gso)
-        ethertype = _U16.unpack_from(frame, 12)[0]
-        off = tx_offload(vnet, ethertype, n)
-        fits = n + STT_HEADER_LEN + TCP_HEADER_LEN + self.ip_hlen <= MAX_FRAME_LEN
-        if fits and not isinstance(off, SoftwareReason):
-            return self._emit(frame, off.flags, off.l4_offset, off.mss, tci, gso)
-        # software completion: finish the checksum / segment the inner packet
-        self.software_completions += 1
-        try:
-            pieces = softpath.complete(frame, vnet)
-        except DecodeError:
-            self.drops.count(DropReason.TX_BAD_INNER, n)
-            return []
-        out: list[Packet] = []
-        for piece in pieces:
-            out.extend(self._emit(piece, 0, 0, 0, tci, gso))
-        return out
-
-    # -- internals -----------------------------------------------------------------
-    def _emit(
-        self, inner: Buffer, flags: int, l4_offset: int, mss: int, tci: int, gso: bool
-    ) -> list[Packet]:
-        n = len(inner)
-        frame_len = n + STT_HEADER_LEN
-        if frame_len + TCP_HEADER_LEN + self.ip_hlen > MAX_FRAME_LEN:
-            self.drops.count(DropReason.TX_FRAME_TOO_BIG, n)
-            return []
-        fid = self.next_frame_id()
-        sport = self.fixed_sport if self.fixed_sport is not None else flow_source_port(inner)
-        tos, ttl = self._outer_tos_ttl(inner)
-        self.frames += 1
-        self.bytes += n
-        stt = STT_HEADER.pack(0, flags, l4_offset, 0, mss, tci, self.context_id, 0)
-        seg = self.segment_payload
-        if gso:
-            nseg = (frame_len + seg - 1) // seg
-            self.segments += nseg
-            return [self._super_packet(inner, stt, frame_len, fid, sport, tos, ttl, nseg)]
-        return self._segments(inner, stt, frame_len, fid, sport, tos, ttl)
-
-    def _outer_tos_ttl(self, inner: Buffer) -> tuple[int, int]:
-        """Outer TOS byte (DSCP and ECN) and TTL for this inner frame."""
-        et = inner[12:14]
-        if et == b"\x08\x00" and len(inner) >= 34:
-            itos = inner[15]
-            ittl = inner[22]
-        elif et == b"\x86\xdd" and len(inner) >= 54:
-            itos = ((inner[14] & 0x0F) << 4) | (inner[15] >> 4)
-            ittl = inner[21]
-        else:
-            itos = 0
-            ittl = DEFAULT_TTL
-        ecn = itos & ECN_MASK
-        if ecn == ECN_CE:
-            ecn = ECN_ECT0
-        dscp = (itos >> 2) if self.tos is None else self.tos
-        ttl = self.ttl if self.ttl is not None else (ittl or DEFAULT_TTL)
-        return (dscp << 2) | ecn, ttl
-
-    def _pack_ip(self, buf: bytearray, tcp_len: int, tos: int, ttl: int) -> None:
-        """Write the outer IP header for a TCP segment of ``tcp_len`` bytes."""
-        o = self._l2_len
-        if self.ipv6:
-            first = (6 << 28) | (tos << 20)
-            IPV6_HEADER.pack_into(buf, o, first, tcp_len, IPPROTO_TCP, ttl, self.local, self.remote)
-            return
-        ident = self._ip_ident
-        self._ip_ident = (ident + 1) & 0xFFFF
-        IPV4_HEADER.pack_into(
-            buf,
-            o,
-            0x45,
-            tos,
-            IPV4_HLEN + tcp_len,
-            ident,
-            IPV4_DF if self.df else 0,
-            ttl,
-            IPPROTO_TCP,
-            0,
-            self.local,
-            self.remote,
-        )
-        _U16.pack_into(buf, o + 10, ~ones_sum(buf[o : o + IPV4_HLEN]) & 0xFFFF)
-
-    def _super_packet(
-        self,
-        inner: Buffer,
-        stt: bytes,
-        frame_len: int,
-        fid: int,
-        sport: int,
-        tos: int,
-        ttl: int,
-        nseg: int,
-    ) -> Packet:
-        buf = self._scratch
-        tcp_len = TCP_HEADER_LEN + frame_len
-        self._pack_ip(buf, tcp_len, tos, ttl)
-        o = self._l2_len + self.ip_hlen
-        seed = add(self._pseudo_base, tcp_len)
-        TCP_HEADER.pack_into(
-            buf, o, sport, self.dst_port, frame_len << 16, fid, TCP_DOFF_BYTE, TX_TCP_FLAGS,
-            self.window, seed, 0,
-        )  # fmt: skip
-        buf[o + TCP_HEADER_LEN :] = stt
-        return [self._vnet_gso if nseg > 1 else self._vnet_one, bytes(buf), inner]
-
+    # -- the public operations ---------------------------------------------------
     def encap_gso(
         self,
-        frame: memoryview,
+        frame: Buffer,
         flags: int,
         gso_type: int,
         gso_size: int,
         csum_start: int,
         csum_offset: int,
+        tci: int = 0,
     ) -> Packet | None:
-        """Fast path of :meth:`encap` for a GSO sink and the common frames.
+        """The GSO super-packet of one inner frame, or None if it needs :meth:`encap`.
 
-        Takes the ``virtio_net_hdr`` fields unpacked.  Handles an untagged IPv4 or
-        IPv6 frame that is complete, checksum-verified, or checksum-partial TCP/UDP
-        with TCP segmentation of the matching family; returns the one packet to
-        send.  Returns None for anything else: call :meth:`encap` then.
+        The one place outer packets are built, and the daemon's send path: it is
+        asked first for every frame read from the TAP, with the frame's
+        ``virtio_net_hdr`` fields unpacked.  It takes a frame that fits one STT
+        frame, whose offload state STT carries as it is (:func:`tx_offload_fields`:
+        complete, checksum-verified, or checksum-partial TCP/UDP with TCP
+        segmentation of the matching family) and that has no 802.1Q tag to move into
+        the STT header.  Anything else gives None: :meth:`encap` takes the tag out
+        (passing it here as ``tci``, the STT TCI field) and completes in software
+        what STT cannot carry, then comes back here.
+
+        Returns ``[vnet header, headers, frame]``: takes the next frame id (and IPv4
+        ID), derives the source port from the inner flow and the outer TOS and TTL
+        from the inner IP header, and writes outer IP + TCP-like + STT headers with
+        one ``pack_into`` into the scratch buffer (after the outer Ethernet header,
+        if any): valid until the next call.  The TCP checksum field holds the
+        pseudo-header sum over the full TCP length, as Linux expects of a
+        ``CHECKSUM_PARTIAL`` packet; the kernel cuts segments of
+        :attr:`segment_payload` bytes (SEQ advances by the payload, ACK, the frame
+        id, stays).
         """
         n = len(frame)
-        if n < 54 or n > self._fast_max:
+        if n < ETH_HLEN or n > self.max_inner_len:
             return None
         et = (frame[12] << 8) | frame[13]
-        if et == 0x0800:
-            v4 = _V4
-            tcp_gso = 1
+        if et == TPID_8021Q and not tci:
+            return None  # the tag travels in the STT header: encap() takes it out
+        off = _remembered_offload(
+            (flags, gso_type, gso_size, csum_start, csum_offset, et)
+        ) or tx_offload_fields(flags, gso_type, gso_size, csum_start, csum_offset, et)
+        if off is None:
+            return None  # STT cannot carry these offloads: encap() completes them
+        fl, l4, mss = off
+        if et == ETH_P_IP and n >= 34:
             itos = frame[15]
             ittl = frame[22]
-        elif et == 0x86DD:
-            v4 = 0
-            tcp_gso = 4
+        elif et == ETH_P_IPV6 and n >= 54:
             itos = ((frame[14] & 0x0F) << 4) | (frame[15] >> 4)
             ittl = frame[21]
         else:
-            return None
-        if flags == _NEEDS_CSUM:
-            if csum_start > 255 or csum_start < 34:
-                return None
-            if csum_offset == 16:
-                fl = _P | _T | v4
-                if gso_type:
-                    if gso_type != tcp_gso:
-                        return None
-                    mss = gso_size
-                else:
-                    mss = 0
-            elif csum_offset == 6 and not gso_type:
-                fl = _P | v4
-                mss = 0
-            else:
-                return None
-            l4 = csum_start
-        elif gso_type:
-            return None
-        else:
-            fl = _C if flags & _DATA_VALID else 0
-            l4 = mss = 0
+            itos = ittl = 0
+        tos = self._outer_tos[itos]
+        ttl = self._outer_ttl[ittl]
         fid = self._frame_id
         self._frame_id = (fid + 1) & 0xFFFFFFFF
-        sport = self.fixed_sport if self.fixed_sport is not None else flow_source_port(frame)
-        ecn = itos & 3
-        if ecn == 3:
-            ecn = 2  # inner CE -> outer ECT(0), as Open vSwitch does
-        tos = (((itos >> 2) if self.tos is None else self.tos) << 2) | ecn
-        ttl = self.ttl if self.ttl is not None else (ittl or DEFAULT_TTL)
+        sport = self.fixed_sport
+        if sport is None:
+            sport = flow_source_port(frame, et)
         frame_len = n + STT_HEADER_LEN
         tcp_len = TCP_HEADER_LEN + frame_len
-        seed = _fold(self._pseudo_base + tcp_len)
+        # Sums folded inline: non-zero, so ``% 0xFFFF or 0xFFFF`` (see _fold).
+        seed = (self._pseudo_base + tcp_len) % 0xFFFF or 0xFFFF
         buf = self._scratch
         if self.ipv6:
             _SUPER6.pack_into(
                 buf, self._l2_len, (6 << 28) | (tos << 20), tcp_len, IPPROTO_TCP, ttl,
                 self.local, self.remote, sport, self.dst_port, frame_len << 16, fid,
                 TCP_DOFF_BYTE, TX_TCP_FLAGS, self.window, seed, 0,
-                0, fl, l4, 0, mss, 0, self.context_id, 0,
+                STT_VERSION, fl, l4, 0, mss, tci, self.context_id, 0,
             )  # fmt: skip
         else:
             ident = self._ip_ident
             self._ip_ident = (ident + 1) & 0xFFFF
             total = IPV4_HLEN + tcp_len
-            df = IPV4_DF if self.df else 0
-            ipc = ~_fold(self._ip4_const + 0x4500 + tos + total + ident + df + (ttl << 8) + 6)
+            ipc = ~((self._ip4_const + tos + total + ident + (ttl << 8)) % 0xFFFF or 0xFFFF)
             _SUPER4.pack_into(
-                buf, self._l2_len, 0x45, tos, total, ident, df, ttl, IPPROTO_TCP,
+                buf, self._l2_len, 0x45, tos, total, ident, self._df_bits, ttl, IPPROTO_TCP,
                 ipc & 0xFFFF, self.local, self.remote, sport, self.dst_port, frame_len << 16,
                 fid, TCP_DOFF_BYTE, TX_TCP_FLAGS, self.window, seed, 0,
-                0, fl, l4, 0, mss, 0, self.context_id, 0,
+                STT_VERSION, fl, l4, 0, mss, tci, self.context_id, 0,
             )  # fmt: skip
         self.frames += 1
         self.bytes += n
@@ -463,21 +375,83 @@ class Encapsulator:
         self.segments += 1
         return [self._vnet_one, buf, frame]
 
-    def _segments(
-        self,
-        inner: Buffer,
-        stt: bytes,
-        frame_len: int,
-        fid: int,
-        sport: int,
-        tos: int,
-        ttl: int,
+    def encap(
+        self, frame: Buffer, vnet: VnetHdr | None = None, *, gso: bool = True
     ) -> list[Packet]:
-        """The outer segments of one frame, checksums complete.
+        """Encapsulate one inner Ethernet frame; returns the packets to send.
 
-        Header checksums are computed arithmetically from the field values (no
-        bytes are summed twice); only the payload slices are summed.
+        ``vnet`` is the overlay stack's offload state for the frame (None: a
+        complete, checksummed frame).  An outermost 802.1Q tag moves into the STT
+        header; frames whose offloads STT cannot carry are completed in software
+        first (each resulting packet its own STT frame, flags 0); each STT frame is
+        then built by :meth:`encap_gso`.  ``gso=True`` gives its super-packet
+        (headers copied: the packets stay valid together), ``gso=False`` the
+        finished outer segments.  A frame that cannot be sent at all is counted as
+        a drop and yields an empty list.
         """
+        n = len(frame)
+        if n < ETH_HLEN:
+            self.drops.count(DropReason.TX_BAD_INNER, n)
+            return []
+        tci, frame = tx_split_tag(frame)
+        pieces: Sequence[Buffer]
+        if vnet is None or not (vnet.flags or vnet.gso_type):
+            pieces = (frame,)  # nothing to complete
+        else:
+            if tci and vnet.flags & _NEEDS_CSUM:
+                vnet = vnet._replace(
+                    csum_start=vnet.csum_start - 4, hdr_len=max(0, vnet.hdr_len - 4)
+                )
+            packet = self.encap_gso(
+                frame, vnet.flags, vnet.gso_type, vnet.gso_size, vnet.csum_start,
+                vnet.csum_offset, tci,
+            )  # fmt: skip
+            if packet is not None:
+                return self._finish(packet, gso)
+            # STT cannot carry these offloads: finish the checksum / segment here
+            self.software_completions += 1
+            try:
+                pieces = softpath.complete(frame, vnet)
+            except DecodeError:
+                self.drops.count(DropReason.TX_BAD_INNER, len(frame))
+                return []
+        out: list[Packet] = []
+        for piece in pieces:
+            packet = self.encap_gso(piece, 0, 0, 0, 0, 0, tci)
+            if packet is None:  # too long for one STT frame, or a runt 802.1Q frame
+                too_long = len(piece) > self.max_inner_len
+                reason = DropReason.TX_FRAME_TOO_BIG if too_long else DropReason.TX_BAD_INNER
+                self.drops.count(reason, len(piece))
+            else:
+                out.extend(self._finish(packet, gso))
+        return out
+
+    # -- internals -----------------------------------------------------------------
+    def _finish(self, packet: Packet, gso: bool) -> list[Packet]:
+        """What :meth:`encap` returns for a super-packet just built: itself, its
+        headers copied, or its segments."""
+        vnet, headers, inner = packet
+        if gso:
+            return [[vnet, bytes(headers), inner]]
+        return self._segments(inner)
+
+    def _segments(self, inner: Buffer) -> list[Packet]:
+        """Cut the super-packet just built for ``inner`` into finished segments.
+
+        What GSO would do, in software, with every checksum complete: the outer
+        addresses, TOS, TTL, source port, frame id, first IPv4 ID and STT header
+        are those of the super-packet's headers (in the scratch buffer); SEQ's low
+        half advances by the payload, IPv4 IDs by one per segment, PSH only on the
+        last, and a last segment of 20 bytes or less is lengthened (tshark needs it,
+        protocol.md §12.5).  Header checksums are computed arithmetically from the
+        field values (no bytes are summed twice); only the payload slices are summed.
+        """
+        buf = self._scratch
+        ip = self._l2_len
+        tcp = ip + self.ip_hlen
+        sport, _dport, _seq, fid = _TCP_PORTS_SEQ_ACK.unpack_from(buf, tcp)
+        stt = bytes(buf[tcp + TCP_HEADER_LEN :])
+        frame_len = len(inner) + STT_HEADER_LEN
         sizes = _segment_sizes(frame_len, self.segment_payload)
         mv = inner if isinstance(inner, memoryview) else memoryview(inner)
         out: list[Packet] = []
@@ -491,7 +465,7 @@ class Encapsulator:
         )
         offset = 0
         if self.ipv6:
-            first = (6 << 28) | (tos << 20)
+            first, _plen, _nh, ttl = _IP6_FIRST.unpack_from(buf, ip)
             pack6 = _IP6_TCP.pack
             for i, (size, parts, v) in enumerate(_payloads(mv, stt, sizes)):
                 flags = TX_TCP_FLAGS if i == last else TX_TCP_FLAGS_MID
@@ -504,14 +478,13 @@ class Encapsulator:
                 out.append([l2, hdr, *parts] if l2 else [hdr, *parts])
                 offset += size
         else:
+            _vihl, tos, _total, ident0, df, ttl = _IP4_FIRST.unpack_from(buf, ip)
             pack4 = _IP4_TCP.pack
-            df = IPV4_DF if self.df else 0
-            ip_const = self._ip4_const + (tos | 0x4500) + df + (ttl << 8 | IPPROTO_TCP)
+            ip_const = self._ip4_const + tos + (ttl << 8)
             for i, (size, parts, v) in enumerate(_payloads(mv, stt, sizes)):
                 flags = TX_TCP_FLAGS if i == last else TX_TCP_FLAGS_MID
                 tcp_len = TCP_HEADER_LEN + size
-                ident = self._ip_ident
-                self._ip_ident = (ident + 1) & 0xFFFF
+                ident = (ident0 + i) & 0xFFFF
                 ipc = ~_fold(ip_const + IPV4_HLEN + tcp_len + ident) & 0xFFFF
                 c = _checksum_le(v, tcp_const + tcp_len + offset + (TCP_DOFF_BYTE << 8 | flags))
                 hdr = pack4(
@@ -521,7 +494,8 @@ class Encapsulator:
                 )  # fmt: skip
                 out.append([l2, hdr, *parts] if l2 else [hdr, *parts])
                 offset += size
-        self.segments += len(sizes)
+            # the super-packet took one ID, its segments take one each
+            self._ip_ident = (ident0 + len(sizes)) & 0xFFFF
         return out
 
 

@@ -9,7 +9,8 @@ Every row is a table entry so tests can iterate over it:
   offset, GSO type, and the smallest legal L4 offset and L4 header length.
 
 :func:`tx_offload` decides, for one frame from the overlay stack, which STT
-flags/L4 offset/MSS to send or that the frame must be completed in software.
+flags/L4 offset/MSS to send or that the frame must be completed in software
+(:func:`tx_offload_fields` is the same answer, remembered, for the send path).
 :func:`rx_vnet` turns a received STT header into the ``virtio_net_hdr`` for the TAP.
 """
 
@@ -19,8 +20,8 @@ import enum
 from typing import NamedTuple
 
 from sttun.core.drops import DropReason
-from sttun.wire.ether import ETH_HLEN
-from sttun.wire.ip import ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN
+from sttun.wire.ether import ETH_HLEN, ETH_P_IP, ETH_P_IPV6
+from sttun.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HEADER_LEN
 from sttun.wire.stt import (
     MAX_FRAME_LEN,
     STT_HEADER_LEN,
@@ -31,7 +32,6 @@ from sttun.wire.stt import (
 )
 from sttun.wire.vnet import GSO_ECN, GsoType, VnetFlag, VnetHdr
 
-UDP_HEADER_LEN = 8
 MAX_L4_OFFSET = 0xFF  # 8-bit L4 offset field
 #: Largest inner frame that may keep its offloads: inner + 20 (TCP) + 18 (STT) + 20
 #: (IPv4) must fit 65535 (OVS ``stt_can_offload``).
@@ -85,7 +85,7 @@ class SoftwareReason(enum.Enum):
     """Why a frame's offloads must be completed in software before sending (§4.1)."""
 
     TOO_LONG = "inner frame longer than 65477 bytes"
-    L4_OFFSET = "L4 offset beyond 255"
+    L4_OFFSET = "L4 offset inside the IP header or beyond 255"
     GSO_TYPE = "GSO type not in the whitelist"
     NOT_IP = "checksum offload on a frame that is not plain IPv4/IPv6"
     L4_PROTO = "checksum offload on an L4 protocol other than TCP/UDP"
@@ -111,6 +111,10 @@ def tx_offload(vnet: VnetHdr, ethertype: int, inner_len: int) -> TxOffload | Sof
     travels in the STT header has been removed): a frame with a remaining in-band
     tag (802.1ad, or a second tag) is not offloadable.  Returns the fields to send,
     or a :class:`SoftwareReason` when checksum/segmentation must be done here first.
+    The L4 offset sent is one the receiver accepts (:data:`RX_OFFLOAD_MAP`: room for
+    Ethernet and a minimal IP header, at most 255): never a wrong offload header
+    (protocol.md §11 #42).  This is the only statement of these rules;
+    :func:`tx_offload_fields` remembers its answers for the send path.
     """
     flags = vnet.flags
     gso = vnet.gso_type
@@ -122,9 +126,6 @@ def tx_offload(vnet: VnetHdr, ethertype: int, inner_len: int) -> TxOffload | Sof
         return TX_VERIFIED if flags & _DATA_VALID else TX_NONE
     if inner_len > MAX_OFFLOAD_INNER_LEN:
         return SoftwareReason.TOO_LONG
-    l4_offset = vnet.csum_start
-    if l4_offset > MAX_L4_OFFSET:
-        return SoftwareReason.L4_OFFSET
     if ethertype == ETH_P_IP:
         flags_out = _P | _V4
     elif ethertype == ETH_P_IPV6:
@@ -136,12 +137,44 @@ def tx_offload(vnet: VnetHdr, ethertype: int, inner_len: int) -> TxOffload | Sof
         return SoftwareReason.L4_PROTO
     if l4 == IPPROTO_TCP:
         flags_out |= _T
+    l4_offset = vnet.csum_start
+    if not _RX_BY_BITS[flags_out & (_V4 | _T)].min_l4_offset <= l4_offset <= MAX_L4_OFFSET:
+        return SoftwareReason.L4_OFFSET
     mss = 0
     if gso:
         if l4 != IPPROTO_TCP or TX_GSO_FOR_L3[ethertype] != gso:
             return SoftwareReason.MISMATCH
         mss = vnet.gso_size
     return TxOffload(flags_out, l4_offset, mss)
+
+
+def tx_offload_fields(
+    flags: int, gso_type: int, gso_size: int, csum_start: int, csum_offset: int, ethertype: int
+) -> TxOffload | None:
+    """:func:`tx_offload` for the unpacked ``virtio_net_hdr`` fields of a frame of at
+    most :data:`MAX_OFFLOAD_INNER_LEN` bytes, remembered; None where it gives a
+    :class:`SoftwareReason`.
+
+    The send path (``Encapsulator.encap_gso``) asks this for every frame; a tunnel
+    sees a handful of distinct headers (one per MSS and header layout), so each
+    answer is computed by :func:`tx_offload` once and then looked up.
+    """
+    key = (flags, gso_type, gso_size, csum_start, csum_offset, ethertype)
+    if key in TX_OFFLOAD_MEMO:
+        return TX_OFFLOAD_MEMO[key]
+    if len(TX_OFFLOAD_MEMO) >= _MEMO_MAX:
+        TX_OFFLOAD_MEMO.clear()
+    off = tx_offload(VnetHdr(flags, gso_type, 0, gso_size, csum_start, csum_offset), ethertype, 0)
+    TX_OFFLOAD_MEMO[key] = result = off if isinstance(off, TxOffload) else None
+    return result
+
+
+#: :func:`tx_offload_fields`' answers by its arguments (the key), cleared when full:
+#: a bound against a stack that varies them all.  The send path looks a key up here
+#: first and calls :func:`tx_offload_fields` when that gives None (saving a call per
+#: frame).
+TX_OFFLOAD_MEMO: dict[tuple[int, int, int, int, int, int], TxOffload | None] = {}
+_MEMO_MAX = 256
 
 
 def rx_vnet(flags: int, l4_offset: int, mss: int, inner_len: int) -> VnetHdr | DropReason:
@@ -162,7 +195,7 @@ def rx_vnet(flags: int, l4_offset: int, mss: int, inner_len: int) -> VnetHdr | D
     key = (bits, l4_offset, mss)
     vnet = _RX_VNET_MEMO.get(key)
     if vnet is None:
-        if len(_RX_VNET_MEMO) >= _RX_VNET_MEMO_MAX:
+        if len(_RX_VNET_MEMO) >= _MEMO_MAX:
             _RX_VNET_MEMO.clear()
         if mss:
             vnet = VnetHdr(_NEEDS_CSUM, gso_type, l4_offset + l4_len, mss, l4_offset, csum_offset)
@@ -175,7 +208,6 @@ def rx_vnet(flags: int, l4_offset: int, mss: int, inner_len: int) -> VnetHdr | D
 #: rx_vnet's results by (V|T bits, L4 offset, MSS): a tunnel sees a handful of
 #: combinations, so the headers are built once (immutable tuples, safe to share).
 _RX_VNET_MEMO: dict[tuple[int, int, int], VnetHdr] = {}
-_RX_VNET_MEMO_MAX = 256
 
 
 VNET_NONE_HDR = VnetHdr()

@@ -6,7 +6,9 @@ checksum is "partial" or that is a 64 KB GSO super-packet.  This module does tha
 work the way the Linux kernel would (protocol.md §4.2, §4.4, §11 #4–#6, #42):
 
 * :func:`finish_checksum` — ``skb_checksum_help``: sum from ``csum_start`` to the
-  end (the field already holds the folded pseudo-header sum), complement, store.
+  end (the field already holds the folded pseudo-header sum), complement, store;
+  or, for a frame from another sender (``sttun decap``), with the pseudo-header
+  recomputed from the inner IP header.
 * :func:`segment_gso` — software GSO: TCP segmentation (TSO), UDP segmentation
   (USO, ``UDP_L4``) and UDP fragmentation (UFO, ``UDP``) for IPv4 and IPv6 inner
   frames, with any VLAN tags, IPv4 options, TCP options and IPv6 extension
@@ -32,10 +34,8 @@ import struct
 
 from sttun.errors import DecodeError, TruncatedError
 from sttun.wire.checksum import ones_sum, ones_sum_parts
-from sttun.wire.ether import ETH_HLEN, VLAN_HLEN, VLAN_TPIDS
+from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6, skip_vlan_tags
 from sttun.wire.ip import (
-    ETH_P_IP,
-    ETH_P_IPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
     IPV4_FRAG_MASK,
@@ -44,7 +44,9 @@ from sttun.wire.ip import (
     IPV6_EXT_HEADERS,
     IPV6_FRAGMENT,
     IPV6_HLEN,
+    UDP_HEADER_LEN,
 )
+from sttun.wire.stt import TCP_CSUM_OFFSET, TCP_HEADER_LEN, UDP_CSUM_OFFSET, TcpFlag
 from sttun.wire.vnet import GSO_ECN, GsoType, VnetFlag, VnetHdr
 
 __all__ = ["complete", "finish_checksum", "segment_gso"]
@@ -55,15 +57,11 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _IPV6_FRAG_HDR = struct.Struct("!BBHI")
 
-TCP_HLEN = 20
-UDP_HLEN = 8
-TCP_CSUM_OFFSET = 16
-UDP_CSUM_OFFSET = 6
 IPV6_FRAG_HLEN = 8
 
-TCP_FIN = 0x01
-TCP_PSH = 0x08
-TCP_CWR = 0x80
+_TCP_FIN = int(TcpFlag.FIN)
+_TCP_PSH = int(TcpFlag.PSH)
+_TCP_CWR = int(TcpFlag.CWR)
 
 _NEXTHDR_HOP = 0
 _NEXTHDR_ROUTING = 43
@@ -79,13 +77,26 @@ def _fold(s: int) -> int:
     return (s & 0xFFFF) + (s >> 16)
 
 
-def finish_checksum(frame: bytearray | memoryview, csum_start: int, csum_offset: int) -> None:
+def finish_checksum(
+    frame: bytearray | memoryview,
+    csum_start: int,
+    csum_offset: int,
+    *,
+    pseudo_from_headers: bool = False,
+) -> None:
     """Complete a partial checksum in place (Linux ``skb_checksum_help``).
 
     The 16-bit field at ``csum_start + csum_offset`` holds the folded pseudo-header
     sum (not complemented).  The sum of ``frame[csum_start:]`` (that field included)
     is complemented and stored there.  For UDP (``csum_offset == 6``) a result of 0
     is stored as 0xFFFF (RFC 768: 0 would mean "no checksum").
+
+    With ``pseudo_from_headers`` the field is not trusted (senders differ on
+    whether the seeded sum includes the length, protocol.md §4.2): the TCP (offset
+    16) or UDP pseudo-header sum is recomputed from the IPv4/IPv6 header after the
+    Ethernet header and any VLAN tags, and the sum stops where that IP packet ends
+    (Ethernet padding is not summed).  Where those headers cannot be followed, the
+    field is trusted after all.
 
     ``frame`` must be writable.  Raises :class:`DecodeError` if the field does not
     lie inside the frame.
@@ -96,10 +107,40 @@ def finish_checksum(frame: bytearray | memoryview, csum_start: int, csum_offset:
     pos = csum_start + csum_offset
     if csum_offset < 0 or pos > n - 2:
         raise DecodeError("csum_offset", f"0..{n - 2 - csum_start}", csum_offset)
-    c = ~ones_sum(memoryview(frame)[csum_start:]) & 0xFFFF
+    pseudo = 0
+    end = n
+    if pseudo_from_headers:
+        found = _pseudo_header(frame, csum_start, csum_offset)
+        if found is not None:
+            pseudo, end = found
+            _U16.pack_into(frame, pos, 0)
+    c = ~ones_sum(memoryview(frame)[csum_start:end], pseudo) & 0xFFFF
     if not c and csum_offset == UDP_CSUM_OFFSET:
         c = 0xFFFF
     _U16.pack_into(frame, pos, c)
+
+
+def _pseudo_header(frame: Frame, csum_start: int, csum_offset: int) -> tuple[int, int] | None:
+    """(pseudo-header sum, end of the IP packet) for the L4 checksum at ``csum_start``,
+    from the IP header the frame starts with; None if there is none to follow or the
+    field lies outside that packet."""
+    try:
+        etype, l3 = skip_vlan_tags(frame)
+    except TruncatedError:
+        return None
+    n = len(frame)
+    if etype == ETH_P_IP and l3 + IPV4_HLEN <= n:
+        addresses = frame[l3 + 12 : l3 + 20]
+        end = l3 + _U16.unpack_from(frame, l3 + 2)[0]
+    elif etype == ETH_P_IPV6 and l3 + IPV6_HLEN <= n:
+        addresses = frame[l3 + 8 : l3 + 40]
+        end = l3 + IPV6_HLEN + _U16.unpack_from(frame, l3 + 4)[0]
+    else:
+        return None
+    if not csum_start < csum_start + csum_offset + 2 <= end <= n:
+        return None
+    proto = IPPROTO_TCP if csum_offset == TCP_CSUM_OFFSET else IPPROTO_UDP
+    return _fold(ones_sum(addresses) + proto + end - csum_start), end
 
 
 def complete(frame: Frame, vnet: VnetHdr) -> list[bytearray]:
@@ -156,7 +197,7 @@ def segment_gso(frame: Frame, vnet: VnetHdr) -> list[bytearray]:
     mv = memoryview(frame)
     if mv.format != "B":
         mv = mv.cast("B")
-    etype, l3 = _l2(mv)
+    etype, l3 = skip_vlan_tags(mv)
     if base_type == GsoType.TCPV4 and etype != ETH_P_IP:
         raise DecodeError("ethertype for GSO TCPV4", hex(ETH_P_IP), hex(etype))
     if base_type == GsoType.TCPV6 and etype != ETH_P_IPV6:
@@ -178,8 +219,8 @@ def segment_gso(frame: Frame, vnet: VnetHdr) -> list[bytearray]:
 
     v4 = etype == ETH_P_IP
     if proto == IPPROTO_TCP:
-        if l4 + TCP_HLEN > end:
-            raise TruncatedError("TCP header", l4 + TCP_HLEN - l3, end - l3)
+        if l4 + TCP_HEADER_LEN > end:
+            raise TruncatedError("TCP header", l4 + TCP_HEADER_LEN - l3, end - l3)
         doff = mv[l4 + 12] >> 4
         if doff < 5:
             raise DecodeError("TCP data offset", ">= 5", doff)
@@ -187,32 +228,14 @@ def segment_gso(frame: Frame, vnet: VnetHdr) -> list[bytearray]:
         if hlen > end:
             raise TruncatedError("TCP header with options", hlen - l3, end - l3)
         return _split(mv, l3, l4, hlen, end, vnet.gso_size, v4, True)
-    if l4 + UDP_HLEN > end:
-        raise TruncatedError("UDP header", l4 + UDP_HLEN - l3, end - l3)
+    if l4 + UDP_HEADER_LEN > end:
+        raise TruncatedError("UDP header", l4 + UDP_HEADER_LEN - l3, end - l3)
     (ulen,) = _U16.unpack_from(mv, l4 + 4)
     if ulen != end - l4:
         raise DecodeError("UDP length", end - l4, ulen)
     if base_type == GsoType.UDP_L4:
-        return _split(mv, l3, l4, l4 + UDP_HLEN, end, vnet.gso_size, v4, False)
+        return _split(mv, l3, l4, l4 + UDP_HEADER_LEN, end, vnet.gso_size, v4, False)
     return _fragment_udp(mv, l3, l4, end, nh_pos, unfrag_end, vnet.gso_size, v4)
-
-
-def _l2(frame: memoryview) -> tuple[int, int]:
-    """Step over the Ethernet header and any VLAN tags: (ethertype, L3 offset).
-
-    (Not ``sttun.wire.ether.parse_frame``: that reads tagged frames one field off.)
-    """
-    n = len(frame)
-    if n < ETH_HLEN:
-        raise TruncatedError("Ethernet header", ETH_HLEN, n)
-    (etype,) = _U16.unpack_from(frame, 12)
-    off = ETH_HLEN
-    while etype in VLAN_TPIDS:
-        if off + VLAN_HLEN > n:
-            raise TruncatedError("VLAN tag", off + VLAN_HLEN, n)
-        (etype,) = _U16.unpack_from(frame, off + 2)
-        off += VLAN_HLEN
-    return etype, off
 
 
 def _ipv4_bounds(frame: Frame, l3: int, proto: int) -> tuple[int, int]:
@@ -321,9 +344,9 @@ def _split(
 
     payload = end - hlen
     count = max(1, -(-payload // mss))
-    first_flags = flags & ~(TCP_FIN | TCP_PSH) if count > 1 else flags
-    mid_flags = flags & ~(TCP_FIN | TCP_PSH | TCP_CWR)
-    last_flags = flags & ~TCP_CWR
+    first_flags = flags & ~(_TCP_FIN | _TCP_PSH) if count > 1 else flags
+    mid_flags = flags & ~(_TCP_FIN | _TCP_PSH | _TCP_CWR)
+    last_flags = flags & ~_TCP_CWR
     pack16 = _U16.pack_into
     pack32 = _U32.pack_into
     out_list: list[bytearray] = []

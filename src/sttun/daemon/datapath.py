@@ -30,8 +30,7 @@ from sttun.core.reassembly import Pending
 from sttun.daemon.config import TunnelConfig
 from sttun.io.packet_socket import RECV_SIZE
 from sttun.io.tap import TAP_READ_SIZE
-from sttun.wire.ether import ETH_HLEN
-from sttun.wire.ip import ETH_P_IP, ETH_P_IPV6
+from sttun.wire.ether import ETH_HLEN, ETH_P_IP, ETH_P_IPV6
 from sttun.wire.vnet import VNET_HDR, VNET_HDR_LEN, VNET_NONE, VnetFlag, VnetHdr
 
 Buffer = bytes | bytearray | memoryview

@@ -54,7 +54,7 @@ from sttun.io import netlink
 from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import PacketSocket
 from sttun.io.tap import TapDevice
-from sttun.wire.ip import ETH_P_IP, ETH_P_IPV6
+from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
 
 log = logging.getLogger("sttun.daemon")
 

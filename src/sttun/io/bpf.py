@@ -22,6 +22,10 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 
 from sttun.errors import SetupError
+from sttun.wire.ether import ETH_HLEN
+from sttun.wire.ether import ETH_P_IP as ETHERTYPE_IPV4
+from sttun.wire.ether import ETH_P_IPV6 as ETHERTYPE_IPV6
+from sttun.wire.ip import IPPROTO_TCP
 
 # Instruction classes, sizes, modes and ops from <linux/filter.h> / <linux/bpf_common.h>.
 BPF_LD = 0x00
@@ -54,11 +58,6 @@ ACCEPT_ALL = 0xFFFFFFFF
 BPF_MAXINSNS = 4096
 MAX_PORTS = 100
 """Upper bound on filter ports; keeps every jump offset within the 8-bit jt/jf range."""
-
-ETH_HLEN = 14
-ETHERTYPE_IPV4 = 0x0800
-ETHERTYPE_IPV6 = 0x86DD
-IPPROTO_TCP = 6
 
 Insn = tuple[int, int, int, int]
 """One classic BPF instruction ``(code, jt, jf, k)``."""

@@ -45,6 +45,9 @@ from collections.abc import Iterable, Sequence
 
 from sttun.errors import SetupError
 from sttun.io.bpf import attach_filter, stt_filter
+from sttun.wire.ether import ETH_HLEN, VLAN_HLEN
+from sttun.wire.stt import STT_PORT
+from sttun.wire.vnet import VNET_HDR_LEN
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -54,10 +57,7 @@ ETH_P_ALL = 0x0003
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 
-VNET_HDR_LEN = 10
-"""Size of ``struct virtio_net_hdr`` as used here."""
-
-RECV_SIZE = VNET_HDR_LEN + 65535 + 14 + 4 + 64
+RECV_SIZE = VNET_HDR_LEN + 65535 + ETH_HLEN + VLAN_HLEN + 64
 """A receive buffer this large holds any GRO-merged frame (64 KB IP + Ethernet)."""
 
 DEFAULT_RCVBUF = 16 * 1024 * 1024
@@ -87,7 +87,7 @@ class PacketSocket:
     def __init__(
         self,
         ifname: str,
-        ports: Iterable[int] | None = (7471,),
+        ports: Iterable[int] | None = (STT_PORT,),
         *,
         vnet_hdr: bool = True,
         rcvbuf: int = DEFAULT_RCVBUF,

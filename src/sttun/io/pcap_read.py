@@ -36,7 +36,8 @@ import struct
 from collections.abc import Iterator
 from typing import Final, Protocol
 
-from sttun.errors import CaptureError
+from sttun.errors import CaptureError, TruncatedError
+from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6, skip_vlan_tags
 
 __all__ = [
     "LINKTYPE_ETHERNET",
@@ -70,10 +71,6 @@ SUPPORTED_LINKTYPES: Final[frozenset[int]] = frozenset(
     (LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, LINKTYPE_IPV4, LINKTYPE_IPV6)
 ).union(_RAW_TYPES)
 
-_ETHERTYPE_IPV4: Final = 0x0800
-_ETHERTYPE_IPV6: Final = 0x86DD
-_VLAN_TAGS: Final = frozenset((0x8100, 0x88A8, 0x9100))  # 802.1Q, 802.1ad, old QinQ
-
 # linktype -> (offset of the 2-byte protocol/EtherType field, offset of its payload)
 _L2_LAYOUT: Final[dict[int, tuple[int, int]]] = {
     LINKTYPE_ETHERNET: (12, 14),
@@ -99,10 +96,10 @@ def l3_offset(linktype: int, data: BytesLike) -> tuple[int, int] | None:
     """Locate the network-layer header of a captured packet.
 
     Returns ``(ethertype, offset)``: the EtherType of the payload and the offset of its
-    first byte in ``data``.  Outer 802.1Q / 802.1ad tags are stepped over on Ethernet
-    and Linux cooked (SLL, SLL2) captures, so the EtherType is the innermost one; it
-    may be anything (ARP, ...), the caller checks for 0x0800 / 0x86DD.  For raw-IP
-    link types the EtherType is derived from the IP version nibble.
+    first byte in ``data``.  VLAN tags (:data:`sttun.wire.ether.VLAN_TPIDS`) are
+    stepped over on Ethernet and Linux cooked (SLL, SLL2) captures, so the EtherType is
+    the innermost one; it may be anything (ARP, ...), the caller checks for 0x0800 /
+    0x86DD.  For raw-IP link types the EtherType is derived from the IP version nibble.
 
     Returns ``None`` when the packet cannot be used: unknown link type, data shorter
     than the link-layer header (or with nothing after it), an 802.3 length field
@@ -111,16 +108,11 @@ def l3_offset(linktype: int, data: BytesLike) -> tuple[int, int] | None:
     n = len(data)
     layout = _L2_LAYOUT.get(linktype)
     if layout is not None:
-        tpos, off = layout
-        if n <= off:
+        try:
+            etype, off = skip_vlan_tags(data, *layout)
+        except TruncatedError:
             return None
-        etype = data[tpos] << 8 | data[tpos + 1]
-        while etype in _VLAN_TAGS:
-            if n <= off + 4:
-                return None
-            etype = data[off + 2] << 8 | data[off + 3]
-            off += 4
-        if etype < 0x0600:  # 802.3 length / SLL pseudo-protocol, not an EtherType
+        if n <= off or etype < 0x0600:  # nothing after it; 802.3 length / SLL pseudo-protocol
             return None
         return etype, off
     if n == 0:
@@ -128,14 +120,14 @@ def l3_offset(linktype: int, data: BytesLike) -> tuple[int, int] | None:
     if linktype in _RAW_TYPES:
         version = data[0] >> 4
         if version == 4:
-            return _ETHERTYPE_IPV4, 0
+            return ETH_P_IP, 0
         if version == 6:
-            return _ETHERTYPE_IPV6, 0
+            return ETH_P_IPV6, 0
         return None
     if linktype == LINKTYPE_IPV4:
-        return (_ETHERTYPE_IPV4, 0) if data[0] >> 4 == 4 else None
+        return (ETH_P_IP, 0) if data[0] >> 4 == 4 else None
     if linktype == LINKTYPE_IPV6:
-        return (_ETHERTYPE_IPV6, 0) if data[0] >> 4 == 6 else None
+        return (ETH_P_IPV6, 0) if data[0] >> 4 == 6 else None
     return None
 
 

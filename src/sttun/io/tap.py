@@ -25,6 +25,8 @@ import struct
 from collections.abc import Sequence
 
 from sttun.errors import SetupError
+from sttun.wire.ether import ETH_HLEN, VLAN_HLEN
+from sttun.wire.vnet import VNET_HDR_LEN
 
 # ioctl numbers and flags from <linux/if_tun.h> (checked against the kernel headers).
 TUNSETIFF = 0x400454CA
@@ -49,9 +51,6 @@ SIOCSIFMTU = 0x8922
 SIOCGIFHWADDR = 0x8927
 IFF_UP = 0x1
 
-VNET_HDR_LEN = 10
-"""Size of ``struct virtio_net_hdr`` without ``num_buffers``."""
-
 MTU_MIN = 68
 """Smallest MTU we accept: the IPv4 minimum (RFC 791)."""
 MTU_MAX = 65000
@@ -60,7 +59,7 @@ MTU_MAX = 65000
 IFNAMSIZ = 16
 """Kernel interface-name buffer; names are at most 15 characters."""
 
-TAP_READ_SIZE = VNET_HDR_LEN + 65535 + 14 + 4 + 64
+TAP_READ_SIZE = VNET_HDR_LEN + 65535 + ETH_HLEN + VLAN_HLEN + 64
 """A receive buffer this large holds any frame the TAP can hand over (64 KB IP
 packet + Ethernet + one VLAN tag + slack)."""
 

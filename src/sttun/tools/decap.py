@@ -44,6 +44,7 @@ from sttun.tools.report import (
     print_json,
     print_tables,
 )
+from sttun.wire.ether import VLAN_TPIDS as _VLAN_TPIDS
 
 if TYPE_CHECKING:
     from sttun.io.pcap import PcapWriter
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 TOOL = "decap"
 _CTX = struct.Struct("!Q")
 _U16 = struct.Struct("!H")
-_VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
 
 
 def split_name(context_id: int) -> str:

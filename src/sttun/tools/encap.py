@@ -51,6 +51,8 @@ def main(args: argparse.Namespace) -> int:
     from sttun.errors import CaptureError
     from sttun.io.pcap import LINKTYPE_ETHERNET, CaptureReader, PcapWriter
     from sttun.tools.progress import open_input
+    from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
+    from sttun.wire.stt import STT_PORT
 
     try:
         src = _address(args.src, "--src")
@@ -67,12 +69,12 @@ def main(args: argparse.Namespace) -> int:
     if mtu < MIN_UNDERLAY_MTU:
         return fail(TOOL, f"--mtu {mtu}: must be at least {MIN_UNDERLAY_MTU}")
     sport = getattr(args, "sport", None)
-    ethertype = b"\x86\xdd" if ipv6 else b"\x08\x00"
+    ethertype = (ETH_P_IPV6 if ipv6 else ETH_P_IP).to_bytes(2, "big")
     enc = Encapsulator(
         src.packed,
         dst.packed,
         args.context_id,
-        dst_port=int(getattr(args, "dst_port", 7471)),
+        dst_port=int(getattr(args, "dst_port", STT_PORT)),
         underlay_mtu=mtu,
         l2=OUTER_DST_MAC + OUTER_SRC_MAC + ethertype,
         first_frame_id=FIRST_FRAME_ID,

@@ -37,9 +37,9 @@ from scapy.layers.inet import TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, bind_layers
 
-__all__ = ["STT", "STT_PORT", "fix_seq"]
+from sttun.wire.stt import STT_PORT
 
-STT_PORT = 7471
+__all__ = ["STT", "STT_PORT", "fix_seq"]
 
 
 class STT(Packet):

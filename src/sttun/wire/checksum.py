@@ -99,19 +99,9 @@ def add(a: int, b: int) -> int:
     return (s & 0xFFFF) + (s >> 16)
 
 
-def sub(a: int, b: int) -> int:
-    """Ones'-complement subtraction ``a - b`` of two 16-bit sums."""
-    return add(a, ~b & 0xFFFF)
-
-
 def checksum(data: Buffer, initial: int = 0) -> int:
     """The Internet checksum of ``data`` (complemented sum), ``initial`` pre-added."""
     return ~ones_sum(data, initial) & 0xFFFF
-
-
-def checksum_parts(parts: Iterable[Buffer], initial: int = 0) -> int:
-    """The Internet checksum of the concatenation of ``parts``."""
-    return ~ones_sum_parts(parts, initial) & 0xFFFF
 
 
 def update16(old_checksum: int, old_word: int, new_word: int) -> int:
@@ -122,14 +112,3 @@ def update16(old_checksum: int, old_word: int, new_word: int) -> int:
     """
     s = add(add(~old_checksum & 0xFFFF, ~old_word & 0xFFFF), new_word)
     return ~s & 0xFFFF
-
-
-def update32(old_checksum: int, old_value: int, new_value: int) -> int:
-    """Incremental update for a 32-bit field (two 16-bit words)."""
-    c = update16(old_checksum, old_value >> 16, new_value >> 16)
-    return update16(c, old_value & 0xFFFF, new_value & 0xFFFF)
-
-
-def verify(data: Buffer, initial: int = 0) -> bool:
-    """True if ``data`` (with its checksum field in place) sums to all ones."""
-    return ones_sum(data, initial) == 0xFFFF

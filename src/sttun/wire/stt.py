@@ -12,6 +12,7 @@ import struct
 from typing import NamedTuple
 
 from sttun.errors import DecodeError, EncodeError, TruncatedError
+from sttun.wire.ether import ETH_HLEN
 
 STT_PORT = 7471  # IANA-assigned destination port (draft §5)
 STT_VERSION = 0
@@ -19,7 +20,6 @@ STT_HEADER = struct.Struct("!BBBBHHQH")
 STT_HEADER_LEN = STT_HEADER.size  # 18, includes the 2-byte pad (OVS STT_BASE_HLEN)
 MAX_FRAME_LEN = 0xFFFF  # 16-bit length in the upper half of SEQ
 MAX_INNER_LEN = MAX_FRAME_LEN - STT_HEADER_LEN  # 65517
-ETH_HLEN = 14
 MIN_FRAME_LEN = STT_HEADER_LEN + ETH_HLEN  # shorter complete frames are dropped (#26)
 
 TCP_HEADER = struct.Struct("!HHIIBBHHH")
