@@ -57,6 +57,7 @@ DEFAULT_PARENT = "/tmp"
 #: The programs :meth:`OvsHost.start` needs (Debian: ``openvswitch-switch``).
 PROGRAMS = ("ovsdb-tool", "ovsdb-server", "ovs-vsctl", "ovs-vswitchd", "ovs-appctl")
 DAEMONS = ("ovsdb-server", "ovs-vswitchd")
+INSTALL_HINT = "apt-get install openvswitch-switch"
 
 
 def missing_programs() -> list[str]:
@@ -68,7 +69,7 @@ def check_support() -> str | None:
     """Why an isolated Open vSwitch cannot run here, or None when it can."""
     missing = missing_programs()
     if missing:
-        return f"Open vSwitch is not installed ({', '.join(missing)}): apt-get install openvswitch-switch"
+        return f"Open vSwitch is not installed ({', '.join(missing)}): {INSTALL_HINT}"
     if not VSWITCH_SCHEMA.is_file():
         return f"Open vSwitch schema {VSWITCH_SCHEMA} is missing (package openvswitch-common)"
     if os.geteuid() != 0:
