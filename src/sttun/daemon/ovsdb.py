@@ -21,8 +21,9 @@ What it writes, where OVS users look:
   not write is never touched.
 * ``status``: ``sttun_state`` (the daemon's word for the tunnel: ``up``,
   ``down``, ...; ``error`` for a row in error), ``tunnel_egress_iface`` and
-  ``tunnel_egress_iface_carrier`` like OVS's own tunnel ports; written key by key (a mutation), so the keys
-  ovs-vswitchd keeps there (``driver_name``...) are left alone.
+  ``tunnel_egress_iface_carrier`` like OVS's own tunnel ports; written key by
+  key (a mutation), so the keys ovs-vswitchd keeps there (``driver_name``...)
+  are left alone.
 * ``type`` = ``system`` and ``external_ids:sttun-type=stt`` once the daemon has
   made the port's device (:meth:`OvsdbClient.port_ready`): from then on
   ovs-vswitchd opens the device of that name as an ordinary system port.
