@@ -106,14 +106,27 @@ def _ovsdb_value(v: object) -> object:
 def iperf3(client: Netns, server: Netns, addr: str, seconds: int = 5) -> float:
     """Single-stream iperf3 TCP from ``client`` to ``addr`` (in ``server``); Gbit/s received."""
     port = str(5300 + int(unique_suffix()[-2:], 36) % 500)
-    srv = server.popen(["iperf3", "-s", "-1", "-p", port, "--forceflush"], stdout=subprocess.PIPE, text=True)
+    srv = server.popen(
+        ["iperf3", "-s", "-1", "-p", port, "--forceflush"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert srv.stdout is not None
         for line in srv.stdout:  # iperf3 prints "Server listening on PORT" when ready
             if "listening" in line:
                 break
         res = client.run(
-            ["iperf3", "-c", addr, "-p", port, "-t", str(seconds), "-J", "--connect-timeout", "5000"],
+            [
+                "iperf3",
+                "-c",
+                addr,
+                "-p",
+                port,
+                "-t",
+                str(seconds),
+                "-J",
+                "--connect-timeout",
+                "5000",
+            ],
             timeout=seconds + 30,
         )
         data = json.loads(res.stdout)
