@@ -40,6 +40,7 @@ import ctypes
 import fcntl
 import socket
 import struct
+import subprocess
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,19 +125,57 @@ def set_feature(ifname: str, feature: str, on: bool) -> None:
 
 
 def set_gro_flush_timeout(ifname: str, nanoseconds: int) -> None:
-    """Write ``/sys/class/net/IFNAME/gro_flush_timeout``.
+    """Set ``gro_flush_timeout`` of ``ifname`` (sysfs is its only interface).
 
-    sysfs shows the network namespace it was mounted in (``ip netns exec`` mounts
-    the right one); the device's ``ifindex`` there is checked against this process's
-    view first, so a stale mount is an error, not a write to another device.
+    sysfs shows the network namespace it was mounted in.  When ``/sys`` shows this
+    thread's namespace (the daemon started with ``ip netns exec``, or in the host's
+    own namespace) the file is written directly; otherwise (a thread that switched
+    namespace with ``setns``) a short ``unshare --mount`` child mounts a sysfs of
+    the current namespace and writes it there, as ``ip netns exec`` would.
     """
+    if not 0 <= nanoseconds <= 2**32 - 1:
+        raise SetupError(f"{ifname}: gro_flush_timeout must be 0..4294967295 ns")
     base = Path("/sys/class/net") / ifname
     try:
-        if int((base / "ifindex").read_text()) != socket.if_nametoindex(ifname):
-            raise SetupError(f"{ifname}: /sys shows another network namespace")
-        (base / "gro_flush_timeout").write_text(f"{nanoseconds}\n")
+        ifindex = socket.if_nametoindex(ifname)
     except OSError as e:
-        raise SetupError(f"{ifname}: cannot set gro_flush_timeout: {e.strerror}") from e
+        raise SetupError(f"{ifname}: no such interface") from e
+    try:
+        same_ns = int((base / "ifindex").read_text()) == ifindex
+    except (OSError, ValueError):
+        same_ns = False
+    try:
+        if same_ns:
+            (base / "gro_flush_timeout").write_text(f"{nanoseconds}\n")
+            return
+        script = 'mount -t sysfs sysfs /sys && echo "$2" > "/sys/class/net/$1/gro_flush_timeout"'
+        res = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+             ifname, str(nanoseconds)],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SetupError(f"{ifname}: cannot set gro_flush_timeout: {e}") from e
+    if res.returncode != 0:
+        raise SetupError(f"{ifname}: cannot set gro_flush_timeout: {res.stderr.strip()}")
+
+
+def get_gro_flush_timeout(ifname: str) -> int:
+    """Read ``gro_flush_timeout`` of ``ifname`` (same namespace rules as the setter)."""
+    base = Path("/sys/class/net") / ifname
+    try:
+        if int((base / "ifindex").read_text()) == socket.if_nametoindex(ifname):
+            return int((base / "gro_flush_timeout").read_text())
+    except (OSError, ValueError):
+        pass
+    script = 'mount -t sysfs sysfs /sys && cat "/sys/class/net/$1/gro_flush_timeout"'
+    res = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", ifname],
+        capture_output=True, text=True, timeout=10, check=False,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise SetupError(f"{ifname}: cannot read gro_flush_timeout: {res.stderr.strip()}")
+    return int(res.stdout)
 
 
 def _link_kind(link: Any) -> str | None:
