@@ -14,7 +14,11 @@ standing in for ovs-vswitchd):
 * ``veth-kernel``: :class:`sttun.io.veth_port.VethPort` (offload off): one
   ``sendmsg`` of the GSO frame, the kernel's software GSO segments and checksums;
 * ``veth-offload``: the same with offload on (frames cross whole; for OVS with
-  userspace TSO).
+  userspace TSO);
+* ``tap-mirred``: the frame written to a TAP as it is, and a tc ingress filter
+  on the TAP redirecting it (``mirred egress redirect``) into a veth with
+  checksum and TSO off whose peer the switch reads: kernel GSO without changing
+  how sttun writes.
 
 Prints Gbit/s of inner TCP payload the sender pushes and its CPU seconds per GB
 (medians of ``--reps`` runs of ``--frames`` frames).  Never pass/fail.
@@ -37,11 +41,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.netns import Netns, tcp_frame
+
 from sttun.core.softpath import complete
 from sttun.io.tap import TapDevice
 from sttun.io.veth_port import VethPort
 from sttun.wire.vnet import VNET_NONE, VnetHdr
-from tests.netns import Netns, tcp_frame
 
 MSS = 1448
 PAYLOAD = 64 * 1024 - 14 - 20 - 20 - 600  # an inner frame well inside one STT frame
@@ -90,6 +95,16 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {}
     with Netns("bench") as ns, ns.entered():
         tap = TapDevice("swtap0", offload=True, mtu=1500)
+        ns.run(["ip", "tuntap", "add", "dev", "swtap2", "mode", "tap"])
+        tap2 = TapDevice("swtap2", offload=True, mtu=1500)
+        ns.run(["ip", "link", "add", "swm0", "type", "veth", "peer", "name", "swm1"])
+        ns.run(["ethtool", "-K", "swm0", "tx", "off", "tso", "off"])
+        for dev in ("swm0", "swm1"):
+            ns.run(["ip", "link", "set", dev, "up"])
+        ns.run(["tc", "qdisc", "add", "dev", "swtap2", "clsact"])
+        ns.run(["tc", "filter", "add", "dev", "swtap2", "ingress", "protocol", "all", "u32",
+                "match", "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev",
+                "swm0"])  # fmt: skip
         ports = {
             "veth-kernel": VethPort("swv0", offload=False, mtu=1500),
             "veth-offload": VethPort("swv1", offload=True, mtu=1500),
@@ -107,6 +122,7 @@ def main() -> None:
             "tap-python": ("swtap0", tap_python),
             "veth-kernel": ("swv0", lambda: ports["veth-kernel"].write(vnet_b, frame)),
             "veth-offload": ("swv1", lambda: ports["veth-offload"].write(vnet_b, frame)),
+            "tap-mirred": ("swm1", lambda: tap2.write(vnet_b, frame)),
         }
         try:
             for _ in range(args.reps):
@@ -115,6 +131,7 @@ def main() -> None:
                         results.setdefault(name, []).append(run_one(write, args.frames))
         finally:
             tap.close()
+            tap2.close(remove=True)
             for p in ports.values():
                 p.close(remove=True)
     print(f"{'mechanism':<14} {'Gbit/s':>8} {'CPU s/GB':>9}   ({args.reps} x {args.frames} frames)")

@@ -154,6 +154,9 @@ def test_the_pair_outlives_the_process_and_is_adopted(ns: Netns) -> None:
             assert again.existed and again.peer == "stt0-s"
             assert "mtu 9000" in ns.ip("link", "show", "stt0")  # kept
             assert get_feature("stt0-s", "tx-checksumming")
+            for dev in ("stt0", "stt0-s"):
+                assert ns.run(["sysctl", "-n", f"net.ipv6.conf.{dev}.disable_ipv6"]).stdout == "1\n"
+                assert "inet" not in ns.ip("addr", "show", dev)
         finally:
             again.close(remove=True)
     assert "stt0" not in ns.ip("-br", "link")

@@ -24,6 +24,10 @@ A :class:`VethPort` puts the kernel between sttun and such a reader::
   MTU-sized segments into 64 KB frames before sttun reads them, vnet header first
   (``NEEDS_CSUM`` + ``gso_type`` like a TSO frame from a TAP).
 
+Neither end takes part in the host's IP stack: IPv6 is disabled on both (no
+router solicitations or MLD reports of the host leak into the overlay), and
+neither gets an address.
+
 The pair outlives the process: ``name`` stays a port of the switch while sttun
 restarts, and a new :class:`VethPort` of the same name adopts the pair (its peer is
 found by the kernel's link, whatever its name).  ``close(remove=True)`` deletes it.
@@ -178,6 +182,23 @@ def get_gro_flush_timeout(ifname: str) -> int:
     return int(res.stdout)
 
 
+def disable_ipv6(ifname: str) -> None:
+    """``net.ipv6.conf.IFNAME.disable_ipv6=1``: the host's own IPv6 (router
+    solicitations, MLD reports, DAD) must not leak into the overlay through a port.
+
+    ``/proc/sys/net`` shows the network namespace of the thread that opens it.
+    A kernel without IPv6 has no such file: nothing to do then.
+    """
+    path = Path("/proc/sys/net/ipv6/conf") / ifname / "disable_ipv6"
+    try:
+        path.write_text("1\n")
+    except FileNotFoundError:
+        if Path("/proc/sys/net/ipv6").exists():
+            raise SetupError(f"{ifname}: cannot disable IPv6: no {path}") from None
+    except OSError as e:
+        raise SetupError(f"{ifname}: cannot disable IPv6: {e.strerror}") from e
+
+
 def _link_kind(link: Any) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
     return None if info is None else info.get_attr("IFLA_INFO_KIND")
@@ -211,6 +232,8 @@ class VethPort:
         self._sock: PacketSocket | None = None
         self.existed, self.peer = self._adopt_or_create(name)
         try:
+            for dev in (self.name, self.peer):
+                disable_ipv6(dev)
             if mtu is not None:
                 self.set_mtu(mtu)
             self.set_offload(offload)
