@@ -11,7 +11,13 @@ from collections.abc import Iterator
 import pytest
 
 from sttun.errors import SetupError
-from sttun.io.veth_port import GRO_FLUSH_TIMEOUT_NS, VethPort, get_feature, get_gro_flush_timeout
+from sttun.io.veth_port import (
+    GRO_FLUSH_TIMEOUT_NS,
+    VethPort,
+    get_feature,
+    get_gro_flush_timeout,
+    sttun_ports,
+)
 from tests.netns import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
@@ -147,6 +153,7 @@ def test_the_pair_outlives_the_process_and_is_adopted(ns: Netns) -> None:
     with ns.entered():
         first = VethPort("stt0", offload=False, mtu=9000)
         assert not first.existed and first.peer == "stt0-s"
+        assert sttun_ports() == ["stt0"]
         first.close()
         assert "stt0" in ns.ip("-br", "link")
         again = VethPort("stt0", offload=True)
@@ -159,6 +166,7 @@ def test_the_pair_outlives_the_process_and_is_adopted(ns: Netns) -> None:
                 assert "inet" not in ns.ip("addr", "show", dev)
         finally:
             again.close(remove=True)
+        assert sttun_ports() == []
     assert "stt0" not in ns.ip("-br", "link")
 
 

@@ -86,6 +86,11 @@ nothing.  Measured here: 40 back-to-back 1448-byte TCP segments from an
 50 µs.  A segment with PSH still flushes at once (TCP GRO), so an interactive
 flow does not wait."""
 
+PORT_ALIAS = "sttun:port"
+"""``ifalias`` of the switch-side end of every pair sttun makes (``ip link`` shows it
+as ``alias``): :func:`sttun_ports` finds pairs left behind, e.g. when a port was
+deleted from the switch while sttun was not running."""
+
 PEER_SUFFIX = "-s"
 """A new pair's sttun end is called ``<name>-s`` (or ``s-<crc32>`` for long names)."""
 
@@ -199,6 +204,19 @@ def disable_ipv6(ifname: str) -> None:
         raise SetupError(f"{ifname}: cannot disable IPv6: {e.strerror}") from e
 
 
+def sttun_ports() -> list[str]:
+    """Names of the switch-side ends of every veth pair a :class:`VethPort` made
+    (:data:`PORT_ALIAS`) in this network namespace."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return sorted(
+            str(link.get_attr("IFLA_IFNAME"))
+            for link in ipr.get_links()
+            if link.get_attr("IFLA_IFALIAS") == PORT_ALIAS and _link_kind(link) == "veth"
+        )
+
+
 def _link_kind(link: Any) -> str | None:
     info = link.get_attr("IFLA_LINKINFO")
     return None if info is None else info.get_attr("IFLA_INFO_KIND")
@@ -273,6 +291,7 @@ class VethPort:
                 raise SetupError(f"veth {name}: the peer name {peer} is taken by another device")
             try:
                 ipr.link("add", ifname=name, kind="veth", peer=peer)
+                ipr.link("set", index=ipr.link_lookup(ifname=name)[0], ifalias=PORT_ALIAS)
             except Exception as e:
                 raise SetupError(f"veth {name}: cannot create the pair: {e}") from e
             return False, peer
