@@ -100,7 +100,7 @@ def attach_tap_via_veth(ns: Netns, tap: str, port: str, *, offload: bool) -> str
         ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", "1")
     state = "on" if offload else "off"
     ns.run(["ethtool", "-K", peer, "tx", state, "tso", state, "gro", "on"])
-    ns.run(["ethtool", "-K", port, "tso", state])  # veth hands its peer to GRO only without TSO
+    ns.run(["ethtool", "-K", port, "tso", "off"])  # veth hands its peer to GRO only without TSO
     ns.run(["sh", "-c", f"echo 50000 > /sys/class/net/{peer}/gro_flush_timeout"])
     for src, dst in ((tap, peer), (peer, tap)):
         ns.run(["tc", "qdisc", "add", "dev", src, "clsact"])

@@ -123,10 +123,11 @@ def test_with_offload_the_gso_frame_crosses_whole(ns: Netns) -> None:
     assert got[0][10:] == frame
 
 
-def test_gro_merges_what_the_switch_sends(ns: Netns) -> None:
+@pytest.mark.parametrize("offload", [False, True], ids=["offload-off", "offload-on"])
+def test_gro_merges_what_the_switch_sends(ns: Netns, offload: bool) -> None:
     n = 40
     with ns.entered():
-        port = VethPort("sw0", offload=False)
+        port = VethPort("sw0", offload=offload)
         try:
             assert get_feature(port.peer, "generic-receive-offload")
             assert get_gro_flush_timeout(port.peer) == GRO_FLUSH_TIMEOUT_NS

@@ -299,17 +299,21 @@ class VethPort:
     def set_offload(self, offload: bool) -> None:
         """Checksum + TSO on sttun's end on (frames cross whole) or off (kernel segments).
 
-        The switch's end gets TSO ``offload`` too: veth hands a frame to its peer's
-        GRO only when the sending end has no TSO (``veth_skb_is_eligible_for_gro``).
+        The switch's end always has TSO off: veth hands a frame to its peer's GRO
+        only when the sending end has no TSO (``veth_skb_is_eligible_for_gro``),
+        and a GSO frame from a packet socket is segmented on the way into a veth
+        or TAP anyway (seen with OVS's userspace TSO), so GRO is what merges it
+        back.  Frames from sttun to the switch depend on sttun's end only.
         """
-        for dev in (self.peer, self.name):
-            if offload:
-                set_feature(dev, "tx-checksumming", True)
-                set_feature(dev, "scatter-gather", True)
-                set_feature(dev, "tcp-segmentation-offload", True)
-            elif get_feature(dev, "tcp-segmentation-offload"):
-                set_feature(dev, "tcp-segmentation-offload", False)
-        set_feature(self.peer, "tx-checksumming", offload)
+        if offload:
+            for feature in ("tx-checksumming", "scatter-gather", "tcp-segmentation-offload"):
+                set_feature(self.peer, feature, True)
+        else:
+            set_feature(self.peer, "tx-checksumming", False)  # takes TSO with it
+            if get_feature(self.peer, "tcp-segmentation-offload"):
+                set_feature(self.peer, "tcp-segmentation-offload", False)
+        if get_feature(self.name, "tcp-segmentation-offload"):
+            set_feature(self.name, "tcp-segmentation-offload", False)
         self.offload = offload
 
     def set_mtu(self, mtu: int) -> None:
