@@ -301,3 +301,24 @@ def test_without_the_ovs_package_the_error_says_what_to_install(tmp_path: Path) 
         [sys.executable, "-S", "-c", code, str(src)], capture_output=True, text=True, check=True
     )
     assert res.stdout.strip() == INSTALL_HINT
+
+
+def test_a_client_started_before_ovsdb_server_connects_when_it_comes() -> None:
+    with Netns("oh") as ns:
+        ovs = OvsHost(netns=ns.name)
+        ovs.start()
+        try:
+            ovs.add_bridge("br-int")
+            ovs.vsctl(*OLD_COMMAND)
+            ovs.stop_daemon("ovsdb-server")
+            pump = Pump(OvsdbClient(ovs.db_remote, is_local=lambda a: a == LOCAL))
+            try:
+                pump.events += pump.client.run()  # tries to connect, fails, backs off
+                assert not pump.client.synced and pump.events == []
+                ovs.start_ovsdb_server()
+                (ev,) = pump.next_events(timeout=30)
+                assert (ev.kind, ev.name) == ("added", "stt0")
+            finally:
+                pump.client.close()
+        finally:
+            ovs.stop()
