@@ -4,7 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := iproute2 nftables ethtool tcpdump tshark iperf3 iputils-ping procps kmod
+APT_PACKAGES := iproute2 nftables ethtool tcpdump tshark iperf3 iputils-ping procps kmod \
+	openvswitch-switch
 SRC_DEPS := pyproject.toml
 
 .PHONY: demo test lint bench bench-quick soak fuzz setup sysdeps clean
@@ -52,7 +53,7 @@ sysdeps:
 
 $(VENV)/.stamp-install: $(SRC_DEPS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@set -o pipefail; $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@set -o pipefail; $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,ovs]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	@touch $@
 
 clean:
