@@ -114,7 +114,7 @@ def fastpath_hosts(routed: bool = False) -> Iterator[FastPathHosts]:
                 [f"{h.ip_a}/24", f"{h.ip6_a}/64"],
                 [f"{h.ip_b}/24", f"{h.ip6_b}/64"],
             )
-            b.ethtool_k(h.dev_b, gro=False)  # each crafted skb arrives as sent
+            b.ethtool(h.dev_b, gro=False)  # each crafted skb arrives as sent
             h.nexthop_mac = _mac(b, h.dev_b)
         else:
             r = h.router = stack.enter_context(Netns("fr"))
@@ -142,15 +142,15 @@ def fastpath_hosts(routed: bool = False) -> Iterator[FastPathHosts]:
             a.ip("-6", "route", "add", "2001:db8:0:1:1::/80", "via", "2001:db8:0:1::fe")
             b.ip("route", "add", "198.18.0.0/24", "via", "198.18.1.254")
             b.ip("-6", "route", "add", "2001:db8:0:1::/80", "via", "2001:db8:0:1:1::fe")
-            r.ethtool_k(rb, tso=False, gso=True)  # segments on the wire to B
-            b.ethtool_k(h.dev_b, gro=True)  # merged again by B's GRO
+            r.ethtool(rb, tso=False, gso=True)  # segments on the wire to B
+            b.ethtool(h.dev_b, gro=True)  # merged again by B's GRO
             for dst in (h.ip_b, h.ip6_b):  # resolve B's address on the router
                 r.run(["ping", "-c", "1", "-W", "2", dst])
             h.nexthop_mac = _mac(r, ra)
         # jumbo towards the VM: inner MSS values above the underlay's reach it whole
         veth_pair(b, vm, h.br_port, h.vm_dev, mtu=VM_MTU)
         # complete checksums and segment in software on the way to the VM
-        b.ethtool_k(h.br_port, tx=False, tso=False, gso=True)
+        b.ethtool(h.br_port, tx=False, tso=False, gso=True)
         b.ip("link", "add", h.br, "type", "bridge")
         b.ip("link", "set", h.br_port, "master", h.br)
         b.ip("link", "set", h.br, "up")
