@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sttun.errors import SetupError
+from sttun.wire.stt import STT_PORT
 
 FAMILY = "inet"
 PRIO_RAW = -300
@@ -157,7 +158,7 @@ class Firewall:
         return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]}
 
     # -- operations ---------------------------------------------------------------
-    def install(self, local_addrs: Iterable[str], ports: Iterable[int] = (7471,)) -> None:
+    def install(self, local_addrs: Iterable[str], ports: Iterable[int] = (STT_PORT,)) -> None:
         """Install (or atomically replace) the table for ``local_addrs`` x ``ports``.
 
         An empty ``local_addrs`` matches TCP to ``ports`` at any destination address.
