@@ -164,21 +164,20 @@ class Firewall:
         An empty ``local_addrs`` matches TCP to ``ports`` at any destination address.
         Raises :class:`SetupError` when nft is missing or refuses the ruleset.
         """
-        doc = self.document(local_addrs, ports)
-        res = _run_nft(["-j", "-f", "-"], json.dumps(doc))
-        if res.returncode != 0:
-            raise SetupError(
-                f"nftables: installing table {FAMILY} {self.table} failed: "
-                f"{res.stderr.strip() or res.stdout.strip()}"
-            )
+        self._apply(self.document(local_addrs, ports), "installing")
 
     def remove(self) -> None:
         """Delete the table if it exists (idempotent)."""
         doc = {"nftables": [{"add": {"table": self._tbl()}}, {"delete": {"table": self._tbl()}}]}
+        self._apply(doc, "removing")
+
+    def _apply(self, doc: dict[str, Any], doing: str) -> None:
+        """Hand ``doc`` to ``nft -j -f -``; :class:`SetupError` saying what failed if refused."""
         res = _run_nft(["-j", "-f", "-"], json.dumps(doc))
         if res.returncode != 0:
             raise SetupError(
-                f"nftables: removing table {FAMILY} {self.table} failed: {res.stderr.strip()}"
+                f"nftables: {doing} table {FAMILY} {self.table} failed: "
+                f"{res.stderr.strip() or res.stdout.strip()}"
             )
 
     def _list(self) -> dict[str, Any] | None:
