@@ -3,7 +3,7 @@
 Byte 0 picks the mode:
 
 * raw — the rest of the input is handed to ``Endpoint.receive`` as it is (and to
-  ``parse_ip``, ``skip_vlan_tags``, ``parse_outer`` and ``parse_segment``);
+  ``skip_vlan_tags``, ``parse_outer`` and ``parse_segment``);
 * crafted — fuzz-chosen header fields around a fuzz payload: source/destination
   from the tunnel table or strangers, TOS, DF/fragment bits, protocol, IPv4 options,
   a lying total length, ports, SEQ/ACK, data offset, a right or wrong checksum, and
@@ -17,9 +17,9 @@ Invariants: ``receive`` never raises, and what it returns is what happened (see
 pending segment is in its partial frame, a delivered frame went to the tunnel whose
 remote, local address and key it carries and is the packet's own payload,
 decapsulated; the receive buffer is held exactly when ``Pending.KEPT`` says so;
-reassembly limits hold.  ``parse_ip`` raises only ``DecodeError``, ``skip_vlan_tags``
-only ``DecodeError`` (``TruncatedError``), ``parse_outer`` and ``parse_segment``
-return fields or a ``DropReason``, and agree.
+reassembly limits hold.  ``skip_vlan_tags`` raises only ``DecodeError``
+(``TruncatedError``), ``parse_outer`` and ``parse_segment`` return fields or a
+``DropReason``, and agree.
 """
 
 from __future__ import annotations
@@ -42,13 +42,10 @@ from sttun.core.drops import DropReason
 from sttun.core.outer import parse_outer, parse_segment
 from sttun.errors import DecodeError
 from sttun.wire.ether import skip_vlan_tags
-from sttun.wire.ip import parse_ip
 from sttun.wire.stt import SttHeader
 
 
 def _parsers(buf: bytes) -> None:
-    with contextlib.suppress(DecodeError):
-        parse_ip(buf)
     with contextlib.suppress(DecodeError):
         skip_vlan_tags(buf)
     res = parse_outer(buf)

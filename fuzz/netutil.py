@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import struct
 
+from tests.packets import build_ipv4, build_ipv6
+
 from fuzz.common import check
 from sttun.core.decap import Decapsulated
 from sttun.core.drops import DropReason
@@ -15,7 +17,7 @@ from sttun.core.endpoint import Delivered, Endpoint, Received, TunnelSpec
 from sttun.core.outer import Segment, parse_segment
 from sttun.core.reassembly import Pending, Reassembler
 from sttun.wire.checksum import ones_sum
-from sttun.wire.ip import build_ipv4, build_ipv6, ip_bytes, pseudo_sum
+from sttun.wire.ip import ip_bytes, pseudo_sum
 from sttun.wire.stt import STT_HEADER_LEN, STT_PORT, SttHeader
 
 __all__ = [

@@ -21,6 +21,7 @@ from typing import Any
 
 from sttun import __version__
 from sttun.daemon.config_keys import DAEMON_KEYS, MAX_KEY, TUNNEL_KEYS
+from sttun.wire.stt import STT_PORT
 
 PROG = "sttun"
 EXIT_OK = 0
@@ -90,10 +91,10 @@ examples:
   sttun show --instance tenant2
 """
 
-_DECAP_EPILOG = """\
+_DECAP_EPILOG = f"""\
 examples:
   sttun decap capture.pcap -o inner.pcap
-  sttun decap capture.pcapng -o inner.pcap --context-id 0x1234 --port 7471
+  sttun decap capture.pcapng -o inner.pcap --context-id 0x1234 --port {STT_PORT}
   sttun decap capture.pcap --split-by-context out/   # out/ctx-<hex id>.pcap
   sttun decap capture.pcap -o inner.pcap --json      # summary as JSON on stdout
 """
@@ -105,10 +106,10 @@ examples:
               --ipv6 --context-id 7 --mtu 9000 --sport-hash
 """
 
-_INSPECT_EPILOG = """\
+_INSPECT_EPILOG = f"""\
 examples:
   sttun inspect capture.pcap
-  sttun inspect capture.pcapng --json --port 7471 --port 7472
+  sttun inspect capture.pcapng --json --port {STT_PORT} --port {STT_PORT + 1}
 """
 
 _DEMO_EPILOG = """\
@@ -229,7 +230,7 @@ def _add_port_flag(p: argparse.ArgumentParser) -> None:
         metavar="P",
         type=_port,
         action="append",
-        help="STT destination port (repeatable; default: 7471)",
+        help=f"STT destination port (repeatable; default: {STT_PORT})",
     )
 
 
@@ -306,7 +307,11 @@ def _add_tools(sub: Any) -> None:
     )
     sport.add_argument("--sport", metavar="N", type=_port, help="fixed source port")
     p.add_argument(
-        "--dst-port", metavar="P", type=_port, default=7471, help="destination port (default: 7471)"
+        "--dst-port",
+        metavar="P",
+        type=_port,
+        default=STT_PORT,
+        help=f"destination port (default: {STT_PORT})",
     )
     p.set_defaults(func=_tool("encap"))
 

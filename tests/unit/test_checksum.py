@@ -12,6 +12,7 @@ from tests.reference import naive_sum
 from sttun.wire.checksum import (
     add,
     checksum,
+    fold,
     ones_sum,
     ones_sum_parts,
     update16,
@@ -119,6 +120,14 @@ def test_update16_matches_recompute(words: list[int]) -> None:
 @given(words16, words16)
 def test_add(a: int, b: int) -> None:
     assert normal(add(a, b)) == normal(naive_sum(a.to_bytes(2, "big") + b.to_bytes(2, "big")))
+
+
+@given(st.lists(words16, max_size=300))
+def test_fold_is_the_end_around_carry_sum(words: list[int]) -> None:
+    """fold(plain sum of words) is the carry-folded sum; 0 only for no bits set."""
+    s = fold(sum(words))
+    assert 0 <= s <= 0xFFFF and (s == 0) == (not any(words))
+    assert s == naive_sum(b"".join(w.to_bytes(2, "big") for w in words))
 
 
 # Sizes around the strategy changes of ones_sum (one read / two halves / 4 KB chunks

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from sttun.core.decap import decapsulate
+from sttun.core.drops import DropReason
 from sttun.core.encap import Encapsulator
-from sttun.wire.ip import ip_bytes, parse_ip
-from sttun.wire.stt import SttFlag, SttHeader, TcpLikeHeader
+from sttun.core.outer import parse_outer, parse_segment
+from sttun.wire.ip import ip_bytes
+from sttun.wire.stt import TCP_HEADER, SttFlag, SttHeader
 from sttun.wire.vnet import VnetFlag, VnetHdr
 
 GOLDEN = bytes.fromhex(
@@ -33,17 +35,16 @@ def test_golden_vector_encode() -> None:
 
 
 def test_golden_vector_decode() -> None:
-    ip = parse_ip(GOLDEN)
-    assert (ip.version, ip.header_len, ip.total_len, ip.proto) == (4, 20, 104, 6)
-    tcp = TcpLikeHeader.unpack(GOLDEN, 20)
-    assert (tcp.sport, tcp.dport, tcp.frame_len, tcp.offset, tcp.frame_id) == (
-        50000,
-        7471,
-        64,
-        0,
-        1,
-    )
-    assert tcp.data_offset == 5 and tcp.window == 0xFFFF
+    outer = parse_outer(GOLDEN)
+    assert not isinstance(outer, DropReason)
+    src, dst, tos, l4, end = outer
+    assert (GOLDEN[0] >> 4, l4, end, GOLDEN[9]) == (4, 20, 104, 6)
+    assert (src, dst, tos) == (ip_bytes("10.0.0.1"), ip_bytes("10.0.0.2"), 0)
+    sport, dport, seq, ack, doff, flags, window, csum, urgent = TCP_HEADER.unpack_from(GOLDEN, 20)
+    assert (sport, dport, seq >> 16, seq & 0xFFFF, ack) == (50000, 7471, 64, 0, 1)
+    assert doff >> 4 == 5 and window == 0xFFFF
+    assert (flags, csum, urgent) == (0x18, 0x2223, 0)
+    assert parse_segment(GOLDEN) == (src, dst, tos, sport, dport, seq, ack, doff, l4, end)
     hdr = SttHeader.unpack(GOLDEN, 40)
     assert hdr == SttHeader(flags=SttFlag.CSUM_VERIFIED, context_id=0x0102030405060708)
     result = decapsulate(GOLDEN[40:])

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sttun.daemon.logsetup import format_key, setup_logging, tunnel_logger
+from sttun.core.keys import format_key
+from sttun.daemon.logsetup import setup_logging, tunnel_logger
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +73,19 @@ def test_bad_arguments(level: str, fmt: str) -> None:
         setup_logging(level, fmt)
 
 
-def test_format_key() -> None:
-    assert format_key(0) == "0x0"
-    assert format_key(2**64 - 1) == "0xffffffffffffffff"
-    assert format_key("0x5") == "0x5"
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize(
+    ("key", "shown"), [(0, "0x0"), (2**64 - 1, "0xffffffffffffffff"), ("0x5", "0x5")]
+)
+def test_key_as_the_core_formats_it(fmt: str, key: int | str, shown: str) -> None:
+    """Logs show a context id as everything else does (sttun.core.keys.format_key)."""
+    if isinstance(key, int):
+        assert format_key(key) == shown
+    out = io.StringIO()
+    setup_logging("info", fmt, stream=out)
+    logging.getLogger("sttun.endpoint").info("up", extra={"tunnel": "t", "key": key})
+    line = out.getvalue().strip()
+    if fmt == "json":
+        assert json.loads(line)["key"] == shown
+    else:
+        assert line.endswith(f" [t key={shown}] up")

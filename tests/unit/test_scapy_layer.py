@@ -11,8 +11,10 @@ from scapy.layers.l2 import Ether
 
 from sttun.core.api import encapsulate
 from sttun.core.decap import decapsulate
+from sttun.core.drops import DropReason
+from sttun.core.outer import parse_segment
 from sttun.tools.scapy_layer import STT, fix_seq
-from sttun.wire.stt import SttHeader, TcpLikeHeader
+from sttun.wire.stt import SttHeader
 
 INNER = (
     Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
@@ -30,8 +32,11 @@ def test_scapy_built_frame_decodes_with_sttun() -> None:
         / INNER
     )
     raw = bytes(pkt)
-    tcp = TcpLikeHeader.unpack(raw, 20)
-    assert (tcp.frame_len, tcp.offset, tcp.frame_id) == (18 + len(INNER), 0, 9)
+    seg = parse_segment(raw)
+    assert not isinstance(seg, DropReason)
+    _src, _dst, _tos, _sport, dport, seq, ack, _doff, l4, end = seg
+    assert (dport, seq >> 16, seq & 0xFFFF, ack) == (7471, 18 + len(INNER), 0, 9)
+    assert (l4, end) == (20, len(raw))
     hdr = SttHeader.unpack(raw, 40)
     assert hdr.context_id == 0x0102030405060708
     assert hdr.csum_verified and not hdr.csum_partial

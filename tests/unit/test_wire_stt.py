@@ -5,21 +5,19 @@ from __future__ import annotations
 import struct
 
 import pytest
+from tests.packets import pack_tcp
 
-from sttun.errors import DecodeError, EncodeError, TruncatedError
+from sttun.errors import EncodeError, TruncatedError
 from sttun.wire.stt import (
     FLAGS_RESERVED_MASK,
     MAX_INNER_LEN,
     MIN_FRAME_LEN,
     STT_HEADER_LEN,
     STT_PORT,
+    TCP_HEADER,
     TCP_HEADER_LEN,
     SttFlag,
     SttHeader,
-    TcpFlag,
-    TcpLikeHeader,
-    check_version,
-    pack_tcp,
 )
 from sttun.wire.vnet import VNET_HDR_LEN, VNET_NONE, GsoType, VnetFlag, VnetHdr
 
@@ -111,50 +109,18 @@ def test_build_vlan() -> None:
         SttHeader.build(1, vlan_id=1, pcp=8)
 
 
-def test_check_version() -> None:
-    check_version(0)
-    with pytest.raises(DecodeError) as ei:
-        check_version(1)
-    assert ei.value.field == "STT version" and ei.value.got == 1
+# The version check is the decapsulator's: test_decap.py::test_edge11_version_nonzero_dropped.
+# The reader of the TCP-like header in a received packet is sttun.core.outer.parse_segment
+# (test_outer_parse.py); here its layout, with the tests' builder.
 
 
 def test_tcp_like_layout() -> None:
     raw = pack_tcp(50000, 7471, 64, 0, 1, window=0xFFFF, checksum=0x2223)
     assert raw == bytes.fromhex("c3501d2f00400000000000015018ffff22230000")
-    t = TcpLikeHeader.unpack(raw)
-    assert t == TcpLikeHeader(50000, 7471, 64, 0, 1, 5, 0x18, 0xFFFF, 0x2223, 0)
-    assert t.seq == 0x00400000
-    assert t.pack() == raw
-
-
-def test_tcp_like_seq_halves() -> None:
-    t = TcpLikeHeader.unpack(pack_tcp(1, 2, 0xFFFF, 0xFFEE, 0xFFFFFFFF, TcpFlag.ACK))
-    assert (t.frame_len, t.offset, t.frame_id, t.seq) == (0xFFFF, 0xFFEE, 0xFFFFFFFF, 0xFFFFFFEE)
-
-
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {"frame_len": 0x10000},
-        {"frame_len": -1},
-        {"offset": 0x10000},
-        {"sport": 0x10000},
-        {"frame_id": 1 << 32},
-        {"data_offset": 16},
-        {"window": -1},
-    ],
-)
-def test_pack_tcp_range_errors(kw: dict[str, int]) -> None:
-    args = {"sport": 1, "dport": 2, "frame_len": 10, "offset": 0, "frame_id": 0, **kw}
-    positional = [args.pop(k) for k in ("sport", "dport", "frame_len", "offset", "frame_id")]
-    with pytest.raises(EncodeError):
-        pack_tcp(*positional, **args)
-
-
-def test_tcp_like_truncated() -> None:
-    with pytest.raises(TruncatedError) as ei:
-        TcpLikeHeader.unpack(bytes(30), 11)
-    assert (ei.value.need, ei.value.have) == (20, 19)
+    assert TCP_HEADER.size == TCP_HEADER_LEN
+    fields = TCP_HEADER.unpack(raw)
+    assert fields == (50000, 7471, 0x00400000, 1, 0x50, 0x18, 0xFFFF, 0x2223, 0)
+    assert TCP_HEADER.pack(*fields) == raw
 
 
 def test_vnet_roundtrip_and_layout() -> None:

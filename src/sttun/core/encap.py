@@ -42,7 +42,7 @@ from sttun.core.offload import (
 )
 from sttun.core.vlan import tx_split_tag
 from sttun.errors import DecodeError, EncodeError
-from sttun.wire.checksum import little_endian_value, ones_sum
+from sttun.wire.checksum import fold, little_endian_value, ones_sum
 from sttun.wire.ether import ETH_HLEN, ETH_P_IP, ETH_P_IPV6, TPID_8021Q
 from sttun.wire.ip import (
     ECN_CE,
@@ -345,7 +345,7 @@ class Encapsulator:
             sport = flow_source_port(frame, et)
         frame_len = n + STT_HEADER_LEN
         tcp_len = TCP_HEADER_LEN + frame_len
-        # Sums folded inline: non-zero, so ``% 0xFFFF or 0xFFFF`` (see _fold).
+        # Sums folded inline: non-zero, so ``% 0xFFFF or 0xFFFF`` (see checksum.fold).
         seed = (self._pseudo_base + tcp_len) % 0xFFFF or 0xFFFF
         buf = self._scratch
         if self.ipv6:
@@ -485,7 +485,7 @@ class Encapsulator:
                 flags = TX_TCP_FLAGS if i == last else TX_TCP_FLAGS_MID
                 tcp_len = TCP_HEADER_LEN + size
                 ident = (ident0 + i) & 0xFFFF
-                ipc = ~_fold(ip_const + IPV4_HLEN + tcp_len + ident) & 0xFFFF
+                ipc = ~fold(ip_const + IPV4_HLEN + tcp_len + ident) & 0xFFFF
                 c = _checksum_le(v, tcp_const + tcp_len + offset + (TCP_DOFF_BYTE << 8 | flags))
                 hdr = pack4(
                     0x45, tos, IPV4_HLEN + tcp_len, ident, df, ttl, IPPROTO_TCP, ipc, self.local,
@@ -523,15 +523,6 @@ def _checksum_le(value: int, words: int) -> int:
     w = words % 0xFFFF
     s = (value + (((w & 0xFF) << 8) | (w >> 8))) % 0xFFFF or 0xFFFF
     return ~(((s & 0xFF) << 8) | (s >> 8)) & 0xFFFF
-
-
-def _fold(s: int) -> int:
-    """Fold a non-negative integer sum of 16-bit words to 16 bits (ones' complement)."""
-    # Same as adding the carries back until none is left: 2**16 ≡ 1 (mod 0xFFFF),
-    # and a non-zero sum folds to 1..0xFFFF (never to 0).
-    if s > 0xFFFF:
-        return s % 0xFFFF or 0xFFFF
-    return s
 
 
 def _segment_sizes(frame_len: int, seg: int) -> Sequence[int]:

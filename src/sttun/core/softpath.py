@@ -33,7 +33,7 @@ import os
 import struct
 
 from sttun.errors import DecodeError, TruncatedError
-from sttun.wire.checksum import ones_sum, ones_sum_parts
+from sttun.wire.checksum import fold, ones_sum, ones_sum_parts
 from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6, skip_vlan_tags
 from sttun.wire.ip import (
     IPPROTO_TCP,
@@ -69,12 +69,6 @@ _NEXTHDR_DEST = 60
 
 # IPv6 fragment identifications for UFO; a random start like the kernel's hash.
 _ipv6_frag_ids = itertools.count(int.from_bytes(os.urandom(4), "big"))
-
-
-def _fold(s: int) -> int:
-    """Fold a non-negative sum (< 2**32) to 16 bits with end-around carry."""
-    s = (s & 0xFFFF) + (s >> 16)
-    return (s & 0xFFFF) + (s >> 16)
 
 
 def finish_checksum(
@@ -140,7 +134,7 @@ def _pseudo_header(frame: Frame, csum_start: int, csum_offset: int) -> tuple[int
     if not csum_start < csum_start + csum_offset + 2 <= end <= n:
         return None
     proto = IPPROTO_TCP if csum_offset == TCP_CSUM_OFFSET else IPPROTO_UDP
-    return _fold(ones_sum(addresses) + proto + end - csum_start), end
+    return fold(ones_sum(addresses) + proto + end - csum_start), end
 
 
 def complete(frame: Frame, vnet: VnetHdr) -> list[bytearray]:
@@ -367,17 +361,17 @@ def _split(
             s += (seq >> 16) + (seq & 0xFFFF) + f
             pack32(out, l4 + 4, seq)
             out[l4 + 13] = f
-            pack16(out, l4 + 16, ~_fold(s) & 0xFFFF)
+            pack16(out, l4 + 16, ~fold(s) & 0xFFFF)
         else:
             s += l4_len  # the UDP length field is summed as well as the pseudo-header's
             pack16(out, l4 + 4, l4_len)
-            pack16(out, l4 + 6, (~_fold(s) & 0xFFFF) or 0xFFFF)
+            pack16(out, l4 + 6, (~fold(s) & 0xFFFF) or 0xFFFF)
         if v4:
             total = l3_to_l4 + l4_len
             ident = (ip_id + i) & 0xFFFF
             pack16(out, l3 + 2, total)
             pack16(out, l3 + 4, ident)
-            pack16(out, l3 + 10, ~_fold(ip_base + total + ident) & 0xFFFF)
+            pack16(out, l3 + 10, ~fold(ip_base + total + ident) & 0xFFFF)
         else:
             pack16(out, l3 + 4, v6_ext + l4_len)
         out_list.append(out)
@@ -399,7 +393,7 @@ def _fragment_udp(
     ulen = end - l4
     addr = ones_sum(mv[l3 + 12 : l3 + 20]) if v4 else ones_sum(mv[l3 + 8 : l3 + 40])
     s = addr + IPPROTO_UDP + ulen + ones_sum_parts((mv[l4 : l4 + 6], mv[l4 + 8 : end]))
-    csum = (~_fold(s) & 0xFFFF) or 0xFFFF
+    csum = (~fold(s) & 0xFFFF) or 0xFFFF
     frag_data = bytearray(mv[unfrag_end:end])
     _U16.pack_into(frag_data, l4 - unfrag_end + UDP_CSUM_OFFSET, csum)
     flen = len(frag_data)
@@ -425,7 +419,7 @@ def _fragment_udp(
             fo = (off >> 3) | (IPV4_MF if off + chunk < flen else 0)
             pack16(out, l3 + 2, total)
             pack16(out, l3 + 6, fo)
-            pack16(out, l3 + 10, ~_fold(ip_base + total + fo) & 0xFFFF)
+            pack16(out, l3 + 10, ~fold(ip_base + total + fo) & 0xFFFF)
             out_list.append(out)
         return out_list
     unfrag_ext = unfrag_end - l3 - IPV6_HLEN

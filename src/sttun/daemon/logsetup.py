@@ -22,6 +22,8 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
+from sttun.core.keys import format_key
+
 LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -37,10 +39,10 @@ _STANDARD_ATTRS = frozenset(
 _NOISY_LIBRARIES = ("pyroute2",)  # kept at WARNING unless the level is debug
 
 
-def format_key(key: object) -> str:
-    """A context id as logs show it: ``0x1234`` (non-integers unchanged)."""
+def _key_text(key: object) -> str:
+    """A context id as :func:`~sttun.core.keys.format_key` writes it; other values as text."""
     if isinstance(key, int) and not isinstance(key, bool):
-        return f"{key:#x}"
+        return format_key(key)
     return str(key)
 
 
@@ -63,7 +65,7 @@ class TextFormatter(logging.Formatter):
         if tunnel is not None or key is not None:
             ctx = [str(tunnel)] if tunnel is not None else []
             if key is not None:
-                ctx.append(f"key={format_key(key)}")
+                ctx.append(f"key={_key_text(key)}")
             parts.append(f"[{' '.join(ctx)}]")
         text = record.getMessage()
         if record.exc_info:
@@ -87,7 +89,7 @@ class JsonFormatter(logging.Formatter):
         for name, value in vars(record).items():
             if name in _STANDARD_ATTRS or name.startswith("_"):
                 continue
-            out[name] = format_key(value) if name == "key" else value
+            out[name] = _key_text(value) if name == "key" else value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         if record.stack_info:

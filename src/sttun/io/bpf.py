@@ -26,6 +26,7 @@ from sttun.wire.ether import ETH_HLEN
 from sttun.wire.ether import ETH_P_IP as ETHERTYPE_IPV4
 from sttun.wire.ether import ETH_P_IPV6 as ETHERTYPE_IPV6
 from sttun.wire.ip import IPPROTO_TCP
+from sttun.wire.stt import STT_PORT
 
 # Instruction classes, sizes, modes and ops from <linux/filter.h> / <linux/bpf_common.h>.
 BPF_LD = 0x00
@@ -109,7 +110,7 @@ def _check_ports(ports: Iterable[int]) -> list[int]:
     return uniq
 
 
-def stt_filter(ports: Iterable[int] = (7471,)) -> list[Insn]:
+def stt_filter(ports: Iterable[int] = (STT_PORT,)) -> list[Insn]:
     """The filter program for TCP to any of ``ports`` over IPv4 or IPv6 (see module doc)."""
     plist = _check_ports(ports)
     a = _Asm()

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sttun.errors import SetupError
+from sttun.wire.stt import STT_PORT
 
 FAMILY = "inet"
 PRIO_RAW = -300
@@ -157,27 +158,26 @@ class Firewall:
         return {"nftables": [{"metainfo": {"json_schema_version": 1}}, *cmds]}
 
     # -- operations ---------------------------------------------------------------
-    def install(self, local_addrs: Iterable[str], ports: Iterable[int] = (7471,)) -> None:
+    def install(self, local_addrs: Iterable[str], ports: Iterable[int] = (STT_PORT,)) -> None:
         """Install (or atomically replace) the table for ``local_addrs`` x ``ports``.
 
         An empty ``local_addrs`` matches TCP to ``ports`` at any destination address.
         Raises :class:`SetupError` when nft is missing or refuses the ruleset.
         """
-        doc = self.document(local_addrs, ports)
-        res = _run_nft(["-j", "-f", "-"], json.dumps(doc))
-        if res.returncode != 0:
-            raise SetupError(
-                f"nftables: installing table {FAMILY} {self.table} failed: "
-                f"{res.stderr.strip() or res.stdout.strip()}"
-            )
+        self._apply(self.document(local_addrs, ports), "installing")
 
     def remove(self) -> None:
         """Delete the table if it exists (idempotent)."""
         doc = {"nftables": [{"add": {"table": self._tbl()}}, {"delete": {"table": self._tbl()}}]}
+        self._apply(doc, "removing")
+
+    def _apply(self, doc: dict[str, Any], doing: str) -> None:
+        """Hand ``doc`` to ``nft -j -f -``; :class:`SetupError` saying what failed if refused."""
         res = _run_nft(["-j", "-f", "-"], json.dumps(doc))
         if res.returncode != 0:
             raise SetupError(
-                f"nftables: removing table {FAMILY} {self.table} failed: {res.stderr.strip()}"
+                f"nftables: {doing} table {FAMILY} {self.table} failed: "
+                f"{res.stderr.strip() or res.stdout.strip()}"
             )
 
     def _list(self) -> dict[str, Any] | None:

@@ -326,10 +326,16 @@ class Demo:
             print(f"sttun demo: cleaning up: {e}", file=sys.stderr)
 
 
-def _down(display: Display) -> int:
+def _unsupported() -> bool:
+    """True (and the reason said on stderr) if this machine cannot run the demo."""
     problem = check_support()
     if problem:
         print(f"sttun demo: {problem}", file=sys.stderr)
+    return bool(problem)
+
+
+def _down(display: Display) -> int:
+    if _unsupported():
         return EXIT_UNSUPPORTED
     removed = remove_stale(PREFIX)
     if removed:
@@ -355,9 +361,7 @@ def main(args: argparse.Namespace) -> int:
     display = Display(_want_rich())
     if getattr(args, "down", False):
         return _down(display)
-    problem = check_support()
-    if problem:
-        print(f"sttun demo: {problem}", file=sys.stderr)
+    if _unsupported():
         return EXIT_UNSUPPORTED
     for tool in ("ping", "ethtool"):
         if shutil.which(tool) is None:

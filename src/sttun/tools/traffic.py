@@ -62,8 +62,7 @@ def _watch(
     total = 0
     while proc.poll() is None:
         if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
+            _stop(proc)
             raise SetupError(f"the transfer did not finish in {timeout:g}s")
         time.sleep(0.25)
         now, b = time.monotonic(), _tx_bytes(ep)
@@ -117,6 +116,24 @@ class Transfer:
     digest: str
 
 
+def _run_watched(
+    proc: subprocess.Popen[str], ep: Endpoint, update: Callable[[str], None], timeout: float
+) -> tuple[str, str]:
+    """``proc``'s stdout and stderr once it ends, watched by :func:`_watch`; stopped if not."""
+    try:
+        _watch(proc, ep, update, timeout=timeout)
+        return proc.communicate()
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    """Kill ``proc`` if it still runs, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def python_transfer(
     hosts: TwoHosts,
     nbytes: int,
@@ -142,13 +159,7 @@ def python_transfer(
             stderr=subprocess.PIPE,
             text=True,
         )
-        try:
-            _watch(tx, ep, update, timeout=300)
-            out, err = tx.communicate()
-        finally:
-            if tx.poll() is None:
-                tx.kill()
-                tx.wait()
+        out, err = _run_watched(tx, ep, update, timeout=300)
         if tx.returncode != 0:
             raise SetupError(f"transfer sender failed: {err.strip().splitlines()[-1:]}")
         sent, digest, seconds = out.split()
@@ -157,9 +168,7 @@ def python_transfer(
         received = int(got[0]) if got else 0
         return Transfer(int(sent), received, got[1:2] == [digest], float(seconds), digest)
     finally:
-        if rx.poll() is None:
-            rx.kill()
-            rx.wait()
+        _stop(rx)
 
 
 def _read_err(proc: subprocess.Popen[str]) -> str:
@@ -192,13 +201,7 @@ def iperf3_bulk(
             stderr=subprocess.PIPE,
             text=True,
         )
-        try:
-            _watch(client, ep, update, timeout=seconds + 30)
-            out, err = client.communicate()
-        finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
+        out, err = _run_watched(client, ep, update, timeout=seconds + 30)
         try:
             result: dict[str, Any] = json.loads(out)
         except json.JSONDecodeError as e:
@@ -207,6 +210,4 @@ def iperf3_bulk(
             raise SetupError(f"iperf3: {result['error']}")
         return result
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
+        _stop(server)

@@ -59,13 +59,7 @@ def ones_sum(data: Buffer, initial: int = 0) -> int:
 
     An odd-length buffer is summed as if padded with one zero byte.
     """
-    v = little_endian_value(data)
-    if initial:
-        v += ((initial & 0xFF) << 8) | (initial >> 8)
-    if not v:
-        return 0
-    s = v % 0xFFFF or 0xFFFF
-    return ((s & 0xFF) << 8) | (s >> 8)
+    return _sum_of_le(little_endian_value(data), initial)
 
 
 def ones_sum_parts(parts: Iterable[Buffer], initial: int = 0) -> int:
@@ -84,19 +78,31 @@ def ones_sum_parts(parts: Iterable[Buffer], initial: int = 0) -> int:
         total += v << 8 if odd else v
         if n & 1:
             odd = not odd
+    return _sum_of_le(total, initial)
+
+
+def _sum_of_le(value: int, initial: int) -> int:
+    """The sum of bytes whose :func:`little_endian_value` is ``value``, plus ``initial``."""
     if initial:
-        total += ((initial & 0xFF) << 8) | (initial >> 8)
-    if not total:
-        return 0
-    s = total % 0xFFFF or 0xFFFF
+        value += ((initial & 0xFF) << 8) | (initial >> 8)
+    s = fold(value)
     return ((s & 0xFF) << 8) | (s >> 8)
+
+
+def fold(s: int) -> int:
+    """Fold a non-negative integer sum of 16-bit words to a 16-bit sum.
+
+    The same as adding the carries back until none is left, since 2**16 ≡ 1
+    (mod 0xFFFF): 0 stays 0, any other sum folds to 1..0xFFFF (never to 0).
+    """
+    if s > 0xFFFF:
+        return s % 0xFFFF or 0xFFFF
+    return s
 
 
 def add(a: int, b: int) -> int:
     """Ones'-complement addition of two 16-bit sums."""
-    s = a + b
-    s = (s & 0xFFFF) + (s >> 16)
-    return (s & 0xFFFF) + (s >> 16)
+    return fold(a + b)
 
 
 def checksum(data: Buffer, initial: int = 0) -> int:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import NamedTuple
 
-from sttun.errors import DecodeError, EncodeError, TruncatedError
+from sttun.errors import EncodeError, TruncatedError
 from sttun.wire.ether import ETH_HLEN
 
 STT_PORT = 7471  # IANA-assigned destination port (draft §5)
@@ -169,7 +168,8 @@ class SttHeader:
         """Decode the header at ``offset``; raises :class:`TruncatedError` if short.
 
         The version is *not* checked here (a decoder for inspection tools must show
-        any version); :func:`check_version` does that for the receive path.
+        any version); the receive path's :class:`~sttun.core.decap.Decapsulator` drops
+        other versions (``BAD_VERSION``).
         """
         have = len(buf) - offset
         if have < STT_HEADER_LEN:
@@ -196,90 +196,3 @@ class SttHeader:
                 raise EncodeError(f"pcp: expected 0..7, got {pcp}")
             tci = (pcp << 13) | VLAN_V_MASK | vlan_id
         return cls(flags=flags, l4_offset=l4_offset, mss=mss, vlan_tci=tci, context_id=context_id)
-
-
-def check_version(version: int) -> None:
-    """Raise :class:`DecodeError` unless ``version`` is the only one defined (0)."""
-    if version != STT_VERSION:
-        raise DecodeError("STT version", STT_VERSION, version)
-
-
-class TcpLikeHeader(NamedTuple):
-    """The 20-byte TCP-like header of an STT segment, decoded.
-
-    ``frame_len`` and ``offset`` are the two halves of SEQ; ``frame_id`` is ACK.
-    """
-
-    sport: int
-    dport: int
-    frame_len: int
-    offset: int
-    frame_id: int
-    data_offset: int  # in 32-bit words
-    flags: int
-    window: int
-    checksum: int
-    urgent: int
-
-    @property
-    def seq(self) -> int:
-        """The raw 32-bit sequence number."""
-        return (self.frame_len << 16) | self.offset
-
-    @classmethod
-    def unpack(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> TcpLikeHeader:
-        """Decode 20 bytes at ``offset``; raises :class:`TruncatedError` if short."""
-        have = len(buf) - offset
-        if have < TCP_HEADER_LEN:
-            raise TruncatedError("TCP-like header", TCP_HEADER_LEN, max(0, have))
-        sport, dport, seq, ack, doff, flags, win, csum, urg = TCP_HEADER.unpack_from(buf, offset)
-        return cls(sport, dport, seq >> 16, seq & 0xFFFF, ack, doff >> 4, flags, win, csum, urg)
-
-    def pack(self) -> bytes:
-        """The 20 wire bytes (checksum field as given)."""
-        return pack_tcp(
-            self.sport,
-            self.dport,
-            self.frame_len,
-            self.offset,
-            self.frame_id,
-            self.flags,
-            window=self.window,
-            checksum=self.checksum,
-            data_offset=self.data_offset,
-            urgent=self.urgent,
-        )
-
-
-def pack_tcp(
-    sport: int,
-    dport: int,
-    frame_len: int,
-    offset: int,
-    frame_id: int,
-    flags: int = TcpFlag.ACK | TcpFlag.PSH,
-    *,
-    window: int = 0,
-    checksum: int = 0,
-    data_offset: int = 5,
-    urgent: int = 0,
-) -> bytes:
-    """Build a TCP-like header: SEQ = ``frame_len << 16 | offset``, ACK = ``frame_id``."""
-    if not 0 <= frame_len <= MAX_FRAME_LEN:
-        raise EncodeError(f"frame_len: expected 0..65535, got {frame_len}")
-    if not 0 <= offset <= MAX_FRAME_LEN:
-        raise EncodeError(f"offset: expected 0..65535, got {offset}")
-    try:
-        return TCP_HEADER.pack(
-            sport,
-            dport,
-            (frame_len << 16) | offset,
-            frame_id,
-            data_offset << 4,
-            flags,
-            window,
-            checksum,
-            urgent,
-        )
-    except struct.error as exc:
-        raise EncodeError(f"TCP-like header field out of range: {exc}") from None
