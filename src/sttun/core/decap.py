@@ -41,11 +41,21 @@ class DscpModel(enum.Enum):
 
 
 class Decapsulated(NamedTuple):
-    """A decapsulated frame: its STT header, the inner frame, and offload state."""
+    """A decapsulated frame: its STT header's fields, the inner frame, and offload state.
 
-    header: SttHeader
+    ``header_fields`` are the eight values of the STT header in wire order;
+    :attr:`header` makes them an :class:`~sttun.wire.stt.SttHeader` when asked (the
+    data path never asks, so it builds no header object per frame).
+    """
+
+    header_fields: tuple[int, int, int, int, int, int, int, int]
     inner: Buffer
     vnet: VnetHdr
+
+    @property
+    def header(self) -> SttHeader:
+        """The STT header (a new object each time)."""
+        return SttHeader(*self.header_fields)
 
 
 class Decapsulator:
@@ -88,7 +98,8 @@ class Decapsulator:
         """
         if len(frame) < MIN_FRAME_LEN:
             return DropReason.FRAME_TOO_SHORT
-        version, flags, l4_offset, reserved, mss, tci, ctx, pad = STT_HEADER.unpack_from(frame)
+        fields = STT_HEADER.unpack_from(frame)
+        version, flags, l4_offset, _reserved, mss, tci, _ctx, _pad = fields
         if version != STT_VERSION:
             return DropReason.BAD_VERSION
         inner: Buffer = (
@@ -118,8 +129,7 @@ class Decapsulator:
                         csum_start=vnet.csum_start + 4,
                         hdr_len=vnet.hdr_len + 4 if vnet.hdr_len else 0,
                     )
-        header = SttHeader(version, flags, l4_offset, reserved, mss, tci, ctx, pad)
-        return Decapsulated(header, inner, vnet)
+        return Decapsulated(fields, inner, vnet)
 
     def _mark(self, inner: Buffer, dscp: int | None, ce: bool) -> Buffer | DropReason:
         """Apply the outer DSCP (uniform model) and CE to the inner IP header."""
