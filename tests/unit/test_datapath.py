@@ -116,7 +116,7 @@ class Host:
             "t", ipaddress.ip_address(local), ipaddress.ip_address(remote), KEY, KEY,
             offload=offload,
         )  # fmt: skip
-        self.underlay = Underlay("veth0", 2, bytes(6), self.sock)
+        self.underlay = Underlay("veth0", 2, bytes(6), {4: self.sock, 6: self.sock})
         self.rt = TunnelRuntime(cfg, self.tunnel, self.tap, self.underlay, state="up")
         self.underlay.tunnels.append(self.rt)
         self.runtimes = {"t": self.rt}
