@@ -75,8 +75,11 @@ def start_endpoint(
     *,
     config: str | None = None,
     timeout: float = 20.0,
+    env: dict[str, str] | None = None,
 ) -> Endpoint:
-    """Start ``sttun up ARGS`` in ``ns`` and wait until every TAP in ``devs`` exists."""
+    """Start ``sttun up ARGS`` in ``ns`` and wait until every TAP in ``devs`` exists.
+
+    ``env``: extra environment variables for the daemon."""
     sock = str(tmp / f"{ns.name}.sock")
     log = tmp / f"{ns.name}.log"
     argv = [sys.executable, "-m", "sttun", "up", "--control-socket", sock, "--instance", "e2e"]
@@ -86,7 +89,9 @@ def start_endpoint(
         argv += ["-c", str(cfg)]
     argv += list(args)
     with open(log, "wb") as fh:
-        proc = ns.popen(argv, stdout=fh, stderr=subprocess.STDOUT)
+        proc = ns.popen(
+            argv, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     ep = Endpoint(ns, proc, sock, log, list(devs))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -2,7 +2,12 @@
 
 :class:`TwoHosts` makes two namespaces ``<prefix>-<suffix>-a`` and ``-b`` joined by a
 veth pair (``eth0`` in each), with underlay addresses from the documentation ranges
-(198.18.0.1/.2, or 2001:db8:0:1::1/::2), and puts an overlay on top of it:
+(198.18.0.1/.2, or 2001:db8:0:1::1/::2), and puts an overlay on top of it.  With
+``routed=True`` a third namespace ``-r`` forwards between them instead (a's ``eth0``
+to the router's ``eth0``, the router's ``eth1`` to b's ``eth0``; a 198.18.0.1/24 and
+b 198.18.1.2/24, or 2001:db8:0:1::1/80 and 2001:db8:0:1:1::2/80): forwarding orphans
+each packet as a physical NIC's receive path does, so GRO on b merges the segments
+of one frame whole.  On top:
 
 * :meth:`TwoHosts.start_sttun` — an ``sttun up`` endpoint in each namespace (a
   subprocess: ``python -m sttun up ...``), overlay addresses on their TAP devices;
@@ -41,6 +46,13 @@ STATE_ROOT = Path("/run/sttun/hosts")
 
 UNDERLAY4 = ("198.18.0.1", "198.18.0.2", 24)
 UNDERLAY6 = ("2001:db8:0:1::1", "2001:db8:0:1::2", 64)
+#: With a router: (a, b, prefix length); a's and b's links are different subnets.
+ROUTED4 = ("198.18.0.1", "198.18.1.2", 24)
+ROUTED6 = ("2001:db8:0:1::1", "2001:db8:0:1:1::2", 80)
+#: The router's addresses: (towards a, towards b) for IPv4 and IPv6.
+ROUTER4 = ("198.18.0.254", "198.18.1.254")
+ROUTER6 = ("2001:db8:0:1::fe", "2001:db8:0:1:1::fe")
+ROUTER_DEV_B = "eth1"
 OVERLAY4 = ("192.0.2.1", "192.0.2.2", 24)
 OVERLAY6 = ("2001:db8:1::1", "2001:db8:1::2", 64)
 
@@ -240,26 +252,33 @@ class TwoHosts:
     """Two namespaces ``a`` and ``b`` on a veth underlay, with an optional overlay.
 
     Use as a context manager, or call :meth:`build` and :meth:`close`.  ``ipv6``
-    selects the underlay address family; ``underlay_mtu`` the veth MTU.
+    selects the underlay address family; ``underlay_mtu`` the veth MTU; ``routed``
+    puts a router namespace (:attr:`router`) between the two (see the module doc).
     """
 
     prefix: str = "sttun-hosts"
     ipv6: bool = False
     underlay_mtu: int = 1500
+    routed: bool = False
     suffix: str = field(default_factory=new_suffix)
     a: Host = field(init=False)
     b: Host = field(init=False)
+    router: Host | None = field(default=None, init=False)
     endpoints: list[Endpoint] = field(default_factory=list, init=False)
     _built: list[Host] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.a = Host(f"{self.prefix}-{self.suffix}-a")
         self.b = Host(f"{self.prefix}-{self.suffix}-b")
+        if self.routed:
+            self.router = Host(f"{self.prefix}-{self.suffix}-r")
 
     # -- addresses ---------------------------------------------------------------
     @property
     def underlay(self) -> tuple[str, str, int]:
         """(address of a, address of b, prefix length) on the underlay."""
+        if self.routed:
+            return ROUTED6 if self.ipv6 else ROUTED4
         return UNDERLAY6 if self.ipv6 else UNDERLAY4
 
     @property
@@ -277,16 +296,24 @@ class TwoHosts:
         """(a, b)."""
         return self.a, self.b
 
+    @property
+    def namespaces(self) -> tuple[Host, ...]:
+        """Every namespace of the set-up: a, b and the router if there is one."""
+        return (self.a, self.b) if self.router is None else (self.a, self.b, self.router)
+
     # -- life cycle --------------------------------------------------------------
     def build(self) -> TwoHosts:
         """Create the namespaces and the veth underlay, addresses set and links up."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / _OWNER).write_text(f"{os.getpid()}\n")
         try:
-            for host in self.hosts:
+            for host in self.namespaces:
                 run(["ip", "netns", "add", host.name])
                 self._built.append(host)
                 host.ip("link", "set", "lo", "up")
+            if self.router is not None:
+                self._build_routed(self.router)
+                return self
             mtu = str(self.underlay_mtu)
             self.a.ip(
                 "link", "add", UNDERLAY_DEV, "mtu", mtu, "type", "veth",
@@ -302,6 +329,33 @@ class TwoHosts:
             raise
         return self
 
+    def _build_routed(self, r: Host) -> None:
+        """a --eth0/eth0-- router --eth1/eth0-- b, both address families, forwarding on."""
+        mtu = str(self.underlay_mtu)
+        for host, rdev in ((self.a, UNDERLAY_DEV), (self.b, ROUTER_DEV_B)):
+            host.ip(
+                "link", "add", UNDERLAY_DEV, "mtu", mtu, "type", "veth",
+                "peer", "name", rdev, "netns", r.name, "mtu", mtu,
+            )  # fmt: skip
+        a4, b4, p4 = ROUTED4
+        a6, b6, p6 = ROUTED6
+        plan = (
+            (self.a, UNDERLAY_DEV, a4, a6, ROUTER4[0], ROUTER6[0], ROUTER4[1], ROUTER6[1]),
+            (self.b, UNDERLAY_DEV, b4, b6, ROUTER4[1], ROUTER6[1], ROUTER4[0], ROUTER6[0]),
+        )
+        for host, dev, addr4, addr6, gw4, gw6, far4, far6 in plan:
+            rdev = UNDERLAY_DEV if host is self.a else ROUTER_DEV_B
+            host.ip("addr", "add", f"{addr4}/{p4}", "dev", dev)
+            host.ip("addr", "add", f"{addr6}/{p6}", "dev", dev, "nodad")
+            r.ip("addr", "add", f"{gw4}/{p4}", "dev", rdev)
+            r.ip("addr", "add", f"{gw6}/{p6}", "dev", rdev, "nodad")
+            host.ip("link", "set", dev, "up")
+            r.ip("link", "set", rdev, "up")
+            host.ip("route", "add", f"{far4.rsplit('.', 1)[0]}.0/{p4}", "via", gw4)
+            host.ip("-6", "route", "add", f"{far6.rsplit(':', 1)[0]}:/{p6}", "via", gw6)
+        r.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        r.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+
     def keep(self) -> None:
         """Mark the hosts as left running on purpose (:func:`remove_stale` removes them)."""
         (self.state_dir / _KEPT).write_text(f"{time.time():.0f}\n")
@@ -315,7 +369,7 @@ class TwoHosts:
             except Exception as e:
                 errors.append(str(e))
         self.endpoints.clear()
-        for host in self.hosts:
+        for host in self.namespaces:
             try:
                 delete_namespace(host.name)
             except SetupError as e:
@@ -458,7 +512,7 @@ def find_hosts(prefix: str) -> list[StaleHosts]:
     """Host pairs whose namespaces start with ``prefix-`` (running or left behind)."""
     groups: dict[str, list[str]] = {}
     for ns in list_namespaces():
-        if ns.startswith(prefix + "-") and ns[-2:] in ("-a", "-b"):
+        if ns.startswith(prefix + "-") and ns[-2:] in ("-a", "-b", "-r"):
             groups.setdefault(ns[:-2], []).append(ns)
     found = []
     for name, namespaces in sorted(groups.items()):
