@@ -266,12 +266,12 @@ def test_tunnel_map_follows_reloads(tmp_path: Path) -> None:
             h.b.run(["ip", "addr", "add", f"{OTHER_B}/24", "dev", "stt1"])
             _ping(h.a, OTHER_B, count=5)
             assert b.tunnel("stt1")["rx_fastpath"]["frames"] >= 5
-            # changed (pipe DSCP model): served by the program again, counters anew
+            # changed (pipe DSCP model): served by the program again
             b_tunnels[1] = {**b_tunnels[1], "tos": 0}
             reload(b_tunnels, ["stt0", "stt1"])
-            assert b.tunnel("stt1")["rx_fastpath"]["frames"] == 0
+            before = b.tunnel("stt1")["rx_fastpath"]["frames"]  # (IPv6 ND/MLD may arrive)
             _ping(h.a, OTHER_B, count=5)
-            assert b.tunnel("stt1")["rx_fastpath"]["frames"] >= 5
+            assert b.tunnel("stt1")["rx_fastpath"]["frames"] >= before + 5
             # removed: its frames are no tunnel's for the program; Python counts them
             del b_tunnels[1]
             reload(b_tunnels, ["stt0"])
