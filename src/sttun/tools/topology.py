@@ -392,8 +392,27 @@ class TwoHosts:
 
     # -- overlays ----------------------------------------------------------------
     def add_overlay_on_underlay(self) -> str:
-        """Put the overlay addresses on the veth itself (no tunnel); returns the device."""
-        self.add_overlay(UNDERLAY_DEV)
+        """Put the overlay addresses on the veth itself (no tunnel); returns the device.
+
+        With a router the two ends are on different links: each gets its overlay
+        addresses as host routes (/32, /128) and a route to the other's through the
+        router, which reaches both directly."""
+        if self.router is None:
+            self.add_overlay(UNDERLAY_DEV)
+            return UNDERLAY_DEV
+        r = self.router
+        ends = (
+            (self.a, UNDERLAY_DEV, OVERLAY4[0], OVERLAY6[0], ROUTER4[0], ROUTER6[0]),
+            (self.b, ROUTER_DEV_B, OVERLAY4[1], OVERLAY6[1], ROUTER4[1], ROUTER6[1]),
+        )
+        for i, (host, rdev, addr4, addr6, gw4, gw6) in enumerate(ends):
+            far4, far6 = OVERLAY4[1 - i], OVERLAY6[1 - i]
+            host.ip("addr", "add", f"{addr4}/32", "dev", UNDERLAY_DEV)
+            host.ip("addr", "add", f"{addr6}/128", "dev", UNDERLAY_DEV, "nodad")
+            host.ip("route", "add", f"{far4}/32", "via", gw4, "src", addr4)
+            host.ip("-6", "route", "add", f"{far6}/128", "via", gw6, "src", addr6)
+            r.ip("route", "add", f"{addr4}/32", "dev", rdev)
+            r.ip("-6", "route", "add", f"{addr6}/128", "dev", rdev)
         return UNDERLAY_DEV
 
     def add_vxlan(self, vni: int = 42, dev: str = VXLAN_DEV, mtu: int | None = None) -> str:
