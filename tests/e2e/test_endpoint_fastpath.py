@@ -70,6 +70,7 @@ def test_ping_without_duplicates_and_counters_by_path(
     tmp_path: Path, mode: str, underlay: int
 ) -> None:
     with tunnel_pair(tmp_path, ipv6_underlay=underlay == 6, extra=["--fastpath", mode]) as t:
+        _ping(t.hosts.a, OVERLAY_B, count=2)  # neighbours resolved: RTTs below are the path's
         out4, rtts = _ping(t.hosts.a, OVERLAY_B)
         out6, _ = _ping(t.hosts.a, OVERLAY6_B, count=5)
         # an ETH_P_ALL socket would also see the redirected frames: DUP! replies
