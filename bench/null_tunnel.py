@@ -82,14 +82,15 @@ class NullTunnel:
         netlink.set_gso_max_size(dev, TAP_GSO_MAX_SIZE)
         self.sock = PacketSocket(route.ifname, (PORT,))
         mac = None
+        nexthop = route.gateway or remote  # a router between the hosts: its MAC
         deadline = time.monotonic() + 5.0
         while mac is None and time.monotonic() < deadline:
-            mac = netlink.neighbour(route.ifindex, remote)
+            mac = netlink.neighbour(route.ifindex, nexthop)
             if mac is None:
-                netlink.resolve(route.ifindex, remote)
+                netlink.resolve(route.ifindex, nexthop)
                 time.sleep(0.05)
         if mac is None:
-            raise SetupError(f"null tunnel: {remote} does not answer ARP on {route.ifname}")
+            raise SetupError(f"null tunnel: {nexthop} does not answer ARP on {route.ifname}")
         own = netlink.link_info(route.ifname).mac
         self.header = bytearray(HDR_LEN)
         self.header[:ETH_LEN] = (

@@ -5,17 +5,24 @@ and on top of it one of four overlays:
 
 * ``veth``       — no tunnel, the overlay address on the veth itself (the ceiling);
 * ``vxlan``      — the kernel's VXLAN device (dstport 4789, MTU 1450);
-* ``sttun``      — sttun endpoints, TAP offloads on (TAP MTU 1500);
-* ``sttun-soft`` — sttun with ``--no-offload`` (segmentation and checksums in Python);
+* ``sttun``      — sttun endpoints, TAP offloads on (TAP MTU 1500), the pure-Python
+  receive path (``--fastpath off``);
+* ``sttun-fast`` — the same with the kernel receive fast path (``--fastpath on``: the
+  eBPF program decapsulates whole frames into the TAP);
+* ``sttun-soft`` — sttun with ``--no-offload`` (segmentation and checksums in Python,
+  ``--fastpath off``);
 * ``null-tunnel`` — ``bench/null_tunnel.py``: sttun's data path (TAP, ``AF_PACKET``,
   GSO/GRO, one Python process per host) with no STT work at all, the ceiling of
   the design on this machine;
 
-each in two underlay variants:
+each in three underlay variants:
 
 * ``tso``  — veth defaults: TSO on, 64 KB packets cross the veth unsegmented;
 * ``wire`` — TSO off on the sender's veth, GRO on at the receiver: MTU-sized
-  segments on the wire, merged again on receipt, as with a physical NIC.
+  segments on the wire, merged again on receipt, as with a physical NIC;
+* ``routed`` — a router namespace forwarding between the hosts (``TwoHosts(routed=
+  True)``), TSO off on its link to b and GRO on at b: forwarding orphans the
+  packets as a NIC's receive path would, so b's GRO merges each frame whole.
 
 Workloads, client in host a, server in host b: ``iperf3 -t T`` single stream and
 ``-P 4`` (received Gbit/s); CPU seconds per GB carried during the single stream
@@ -24,7 +31,8 @@ time from /proc/stat, which is what the kernel tunnel costs); ``iperf3 -u -l 64 
 (packets per second received); ``ping -c 200 -i 0.01`` (p50/p99 RTT).
 
 Every (variant, mode) point builds fresh hosts and removes them afterwards; points
-are interleaved (veth vxlan sttun sttun-soft null-tunnel, veth vxlan ...) for every repetition,
+are interleaved (veth vxlan sttun sttun-fast sttun-soft null-tunnel, veth vxlan ...) for
+every repetition,
 and the medians over repetitions are compared as ratios against vxlan and veth from
 the same run.  Writes ``bench/results/latest.json`` and ``latest.png`` (``--quick``:
 ``quick.json``/``quick.png``, 1 s per point, 1 repetition) and prints a table.
@@ -53,16 +61,19 @@ from common import (
     write_results,
 )
 
-from sttun.errors import SetupError
-from sttun.tools.topology import Endpoint, TwoHosts, check_support
+from sttun.errors import SetupError, SttError
+from sttun.tools.topology import ROUTER_DEV_B, Endpoint, TwoHosts, check_support
 
-MODES = ("veth", "vxlan", "sttun", "sttun-soft", "null-tunnel")
+MODES = ("veth", "vxlan", "sttun", "sttun-fast", "sttun-soft", "null-tunnel")
 NULL_TUNNEL = Path(__file__).resolve().parent / "null_tunnel.py"
 NULL_DEV = "nul0"
-OVERLAY_MTU = {"veth": 1500, "vxlan": 1450, "sttun": 1500, "sttun-soft": 1500, "null-tunnel": 1500}
+OVERLAY_MTU = {"veth": 1500, "vxlan": 1450, "sttun": 1500, "sttun-fast": 1500,
+               "sttun-soft": 1500, "null-tunnel": 1500}  # fmt: skip
+#: ``--fastpath`` of each sttun mode.
+FASTPATH = {"sttun": "off", "sttun-fast": "on", "sttun-soft": "off"}
 #: Seconds the null tunnel gets to create its TAP.
 NULL_START_TIMEOUT = 10.0
-VARIANTS = ("tso", "wire")
+VARIANTS = ("tso", "wire", "routed")
 BASELINES = ("vxlan", "veth")
 IPERF_PORT = 5201
 STT_KEY = 0x5747
@@ -85,7 +96,7 @@ class Point:
 
     def __init__(self, mode: str, variant: str) -> None:
         self.mode, self.variant = mode, variant
-        self.hosts = TwoHosts(prefix="sttun-bench")
+        self.hosts = TwoHosts(prefix="sttun-bench", routed=variant == "routed")
         self.endpoints: tuple[Endpoint, ...] = ()
         self.null_procs: list[subprocess.Popen[bytes]] = []
         self.server: subprocess.Popen[str] | None = None
@@ -96,6 +107,10 @@ class Point:
             if self.variant == "wire":
                 h.set_underlay_offloads(h.a, tso=False, gso=True)
                 h.set_underlay_offloads(h.b, gro=True)
+            elif self.variant == "routed":
+                assert h.router is not None
+                h.router.ethtool(ROUTER_DEV_B, tso=False, gso=True)  # segments to b
+                h.set_underlay_offloads(h.b, gro=True)  # merged again by b's GRO
             if self.mode == "veth":
                 h.add_overlay_on_underlay()
             elif self.mode == "vxlan":
@@ -104,7 +119,10 @@ class Point:
                 self.start_null_tunnel()
             else:
                 self.endpoints = h.start_sttun(
-                    key=STT_KEY, offload=self.mode == "sttun", instance="bench"
+                    key=STT_KEY,
+                    offload=self.mode != "sttun-soft",
+                    instance="bench",
+                    extra=["--fastpath", FASTPATH[self.mode]],
                 )
             self.server = h.b.popen(
                 ["iperf3", "-s", "--forceflush", "-B", self.addr, "-p", str(IPERF_PORT)],
@@ -227,7 +245,25 @@ def measure(point: Point, seconds: float, udp_seconds: float, pings: int) -> dic
     out["ping_replies"] = len(rtts)
     out["ping_p50_ms"] = percentile(rtts, 50)
     out["ping_p99_ms"] = percentile(rtts, 99)
+    out.update(fastpath_share(point))
     return out
+
+
+def fastpath_share(point: Point) -> dict[str, Any]:
+    """The receiving endpoint's (b's) frames by receive path over the whole point."""
+    if len(point.endpoints) < 2:
+        return {}
+    try:
+        (t,) = point.endpoints[1].show()["tunnels"]
+    except (SttError, OSError, ValueError):
+        return {}
+    fast = (t.get("rx_fastpath") or {}).get("frames", 0)
+    total = (t.get("rx") or {}).get("frames", 0)
+    return {
+        "rx_frames_fastpath": fast,
+        "rx_frames_total": total,
+        "fastpath_share": fast / total if total else None,
+    }
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -256,7 +292,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                     if "error" in result
                     else f"tcp1 {fmt(result['tcp1_gbps'])} tcp4 {fmt(result['tcp4_gbps'])} "
                     f"Gbit/s, udp64 {fmt(result['udp64_pps'], 0)} pps, "
-                    f"ping p50 {fmt(result['ping_p50_ms'], 3)} ms"
+                    f"ping p50 {fmt(result['ping_p50_ms'], 3)} ms, "
+                    f"retransmits {result.get('tcp1_retransmits')}"
+                    + (
+                        f", fast path share {fmt(result['fastpath_share'])}"
+                        if result.get("fastpath_share") is not None
+                        else ""
+                    )
                 )
                 log(f"[{n}/{total}] rep {rep + 1} {variant:4} {mode:10} {result['hosts']} {what} "
                     f"({time.monotonic() - t0:.1f}s)")  # fmt: skip

@@ -65,12 +65,14 @@ def start_endpoint(
     *,
     config: str | None = None,
     timeout: float = 20.0,
+    env: dict[str, str] | None = None,
 ) -> Endpoint:
     """Start ``sttun up ARGS`` in ``ns`` and wait until every TAP in ``devs`` exists.
 
     With ``config`` the text is written to ``<tmp>/<namespace>.toml`` and passed as
-    ``-c``.  Raises :class:`~sttun.errors.SetupError` with the end of the log if the
-    daemon exits or does not come up.
+    ``-c``; ``env`` adds environment variables for the daemon.  Raises
+    :class:`~sttun.errors.SetupError` with the end of the log if the daemon exits or
+    does not come up.
     """
     sock = str(tmp / f"{ns.name}.sock")
     log = tmp / f"{ns.name}.log"
@@ -80,7 +82,7 @@ def start_endpoint(
         cfg.write_text(config)
         argv += ["-c", str(cfg)]
     argv += list(args)
-    proc = launch_sttun(ns, argv, sock=sock, log=log, devs=devs, timeout=timeout)
+    proc = launch_sttun(ns, argv, sock=sock, log=log, devs=devs, timeout=timeout, env=env)
     return Endpoint(ns, proc.pid, sock, log, proc, list(devs))
 
 

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "throughput.py"
-MODES = {"veth", "vxlan", "sttun", "sttun-soft", "null-tunnel"}
-VARIANTS = {"tso", "wire"}
+MODES = {"veth", "vxlan", "sttun", "sttun-fast", "sttun-soft", "null-tunnel"}
+VARIANTS = {"tso", "wire", "routed"}
 
 
 def test_throughput_quick_writes_every_key(tmp_path: Path) -> None:
@@ -31,9 +31,10 @@ def test_throughput_quick_writes_every_key(tmp_path: Path) -> None:
         [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=900,
         check=False,
     )
+    print(res.stdout)  # the table: worth seeing with -s
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "throughput" and doc["quick"] is True
@@ -56,6 +57,9 @@ def test_throughput_quick_writes_every_key(tmp_path: Path) -> None:
             assert "error" not in runs[0], runs[0]
             for base in ("vs_vxlan", "vs_veth"):
                 assert mode in doc["ratios"][base][variant]
+    # sttun-fast's receiver took frames on the fast path, plain sttun's did not
+    assert doc["runs"]["tso"]["sttun-fast"][0]["rx_frames_fastpath"] > 0
+    assert doc["runs"]["tso"]["sttun"][0]["rx_frames_fastpath"] == 0
     assert out.with_suffix(".png").exists() or "matplotlib missing" in res.stdout
     assert "vxlan" in res.stdout and "sttun-soft" in res.stdout  # the table
     ours = {run["hosts"] for v in VARIANTS for m in MODES for run in doc["runs"][v][m]}

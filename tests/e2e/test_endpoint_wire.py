@@ -121,9 +121,10 @@ def test_underlay_capture_decodes_as_stt(tmp_path: Path, offload: bool) -> None:
 
 
 def test_rst_check_can_fail_without_firewall(tmp_path: Path) -> None:
-    """Control for the RST assertion: with ``--no-firewall`` the host stacks do answer."""
+    """Control for the RST assertion: with ``--no-firewall`` the host stacks do answer.
+    (Without the kernel fast path: it takes whole frames before the IP stack sees them.)"""
     pcap = tmp_path / "nofw.pcap"
-    with tunnel_pair(tmp_path, key=KEY, extra=["--no-firewall"]) as t:
+    with tunnel_pair(tmp_path, key=KEY, extra=["--no-firewall", "--fastpath", "off"]) as t:
         h = t.hosts
         with Capture(h.a, h.dev_a, pcap, "tcp"):
             h.a.run(["ping", "-c", "2", "-i", "0.2", "-W", "1", OVERLAY_B], check=False)

@@ -1,11 +1,11 @@
 """Differential: the same crafted frames through ``sttun up`` with and without the fast path.
 
-Run 1: the daemon alone (pure Python receive path).  Run 2: the daemon with its
-underlay socket bound per protocol (``tests/e2e/fastpath_daemon.py``) and the tc
-program attached by the test to B's underlay, redirecting into the daemon's TAP;
-what the program leaves to Python reaches the daemon.  The TAP is bridged to a VM
-namespace in both runs, and the frames captured there must be the same bytes
-(order aside: the two paths interleave differently), with the same totals.
+Run 1: ``sttun up --fastpath off`` (pure Python receive path).  Run 2: ``sttun up
+--fastpath on``: the daemon attaches the program to B's underlay, binds its sockets
+per protocol and fills the program's tunnel map with its TAP; what the program
+leaves to Python reaches the daemon's socket.  The TAP is bridged to a VM namespace
+in both runs, and the frames captured there must be the same bytes (order aside:
+the two paths interleave differently), with the same totals in ``sttun show``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from sttun.io.rx_fastpath import FastPathTunnel, RxFastPath, fastpath_support
+from sttun.io.ebpf.attach import tcx_ingress_programs
+from sttun.io.rx_fastpath import fastpath_support
 from tests.e2e.fastpath_env import (
     KEY,
     SENTINEL_PORT,
@@ -43,8 +44,6 @@ from tests.netns import need_root
 
 pytestmark = pytest.mark.netns
 
-LAUNCHER = Path(__file__).with_name("fastpath_daemon.py")
-
 
 @dataclass
 class Run:
@@ -52,7 +51,7 @@ class Run:
 
     frames: list[bytes]
     daemon: dict[str, Any]  # the tunnel's entry of `sttun show --json`
-    fast: dict[str, Any] | None  # RxFastPath.counters(), run 2 only
+    underlay: dict[str, Any]  # the underlay's entry of `sttun show --json`
 
 
 def _show(h: FastPathHosts, sock: str) -> dict[str, Any]:
@@ -90,17 +89,14 @@ def run_once(h: FastPathHosts, tmp: Path, all_cases: list[Case], outer: int, fas
         sock,
         "--instance",
         "fpdiff",
+        "--fastpath",
+        "on" if fast else "off",
     ]
-    if fast:
-        proto = "0x0800" if outer == 4 else "0x86dd"
-        argv = [sys.executable, str(LAUNCHER), proto, *args]
-    else:
-        argv = [sys.executable, "-m", "sttun", "up", *args]
+    argv = [sys.executable, "-m", "sttun", "up", *args]
     log = tmp / "daemon.log"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     with open(log, "wb") as fh:
         proc = h.b.popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    fp: RxFastPath | None = None
     try:
         deadline = time.monotonic() + 20
         while not (
@@ -111,11 +107,6 @@ def run_once(h: FastPathHosts, tmp: Path, all_cases: list[Case], outer: int, fas
             assert time.monotonic() < deadline, f"daemon did not start: {log.read_text()}"
             time.sleep(0.05)
         bridge_tap(h, h.tap)
-        if fast:
-            with h.b.entered():
-                fp = RxFastPath.attach(h.dev_b)
-                tap_index = socket.if_nametoindex(h.tap)
-            fp.set_tunnels([FastPathTunnel("t", local, remote, KEY, tap_index)])
         pcap = tmp / "vm.pcap"
         with vm_capture(h, pcap) as cap:
             send_cases(h, all_cases)
@@ -124,16 +115,18 @@ def run_once(h: FastPathHosts, tmp: Path, all_cases: list[Case], outer: int, fas
                 time.sleep(0.05)
         assert cap.dropped == 0, f"tcpdump lost {cap.dropped} frames"
         frames = read_pcap(pcap)
-        daemon = _tunnel(_show(h, sock))
-        counters = fp.counters() if fp is not None else None
+        show = _show(h, sock)
     finally:
-        if fp is not None:
-            fp.close()
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=15)
     assert proc.returncode == 0, log.read_text()
-    return Run(frames, daemon, counters)
+    (underlay,) = show["underlays"]
+    assert underlay["fastpath"]["state"] == ("on" if fast else "off"), underlay
+    if fast:
+        with h.b.entered():  # the program went with the daemon
+            assert tcx_ingress_programs(socket.if_nametoindex(h.dev_b)) == []
+    return Run(frames, _tunnel(show), underlay)
 
 
 def _describe(frames: Counter[bytes]) -> list[str]:
@@ -152,31 +145,37 @@ def test_fast_path_gives_the_python_paths_frames(tmp_path: Path, outer: int, rou
         all_cases.append(sentinel(h, outer))
         python = run_once(h, tmp_path / "python", all_cases, outer, fast=False)
         fast = run_once(h, tmp_path / "fast", all_cases, outer, fast=True)
-    assert fast.fast is not None
     # the fast path took the whole frames; routed, B's GRO also makes whole frames of
     # the pieces and of unverified single segments (it checks their checksums)
-    fast_frames = sum(t["frames"] for t in fast.fast["tunnels"].values())
+    fast_frames = fast.daemon["rx_fastpath"]["frames"]
+    assert python.daemon["rx_fastpath"]["frames"] == 0
+    assert fast.underlay["sockets"] == [f"ipv{outer}"] and python.underlay["sockets"] == ["all"]
     expected_fast = sum(1 for c in all_cases if c.expect == "fast")
     if routed:
         assert fast_frames >= expected_fast
     else:
         assert fast_frames == expected_fast
-    assert fast.fast["errors"]["packets"] == 0
+    assert fast.underlay["fastpath"]["errors"]["packets"] == 0
     # the same bytes on the far side: every fast case's frames, and Python's deliveries
     assert len(python.frames) >= sum(c.frames for c in all_cases if c.expect == "fast")
-    assert fast.daemon["rx"]["frames"] > 0
+    assert fast.daemon["rx_python"]["frames"] > 0
     a, b = Counter(python.frames), Counter(fast.frames)
     only_python, only_fast = a - b, b - a
     assert not only_python and not only_fast, (
         f"only via Python: {_describe(only_python)[:5]}\n"
         f"only via the fast path: {_describe(only_fast)[:5]}"
     )
-    # the same totals: frames and bytes received, drops
-    assert python.daemon["rx"]["frames"] == fast.daemon["rx"]["frames"] + fast_frames
-    fast_bytes = sum(t["bytes"] for t in fast.fast["tunnels"].values())
-    assert python.daemon["rx"]["bytes"] == fast.daemon["rx"]["bytes"] + fast_bytes
+    # the same totals: frames and bytes received (both paths), drops
+    assert python.daemon["rx"]["frames"] == fast.daemon["rx"]["frames"]
+    assert python.daemon["rx"]["bytes"] == fast.daemon["rx"]["bytes"]
+    rx_python, rx_fast = fast.daemon["rx_python"], fast.daemon["rx_fastpath"]
+    assert fast.daemon["rx"]["frames"] == rx_python["frames"] + rx_fast["frames"]
+    assert fast.daemon["rx"]["bytes"] == rx_python["bytes"] + rx_fast["bytes"]
     assert python.daemon["drops"] == fast.daemon["drops"]
+    passed = {
+        r: c["packets"] for r, c in fast.underlay["fastpath"]["passed"].items() if c["packets"]
+    }
     print(
         f"{len(python.frames)} frames on the far side; fast path {fast_frames} frames, "
-        f"Python {fast.daemon['rx']['frames']}; passed {fast.fast['passed']}"
+        f"Python {rx_python['frames']}; passed {passed}"
     )

@@ -347,6 +347,31 @@ def test_show_text_reassembly_is_per_peer() -> None:
     ) in text.splitlines()
 
 
+def test_show_text_fast_path_lines() -> None:
+    """Per underlay: on (how, what was left to Python) or off and why; per tunnel:
+    received frames split between the paths."""
+    data = copy.deepcopy(SHOW)
+    data["tunnels"][0]["rx_fastpath"] = {"frames": 4, "bytes": 80}
+    data["tunnels"][0]["rx_python"] = {"frames": 1, "bytes": 20, "segments": 1}
+    passed = {"piece": {"packets": 2, "bytes": 3000}, "vlan": {"packets": 0, "bytes": 0}}
+    data["underlays"] = [
+        {"name": "eth0", "sockets": ["ipv4", "ipv6"], "tunnels": ["stt0", "t2"],
+         "fastpath": {"state": "on", "reason": None, "attach": "tcx", "program_id": 97,
+                      "passed": passed, "errors": {"packets": 0, "bytes": 0}}},
+        {"name": "eth1", "sockets": ["all"], "tunnels": ["long-name"],
+         "fastpath": {"state": "off", "reason": "fast path: not permitted", "attach": None,
+                      "program_id": None, "passed": {}, "errors": {"packets": 0, "bytes": 0}}},
+    ]  # fmt: skip
+    lines = format_show_text(data, now=1000.0).splitlines()  # type: ignore[arg-type]
+    assert (
+        "underlay eth0 (sockets: ipv4, ipv6): fast path on (tcx, program 97), "
+        "left to Python: piece 2"
+    ) in lines
+    assert "underlay eth1 (sockets: all): fast path off: fast path: not permitted" in lines
+    assert "rx stt0: fast path 4 frame(s) (80 B), Python path 1 frame(s) (20 B)" in lines
+    assert "rx long-name: fast path 0 frame(s) (0 B), Python path 0 frame(s) (0 B)" in lines
+
+
 @pytest.mark.parametrize(
     ("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 2**30, "5.0 GiB")]
 )

@@ -635,7 +635,7 @@ def test_describe_config(write) -> None:
     text = describe_config(load_config(write(FULL)))
     assert text.splitlines() == [
         "instance tenant2, control socket /run/sttun/tenant2.sock, metrics [::1]:9100, "
-        "firewall off, log debug/json",
+        "firewall off, fast path auto, log debug/json",
         "tunnel a dev tap-a: 2001:db8:0:1::1 -> 2001:db8:0:1::2 port 7472 "
         "key 0xffffffffffffffff/0x7 mtu 9000 bridge br0",
         "tunnel b: 198.18.0.1 -> 198.18.0.2 port 7471 key 0x0/0xf mtu 1500",

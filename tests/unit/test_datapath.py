@@ -117,7 +117,7 @@ class Host:
             "t", ipaddress.ip_address(local), ipaddress.ip_address(remote), KEY, KEY,
             offload=offload,
         )  # fmt: skip
-        self.underlay = Underlay("veth0", 2, bytes(6), self.sock)
+        self.underlay = Underlay("veth0", 2, bytes(6), {4: self.sock, 6: self.sock})
         self.rt = TunnelRuntime(cfg, self.tunnel, self.tap, self.underlay, state="up")
         self.underlay.tunnels.append(self.rt)
         self.runtimes = {"t": self.rt}
@@ -365,3 +365,27 @@ def test_receive_errors_mark_the_underlays_tunnels_down() -> None:
     b.sock.recv_into = fail  # type: ignore[method-assign]
     b.datapath.on_underlay(b.underlay)
     assert b.rt.state == "down"
+
+
+def test_with_sockets_per_protocol_each_family_sends_and_receives_on_its_own() -> None:
+    """The fast path's layout: an IPv6 tunnel sends on the IPv6-bound socket (the
+    kernel takes a packet's protocol from the binding), and each socket's readiness
+    event reads that socket only."""
+    a6, b6 = "2001:db8:0:1::1", "2001:db8:0:1::2"
+    a = Host(a6, b6)
+    a.tunnel.encapsulator.l2 = L2[:12] + b"\x86\xdd"
+    sock4 = FakeSocket()
+    a.underlay.ports[4] = sock4
+    a.tap.outgoing.append(VNET_NONE + inner_udp(100))
+    a.datapath.on_tap(a.rt)
+    assert sock4.sent == [] and len(a.sock.sent) == 1
+    b = Host(b6, a6)
+    b_sock4 = FakeSocket()
+    b.underlay.ports[4] = b_sock4
+    assert b.underlay.receive_ports() == [b_sock4, b.sock]
+    b_sock4.incoming.append(TRUSTED + a.sock.sent[0][VNET_HDR_LEN:])  # (misfiled: not read)
+    b.datapath.on_underlay(b.underlay, b.sock)
+    assert b.tap.written == [] and len(b_sock4.incoming) == 1
+    b.sock.incoming.append(b_sock4.incoming.popleft())
+    b.datapath.on_underlay(b.underlay, b.sock)
+    assert [w[1] for w in b.tap.written] == [inner_udp(100)]

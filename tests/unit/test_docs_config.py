@@ -364,7 +364,14 @@ def test_metric_names_documented() -> None:
         ],
         "drops": {"unknown_source": 1},
         "reassembly": {"entries": 0, "bytes": 0, "peak_bytes": 0, "evictions": 0, "timeouts": 0},
+        "underlays": [
+            {"name": "eth0", "sockets": ["ipv4"], "tunnels": ["stt0"],
+             "fastpath": {"state": "on", "reason": None, "attach": "tcx", "program_id": 7,
+                          "passed": {"piece": {"packets": 1, "bytes": 9}},
+                          "errors": {"packets": 0, "bytes": 0}}},
+        ],
     }  # fmt: skip
+    data["tunnels"][0]["rx_fastpath"] = {"frames": 1, "bytes": 1}  # type: ignore[index]
     names = set()
     for family in SttunCollector(lambda: data).collect():  # type: ignore[arg-type,return-value]
         suffix = "_total" if family.type == "counter" else ""

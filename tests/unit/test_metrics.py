@@ -226,3 +226,48 @@ def test_missing_sections_do_not_break_a_scrape() -> None:
     assert 'sttun_tunnel_tx_frames_total{key="0x1234",tunnel="stt0"} 0.0' in text
     assert 'sttun_tunnel_rx_frames_total{key="0x1234",tunnel="stt0"} 7.0' in text
     assert "sttun_reassembly_bytes 0.0" in text
+
+
+def test_fast_path_metrics() -> None:
+    data = sample()
+    data["tunnels"][0]["rx_fastpath"] = {"frames": 5, "bytes": 7000}
+    data["underlays"] = [
+        {
+            "name": "eth0",
+            "sockets": ["ipv4"],
+            "tunnels": ["stt0", "stt2"],
+            "fastpath": {
+                "state": "on",
+                "reason": None,
+                "attach": "tcx",
+                "program_id": 97,
+                "passed": {
+                    "piece": {"packets": 3, "bytes": 4500},
+                    "vlan": {"packets": 0, "bytes": 0},
+                },
+                "errors": {"packets": 0, "bytes": 0},
+            },
+        },
+        {
+            "name": "eth1",
+            "sockets": ["all"],
+            "tunnels": ["stt1"],
+            "fastpath": {
+                "state": "off",
+                "reason": "fast path: the verifier rejected the program: x",
+                "attach": None,
+                "program_id": None,
+                "passed": {},
+                "errors": {"packets": 0, "bytes": 0},
+            },
+        },
+    ]
+    text = render(SttunCollector(lambda: data))
+    assert 'sttun_fastpath_frames_total{key="0x1234",tunnel="stt0"} 5.0' in text
+    assert 'sttun_fastpath_bytes_total{key="0x1234",tunnel="stt0"} 7000.0' in text
+    assert 'sttun_fastpath_frames_total{key="0x9",tunnel="stt2"} 0.0' in text
+    assert 'sttun_fastpath_attached{underlay="eth0"} 1.0' in text
+    assert 'sttun_fastpath_attached{underlay="eth1"} 0.0' in text
+    assert 'sttun_fastpath_passed_packets_total{reason="piece",underlay="eth0"} 3.0' in text
+    assert 'sttun_fastpath_passed_bytes_total{reason="piece",underlay="eth0"} 4500.0' in text
+    assert 'sttun_fastpath_errors_total{underlay="eth0"} 0.0' in text

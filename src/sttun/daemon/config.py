@@ -151,6 +151,7 @@ class DaemonConfig:
     log_level: str = "info"
     log_format: str = "text"
     firewall: bool = True
+    fastpath: str = "auto"  # "auto" | "on" | "off": the kernel receive fast path
     reassembly_timeout: float = DEFAULT_TIMEOUT
     reassembly_high_water: int = DEFAULT_HIGH_WATER
     reassembly_low_water: int = DEFAULT_LOW_WATER
@@ -501,7 +502,7 @@ def describe_config(config: DaemonConfig) -> str:
     lines = [
         f"instance {config.instance}, control socket {config.control_socket}, "
         f"metrics {config.metrics or 'off'}, firewall {'on' if config.firewall else 'off'}, "
-        f"log {config.log_level}/{config.log_format}"
+        f"fast path {config.fastpath}, log {config.log_level}/{config.log_format}"
     ]
     for t in config.tunnels:
         dev = f" dev {t.dev}" if t.dev != t.name else ""

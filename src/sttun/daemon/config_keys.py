@@ -48,6 +48,7 @@ MAX_REASSEMBLY_TIMEOUT = 3600.0
 MIN_HIGH_WATER = 65536  # must hold at least one maximal STT frame
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
+FASTPATH_SETTINGS = ("auto", "on", "off")  # the kernel receive fast path (eBPF)
 DEFAULT_INSTANCE = "sttun"
 RUN_DIR = "/run/sttun"
 
@@ -434,6 +435,9 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
        help="default: text"),
     _d("firewall", boolean, "--no-firewall", const=False,
        help="do not install the nftables rule that stops the host answering with RSTs"),
+    _d("fastpath", choice(FASTPATH_SETTINGS), "--fastpath", choices=FASTPATH_SETTINGS,
+       help="kernel receive fast path (eBPF at the underlay's tc ingress): auto = use it "
+       "when it loads, on = refuse to start without it, off = never (default: auto)"),
     _d("reassembly_timeout", seconds),
     _d("reassembly_high_water", size(MIN_HIGH_WATER)),
     _d("reassembly_low_water", size(0)),

@@ -95,13 +95,29 @@ class UnderlayPort(Protocol):
 
 @dataclass
 class Underlay:
-    """One underlay interface: its socket and the tunnels using it."""
+    """One underlay interface: its sockets and the tunnels using it.
+
+    ``ports`` maps an IP version (4, 6) to the socket that sends that family's
+    packets and receives them.  Without the kernel fast path one socket bound to
+    every protocol serves both versions; with it, each family the tunnels use has a
+    socket bound to its ethertype (such sockets run after tc ingress and see only
+    what the fast path leaves to Python, and ``AF_PACKET`` takes a sent packet's
+    protocol from the socket's binding).
+    """
 
     ifname: str
     ifindex: int
     mac: bytes
-    sock: UnderlayPort
+    ports: dict[int, UnderlayPort]
     tunnels: list[TunnelRuntime] = field(default_factory=list)
+
+    def receive_ports(self) -> list[UnderlayPort]:
+        """Each distinct socket once (the descriptors epoll watches)."""
+        seen: list[UnderlayPort] = []
+        for port in self.ports.values():
+            if not any(port is s for s in seen):
+                seen.append(port)
+        return seen
 
 
 @dataclass
@@ -121,6 +137,11 @@ class TunnelRuntime:
     blocked: DropReason | None = None
     #: Frames (vnet header + frame, copied) read while the next hop was unresolved.
     pending: collections.deque[bytes] = field(default_factory=collections.deque)
+    #: The IP version of the outer addresses: picks the underlay socket that sends.
+    version: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.version = self.config.family
 
 
 class Datapath:
@@ -211,7 +232,7 @@ class Datapath:
     ) -> None:
         """Encapsulate one frame read from the TAP and send it on the underlay."""
         encap = rt.tunnel.encapsulator
-        send = u.sock.send
+        send = u.ports[rt.version].send
         try:
             if rt.config.offload:
                 packet = encap.encap_gso(frame, flags, gso_type, gso_size, cstart, coff)
@@ -241,15 +262,21 @@ class Datapath:
     def _send_when_writable(self, rt: TunnelRuntime, u: Underlay, parts: Sequence[Buffer]) -> None:
         """The socket's send buffer is full: wait a little for room (back-pressure, as a
         blocking send would), then send; count the packet as dropped if it stays full."""
-        if not u.sock.wait_writable(SEND_WAIT) or not u.sock.send(parts):
+        port = u.ports[rt.version]
+        if not port.wait_writable(SEND_WAIT) or not port.send(parts):
             rt.tunnel.encapsulator.drops.count(
                 DropReason.TX_ERROR, sum(len(p) for p in parts) - VNET_HDR_LEN
             )
 
     # ------------------------------------------------------------------ wire → TAP
-    def on_underlay(self, u: Underlay) -> None:
-        """The underlay socket is readable: receive up to :data:`BATCH` packets."""
-        recv = u.sock.recv_into
+    def on_underlay(self, u: Underlay, port: UnderlayPort | None = None) -> None:
+        """Socket ``port`` of ``u`` is readable: receive up to :data:`BATCH` packets
+        (``None``: from each of ``u``'s sockets in turn)."""
+        if port is None:
+            for p in u.receive_ports():
+                self.on_underlay(u, p)
+            return
+        recv = port.recv_into
         buf = self._rx_buf
         mv = self._rx_mv
         receive = self.core.receive

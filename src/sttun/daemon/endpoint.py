@@ -19,6 +19,12 @@ and tears down the devices and runs the loop.  Around it: the nftables rules
 that keep the host stack from answering STT segments with RSTs, the control
 socket (``sttun show``), the Prometheus metrics, and signal handling
 (SIGTERM/SIGINT stop, SIGHUP reloads).
+
+The kernel receive fast path (``[daemon] fastpath``, :mod:`sttun.daemon.fastpath`)
+is kept in the methods of the "fast path" section: attached per underlay when the
+underlay is opened, its tunnel map synced whenever a tunnel is added or removed,
+detached at shutdown.  Where it is attached the underlay's sockets are bound per
+protocol (:meth:`Daemon._open_underlay_port`), so no frame reaches both paths.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from sttun.core.endpoint import Tunnel
 from sttun.core.keys import format_key
 from sttun.core.reassembly import Reassembler
 from sttun.daemon.config import (
+    INHERIT,
     DaemonConfig,
     TunnelConfig,
     core_endpoint,
@@ -47,12 +54,14 @@ from sttun.daemon.config import (
     reload_config,
     tunnel_spec,
 )
-from sttun.daemon.datapath import Datapath, TunnelRuntime, Underlay
+from sttun.daemon.datapath import Datapath, TunnelRuntime, Underlay, UnderlayPort
+from sttun.daemon.fastpath import FastPaths
 from sttun.daemon.logsetup import setup_logging, tunnel_logger
 from sttun.errors import ConfigError, SetupError, SttError
 from sttun.io import netlink
 from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import PacketSocket
+from sttun.io.rx_fastpath import FastPathTunnel
 from sttun.io.tap import TapDevice
 from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
 
@@ -77,6 +86,7 @@ class Daemon:
         self.tunnels: dict[str, TunnelRuntime] = {}
         self.underlays: dict[str, Underlay] = {}
         self.datapath = Datapath(self.core, self._runtime_of, log=log)
+        self.fastpaths = FastPaths(config.fastpath, log)
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[], None]] = {}
         self.firewall: Firewall | None = None
@@ -97,6 +107,7 @@ class Daemon:
 
             ControlServer.check_existing(self.config.control_socket)
             self._install_firewall()
+            self.fastpaths.check()
             for cfg in self.config.tunnels:
                 self._add_tunnel(cfg)
             self._start_control()
@@ -141,12 +152,34 @@ class Daemon:
         underlay = self.underlays.get(route.ifname)
         if underlay is None:
             ifindex, mac, _mtu, _up = netlink.link_info(route.ifname)
-            sock = PacketSocket(route.ifname, self._ports(), vnet_hdr=True)
-            underlay = Underlay(route.ifname, ifindex, bytes.fromhex(mac.replace(":", "")), sock)
+            self._attach_fastpath(route.ifname)
+            underlay = Underlay(route.ifname, ifindex, bytes.fromhex(mac.replace(":", "")), {})
             self.underlays[route.ifname] = underlay
-            self._register(sock.fileno(), functools.partial(self.datapath.on_underlay, underlay))
-            log.info("underlay %s: AF_PACKET socket open", route.ifname)
+        self._open_underlay_port(underlay, cfg.family)
         return underlay, route
+
+    def _open_underlay_port(self, u: Underlay, version: int) -> None:
+        """Give ``u`` a socket that sends and receives IP ``version`` if it has none.
+
+        Without the fast path one socket bound to every protocol serves both
+        families.  With it, one socket per family bound to ``ETH_P_IP`` /
+        ``ETH_P_IPV6``: those run after tc ingress, so they see only what the
+        program passes on (an ``ETH_P_ALL`` tap would see its frames too, and each
+        would be delivered twice).
+        """
+        if version in u.ports:
+            return
+        if self.fastpaths.is_attached(u.ifname):
+            proto = ETH_P_IPV6 if version == 6 else ETH_P_IP
+            sock = PacketSocket(u.ifname, self._ports(), vnet_hdr=True, protocol=proto)
+            u.ports[version] = sock
+            what = f"IPv{version} (bound to ethertype {proto:#06x})"
+        else:
+            sock = PacketSocket(u.ifname, self._ports(), vnet_hdr=True)
+            u.ports[4] = u.ports[6] = sock
+            what = "every protocol"
+        self._register(sock.fileno(), functools.partial(self.datapath.on_underlay, u, sock))
+        log.info("underlay %s: AF_PACKET socket open for %s", u.ifname, what)
 
     def _add_tunnel(self, cfg: TunnelConfig, tap: TapDevice | None = None) -> None:
         tlog = tunnel_logger("sttun.tunnel", cfg.name, cfg.in_key)
@@ -178,6 +211,7 @@ class Daemon:
         rt.nexthop = route.gateway or str(cfg.remote_ip)
         underlay.tunnels.append(rt)
         self.tunnels[cfg.name] = rt
+        self._sync_fastpath()
         self._register(tap.fileno(), functools.partial(self.datapath.on_tap, rt))
         if not usable:
             self._block_small_mtu(rt, mtu or 0)
@@ -197,6 +231,7 @@ class Daemon:
 
     def _remove_tunnel(self, name: str, keep_tap: bool = False) -> TapDevice:
         rt = self.tunnels.pop(name)
+        self._sync_fastpath()  # before the TAP goes: the program stops redirecting to it
         self._unregister(rt.tap.fileno())
         if rt.underlay is not None:
             rt.underlay.tunnels.remove(rt)
@@ -427,8 +462,15 @@ class Daemon:
                 if reused is not None:
                     reused.close(remove=not cfg.persist)
         for u in self.underlays.values():
-            with contextlib.suppress(SttError, OSError):
-                _socket(u).set_ports(self._ports())
+            for port in u.receive_ports():
+                with contextlib.suppress(SttError, OSError):
+                    _socket(port).set_ports(self._ports())
+        if new.fastpath != self.fastpaths.setting:
+            log.warning(
+                "fastpath = %s takes effect at the next start (running with %s)",
+                new.fastpath,
+                self.fastpaths.setting,
+            )
         log.info(
             "configuration reloaded: %d added, %d removed, %d changed",
             len(added),
@@ -436,15 +478,79 @@ class Daemon:
             len(changed),
         )
 
+    # ------------------------------------------------------------------ fast path
+    def _attach_fastpath(self, ifname: str) -> None:
+        """Attach the kernel receive fast path to a new underlay (as ``fastpath`` says:
+        with ``"auto"`` a failure is one log line, with ``"on"`` a SetupError)."""
+        if self.fastpaths.attach(ifname):
+            self._sync_fastpath()  # a new program starts with an empty tunnel map
+
+    def _fastpath_tunnels(self) -> list[FastPathTunnel]:
+        """Every tunnel as the program sees it (its TAP's ifindex, the DSCP model)."""
+        out = []
+        for name, rt in self.tunnels.items():
+            cfg = rt.config
+            try:
+                tap_ifindex = _device(rt).ifindex
+            except OSError:  # the TAP vanished under us: Python handles its frames
+                continue
+            out.append(
+                FastPathTunnel(
+                    name,
+                    cfg.local_ip,
+                    cfg.remote_ip,
+                    cfg.in_key,
+                    tap_ifindex,
+                    dst_port=cfg.dst_port,
+                    dscp_uniform=cfg.tos == INHERIT,
+                )
+            )
+        return out
+
+    def _sync_fastpath(self) -> None:
+        """Make every attached program's tunnel map equal to the daemon's tunnels."""
+        if self.fastpaths.attached:
+            self.fastpaths.set_tunnels(self._fastpath_tunnels())
+
+    def _detach_fastpaths(self) -> None:
+        """Detach every program (shutdown); frames then reach the Python path only."""
+        if self.fastpaths.attached:
+            self.fastpaths.close()
+            log.info("fast path detached")
+
+    def _fastpath_show(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the programs' counters by interface, the per-tunnel fast-path totals)."""
+        counters = self.fastpaths.counters()
+        return counters, dict(self.fastpaths.tunnel_totals(counters))
+
+    def _underlays_show(self, counters: dict[str, Any]) -> list[dict[str, Any]]:
+        """The ``underlays`` list of the show data: sockets and fast path per interface."""
+        out = []
+        for ifname, u in self.underlays.items():
+            shared = len(u.ports) == 2 and u.ports[4] is u.ports[6]
+            out.append(
+                {
+                    "name": ifname,
+                    # "all": one socket bound to every protocol; else one per family
+                    "sockets": ["all"] if shared else sorted(f"ipv{v}" for v in u.ports),
+                    "tunnels": [rt.config.name for rt in u.tunnels],
+                    "fastpath": self.fastpaths.status(ifname, counters),
+                }
+            )
+        return out
+
     # ------------------------------------------------------------------ stats
     def show_data(self) -> dict[str, Any]:
         """The :class:`~sttun.daemon.metrics.ShowData` of this daemon, now."""
         core = self.core.stats()
         reasm = core["reassembly"]
+        fp_counters, fp_tunnels = self._fastpath_show()
         tunnels = []
         for name, rt in self.tunnels.items():
             t = core["tunnels"].get(name, {})
             cfg = rt.config
+            rx_python = t.get("rx") or {"frames": 0, "bytes": 0, "segments": 0}
+            rx_fast = fp_tunnels.get(name, {"frames": 0, "bytes": 0})
             tunnels.append(
                 {
                     "name": name,
@@ -459,7 +565,9 @@ class Daemon:
                     "underlay": rt.underlay.ifname if rt.underlay else None,
                     "underlay_mtu": rt.tunnel.encapsulator.underlay_mtu,
                     "tx": t.get("tx"),
-                    "rx": t.get("rx"),
+                    "rx": _rx_total(rx_python, rx_fast),
+                    "rx_python": rx_python,
+                    "rx_fastpath": rx_fast,
                     "drops": t.get("drops", {}),
                     "peer_reassembly": _reassembly_view(self.core.reassembler, rt),
                     "software_completions": t.get("software_completions", 0),
@@ -482,6 +590,11 @@ class Daemon:
                 "high_water": self.config.reassembly_high_water,
             },
             "segments_in": core["segments_in"],
+            "fastpath": {
+                "setting": self.fastpaths.setting,
+                "unsupported": self.fastpaths.unsupported,
+            },
+            "underlays": self._underlays_show(fp_counters),
         }
 
     # ------------------------------------------------------------------ tear-down
@@ -496,13 +609,16 @@ class Daemon:
         self.wake()
 
     def shutdown(self) -> None:
-        """Remove what this run created: TAPs (unless persistent), rules, sockets."""
+        """Remove what this run created: fast paths, TAPs (unless persistent), rules,
+        sockets."""
+        self._detach_fastpaths()
         for name in list(self.tunnels):
             with contextlib.suppress(Exception):
                 self._remove_tunnel(name)
         for u in self.underlays.values():
-            with contextlib.suppress(Exception):
-                _socket(u).close()
+            for port in u.receive_ports():
+                with contextlib.suppress(Exception):
+                    _socket(port).close()
         self.underlays.clear()
         if self.firewall is not None:
             try:
@@ -530,9 +646,19 @@ def _device(rt: TunnelRuntime) -> TapDevice:
     return cast(TapDevice, rt.tap)
 
 
-def _socket(u: Underlay) -> PacketSocket:
-    """The socket of an underlay the daemon opened (the data path sees an UnderlayPort)."""
-    return cast(PacketSocket, u.sock)
+def _socket(port: UnderlayPort) -> PacketSocket:
+    """An underlay socket the daemon opened (the data path sees an UnderlayPort)."""
+    return cast(PacketSocket, port)
+
+
+def _rx_total(python: dict[str, int], fast: dict[str, int]) -> dict[str, int]:
+    """A tunnel's receive totals over both paths.  A fast-path frame is one packet on
+    the underlay (a GSO skb or one segment), so it counts as one segment."""
+    return {
+        "frames": python.get("frames", 0) + fast.get("frames", 0),
+        "bytes": python.get("bytes", 0) + fast.get("bytes", 0),
+        "segments": python.get("segments", 0) + fast.get("frames", 0),
+    }
 
 
 def _reassembly_view(reassembler: Reassembler, rt: TunnelRuntime) -> dict[str, Any]:

@@ -21,6 +21,13 @@ context id as :func:`~sttun.core.keys.format_key` writes it, ``0x1234``, or
     sttun_drops_total{reason}                          drops no tunnel can be blamed for
     sttun_reassembly_{entries,bytes,peak_bytes}        gauge, whole reassembler
     sttun_reassembly_{evictions,timeouts}_total        counter, whole reassembler
+    sttun_fastpath_{frames,bytes}_total{tunnel,key}    counter, delivered by the kernel fast path
+    sttun_fastpath_attached{underlay}                  1 if the fast path runs there
+    sttun_fastpath_passed_{packets,bytes}_total{underlay,reason}  left to Python, by reason
+    sttun_fastpath_errors_total{underlay}              dropped by the program mid-change
+
+``sttun_tunnel_rx_*`` count both receive paths; the Python path's share is
+``sttun_tunnel_rx_frames_total - sttun_fastpath_frames_total``.
 
 Reassembly is per peer, not per tunnel: until a frame is complete its context id is
 unknown, so its partial state belongs to the outer source address (the ``peer``
@@ -70,12 +77,21 @@ class PeerReassemblyStats(ReassemblyStats):
     peer: str
 
 
+class FastPathTraffic(TypedDict):
+    """Frames the kernel fast path delivered to a tunnel's TAP, and their inner bytes."""
+
+    frames: int
+    bytes: int
+
+
 class TunnelStats(TypedDict):
     """One tunnel in :class:`ShowData`.
 
     ``state`` is one of ``"up"``, ``"down"`` (TAP down / not yet set up) or
     ``"error"``; ``drops`` maps a :class:`sttun.core.drops.DropReason` value to a
-    count and lists non-zero counts only.
+    count and lists non-zero counts only.  ``rx`` counts both receive paths:
+    ``rx_python`` (the AF_PACKET socket and the core) plus ``rx_fastpath`` (the
+    eBPF program; each of its frames counts as one segment in ``rx``).
     """
 
     name: str
@@ -89,8 +105,52 @@ class TunnelStats(TypedDict):
     offload: bool
     tx: TrafficStats
     rx: TrafficStats
+    rx_python: TrafficStats
+    rx_fastpath: FastPathTraffic
     drops: dict[str, int]
     peer_reassembly: PeerReassemblyStats
+
+
+class PacketCount(TypedDict):
+    """Packets and their bytes as received on the underlay."""
+
+    packets: int
+    bytes: int
+
+
+class UnderlayFastPath(TypedDict):
+    """The fast path on one underlay.
+
+    ``state`` ``"on"`` or ``"off"``; ``reason`` says why it is off (None when on);
+    ``attach`` ``"tcx"`` (a link that dies with the daemon) or ``"tc"`` (a tc
+    filter, replaced on the next start); ``passed`` counts what the program left to
+    Python by reason (``piece``, ``unknown_tunnel``, ``checksum``, ...), ``errors``
+    what it dropped after changing it.
+    """
+
+    state: str
+    reason: str | None
+    attach: str | None
+    program_id: int | None
+    passed: dict[str, PacketCount]
+    errors: PacketCount
+
+
+class UnderlayStats(TypedDict):
+    """One underlay interface: its sockets (``["all"]``: one bound to every protocol;
+    else ``ipv4``/``ipv6``, bound per protocol), the tunnels routed over it, its fast path."""
+
+    name: str
+    sockets: list[str]
+    tunnels: list[str]
+    fastpath: UnderlayFastPath
+
+
+class FastPathSetting(TypedDict):
+    """The daemon's ``fastpath`` setting and, if it cannot run on this host, why."""
+
+    setting: str
+    unsupported: str | None
 
 
 class ShowData(TypedDict):
@@ -107,6 +167,8 @@ class ShowData(TypedDict):
     tunnels: list[TunnelStats]
     drops: dict[str, int]
     reassembly: ReassemblyStats
+    fastpath: FastPathSetting
+    underlays: list[UnderlayStats]
 
 
 def empty_traffic() -> TrafficStats:
@@ -214,9 +276,18 @@ class SttunCollector:
             )
             for f, text in _REASM_COUNTERS
         }
+        fast = {
+            f: CounterMetricFamily(
+                f"sttun_fastpath_{f}", f"inner {f} the kernel fast path delivered", labels=tl
+            )
+            for f in ("frames", "bytes")
+        }
         peers: set[str] = set()
         for t in data["tunnels"]:
             labels = [t["name"], format_key(t["in_key"], t["out_key"])]
+            fp_traffic: Mapping[str, Any] = t.get("rx_fastpath") or {}
+            for f, ffam in fast.items():
+                ffam.add_metric(labels, fp_traffic.get(f, 0))
             states: tuple[str, ...] = TUNNEL_STATES
             if t["state"] not in states:
                 states = (*states, t["state"])
@@ -239,6 +310,7 @@ class SttunCollector:
                 cfam.add_metric([peer], reasm.get(f, 0))
         yield state
         yield from traffic.values()
+        yield from fast.values()
         yield drops
         yield from reasm_g.values()
         yield from reasm_c.values()
@@ -254,6 +326,42 @@ class SttunCollector:
             yield GaugeMetricFamily(f"sttun_reassembly_{f}", text, value=greasm.get(f, 0))
         for f, text in _REASM_COUNTERS:
             yield CounterMetricFamily(f"sttun_reassembly_{f}", text, value=greasm.get(f, 0))
+        yield from _fastpath_underlay_metrics(data.get("underlays") or [])
+
+
+def _fastpath_underlay_metrics(underlays: list[Any]) -> Iterator[Metric]:
+    """Per underlay: whether the fast path runs, what it left to Python, its errors."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    attached = GaugeMetricFamily(
+        "sttun_fastpath_attached",
+        "1 if the kernel receive fast path runs on the underlay",
+        labels=["underlay"],
+    )
+    passed = {
+        f: CounterMetricFamily(
+            f"sttun_fastpath_passed_{f}",
+            f"{f} the fast path left to the Python path, by reason",
+            labels=["underlay", "reason"],
+        )
+        for f in ("packets", "bytes")
+    }
+    errors = CounterMetricFamily(
+        "sttun_fastpath_errors",
+        "packets the fast path dropped after changing them (a helper failed)",
+        labels=["underlay"],
+    )
+    for u in underlays:
+        name = str(u.get("name", ""))
+        fp: Mapping[str, Any] = u.get("fastpath") or {}
+        attached.add_metric([name], 1 if fp.get("state") == "on" else 0)
+        for reason, counts in sorted((fp.get("passed") or {}).items()):
+            for f, fam in passed.items():
+                fam.add_metric([name, reason], counts.get(f, 0))
+        errors.add_metric([name], (fp.get("errors") or {}).get("packets", 0))
+    yield attached
+    yield from passed.values()
+    yield errors
 
 
 def make_registry(collector: SttunCollector, process: bool = True) -> CollectorRegistry:

@@ -10,6 +10,11 @@ Partial frames are only known by their outer source address until they complete
 (the context id is inside the frame), so the reassembly numbers on a tunnel's row
 are those of its remote peer, shared by every tunnel to that address; the text
 says so (``PEER REASM``, ``reassembly from <peer> (tunnels ...)``).
+
+The kernel receive fast path gets a line per underlay (on, how it is attached and
+what it left to Python by reason; or off and why) and, where it runs, a line per
+tunnel splitting the received frames between the fast path and the Python path
+(the table's RX columns count both).
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ def _show_parts(data: ShowData, now: float) -> tuple[str, list[list[str]], list[
         f"{len(tunnels)} tunnel(s)"
     )
     rows = []
-    details = []
+    details = _fastpath_lines(data, tunnels)
     # peer address -> (its reassembly numbers, the tunnels to it), in tunnel order
     peers: dict[str, tuple[Mapping[str, Any], list[str]]] = {}
     for t in tunnels:
@@ -142,6 +147,40 @@ def _show_parts(data: ShowData, now: float) -> tuple[str, list[list[str]], list[
             )
     details.append(f"reassembly: {_reassembly_text(data.get('reassembly') or {})}")
     return header, rows, details
+
+
+def _count(frames: int, octets: int) -> str:
+    return f"{frames} frame(s) ({human_bytes(octets)})"
+
+
+def _fastpath_lines(data: ShowData, tunnels: list[Mapping[str, Any]]) -> list[str]:
+    """Per underlay: the fast path's state; per tunnel: received frames by path."""
+    lines = []
+    underlays: list[Mapping[str, Any]] = data.get("underlays") or []  # type: ignore[assignment]
+    for u in underlays:
+        fp: Mapping[str, Any] = u.get("fastpath") or {}
+        sockets = ", ".join(u.get("sockets") or []) or "none"
+        head = f"underlay {u.get('name', '?')} (sockets: {sockets}): fast path"
+        if fp.get("state") == "on":
+            passed = {r: c.get("packets", 0) for r, c in (fp.get("passed") or {}).items()}
+            left = _drop_list({r: n for r, n in passed.items() if n}) or "nothing"
+            errors = (fp.get("errors") or {}).get("packets", 0)
+            lines.append(
+                f"{head} on ({fp.get('attach', '?')}, program {fp.get('program_id', '?')}), "
+                f"left to Python: {left}" + (f", errors {errors}" if errors else "")
+            )
+        else:
+            lines.append(f"{head} off: {fp.get('reason') or 'not attached'}")
+    if any((u.get("fastpath") or {}).get("state") == "on" for u in underlays):
+        for t in tunnels:
+            fast: Mapping[str, Any] = t.get("rx_fastpath") or {}
+            py: Mapping[str, Any] = t.get("rx_python") or {}
+            lines.append(
+                f"rx {t.get('name', '?')}: fast path "
+                f"{_count(fast.get('frames', 0), fast.get('bytes', 0))}, Python path "
+                f"{_count(py.get('frames', 0), py.get('bytes', 0))}"
+            )
+    return lines
 
 
 def format_show_text(data: ShowData, now: float | None = None) -> str:

@@ -11,7 +11,11 @@ module (the tests through thin fixtures in ``tests/netns.py``):
 * :class:`TwoHosts` — two namespaces ``<prefix>-<suffix>-a`` and ``-b`` joined by a
   veth pair (``eth0`` in each) with both underlay families from the documentation
   ranges (198.18.0.1/.2 and 2001:db8:0:1::1/::2); ``ipv6`` selects the family the
-  overlays use.  On top of it:
+  overlays use.  With ``routed=True`` a third namespace ``-r`` forwards between them
+  instead (a's ``eth0`` to the router's ``eth0``, the router's ``eth1`` to b's
+  ``eth0``; a 198.18.0.1/24 and b 198.18.1.2/24, 2001:db8:0:1::1/80 and
+  2001:db8:0:1:1::2/80): forwarding orphans each packet as a physical NIC's receive
+  path does, so GRO on b merges the segments of one frame whole.  On top of it:
 
   * :meth:`TwoHosts.start_sttun` — an ``sttun up`` endpoint in each namespace (a
     subprocess: ``python -m sttun up ...``), overlay addresses on their TAP devices;
@@ -48,7 +52,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,13 @@ STATE_ROOT = Path("/run/sttun/hosts")
 
 UNDERLAY4 = ("198.18.0.1", "198.18.0.2", 24)
 UNDERLAY6 = ("2001:db8:0:1::1", "2001:db8:0:1::2", 64)
+#: With a router: (a, b, prefix length); a's and b's links are different subnets.
+ROUTED4 = ("198.18.0.1", "198.18.1.2", 24)
+ROUTED6 = ("2001:db8:0:1::1", "2001:db8:0:1:1::2", 80)
+#: The router's addresses: (towards a, towards b) for IPv4 and IPv6.
+ROUTER4 = ("198.18.0.254", "198.18.1.254")
+ROUTER6 = ("2001:db8:0:1::fe", "2001:db8:0:1:1::fe")
+ROUTER_DEV_B = "eth1"
 OVERLAY4 = ("192.0.2.1", "192.0.2.2", 24)
 OVERLAY6 = ("2001:db8:1::1", "2001:db8:1::2", 64)
 
@@ -457,24 +468,32 @@ class TwoHosts:
     Use as a context manager, or call :meth:`build` and :meth:`close`.  The veth
     (``eth0`` on both sides) carries both underlay families; ``ipv6`` selects the one
     the overlays (:attr:`underlay`) use.  ``underlay_mtu`` is the veth MTU.
+    ``routed`` puts a router namespace (:attr:`router`) between the two (see the
+    module doc).
     """
 
     prefix: str = "sttun-hosts"
     ipv6: bool = False
     underlay_mtu: int = 1500
+    routed: bool = False
     suffix: str = field(default_factory=new_suffix)
     a: Host = field(init=False)
     b: Host = field(init=False)
+    router: Host | None = field(default=None, init=False)
     endpoints: list[Endpoint] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.a = Host(f"{self.prefix}-{self.suffix}-a")
         self.b = Host(f"{self.prefix}-{self.suffix}-b")
+        if self.routed:
+            self.router = Host(f"{self.prefix}-{self.suffix}-r")
 
     # -- addresses ---------------------------------------------------------------
     @property
     def underlay(self) -> tuple[str, str, int]:
         """(address of a, address of b, prefix length) on the underlay the overlays use."""
+        if self.routed:
+            return ROUTED6 if self.ipv6 else ROUTED4
         return UNDERLAY6 if self.ipv6 else UNDERLAY4
 
     @property
@@ -500,7 +519,7 @@ class TwoHosts:
     @property
     def ip_b(self) -> str:
         """b's IPv4 underlay address."""
-        return UNDERLAY4[1]
+        return ROUTED4[1] if self.routed else UNDERLAY4[1]
 
     @property
     def ip6_a(self) -> str:
@@ -510,7 +529,7 @@ class TwoHosts:
     @property
     def ip6_b(self) -> str:
         """b's IPv6 underlay address."""
-        return UNDERLAY6[1]
+        return ROUTED6[1] if self.routed else UNDERLAY6[1]
 
     @property
     def state_dir(self) -> Path:
@@ -522,6 +541,11 @@ class TwoHosts:
         """(a, b)."""
         return self.a, self.b
 
+    @property
+    def namespaces(self) -> tuple[Host, ...]:
+        """Every namespace of the set-up: a, b and the router if there is one."""
+        return (self.a, self.b) if self.router is None else (self.a, self.b, self.router)
+
     # -- life cycle --------------------------------------------------------------
     def build(self) -> TwoHosts:
         """Create the namespaces and the veth underlay: addresses set, links up and
@@ -532,8 +556,11 @@ class TwoHosts:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / _OWNER).write_text(f"{os.getpid()}\n")
         try:
-            for host in self.hosts:
+            for host in self.namespaces:
                 create_namespace(host.name)
+            if self.router is not None:
+                self._build_routed(self.router)
+                return self
             add_veth(self.a, UNDERLAY_DEV, self.b, UNDERLAY_DEV, self.underlay_mtu)
             v6 = ipv6_available()
             for i, host in enumerate(self.hosts):
@@ -548,6 +575,31 @@ class TwoHosts:
             raise
         return self
 
+    def _build_routed(self, r: Host) -> None:
+        """a --eth0/eth0-- router --eth1/eth0-- b, forwarding on, links ready."""
+        v6 = ipv6_available()
+        add_veth(self.a, UNDERLAY_DEV, r, UNDERLAY_DEV, self.underlay_mtu)
+        add_veth(self.b, UNDERLAY_DEV, r, ROUTER_DEV_B, self.underlay_mtu)
+        families = ((ROUTED4, ROUTER4), (ROUTED6, ROUTER6)) if v6 else ((ROUTED4, ROUTER4),)
+        for i, (host, rdev) in enumerate(((self.a, UNDERLAY_DEV), (self.b, ROUTER_DEV_B))):
+            for ends, gws in families:
+                add_address(host, UNDERLAY_DEV, f"{ends[i]}/{ends[2]}")
+                add_address(r, rdev, f"{gws[i]}/{ends[2]}")
+            host.ip("link", "set", UNDERLAY_DEV, "up")
+            r.ip("link", "set", rdev, "up")
+        for i, host in enumerate(self.hosts):
+            far4 = ROUTER4[1 - i].rsplit(".", 1)[0] + ".0"
+            host.ip("route", "add", f"{far4}/{ROUTED4[2]}", "via", ROUTER4[i])
+            if v6:
+                far6 = ROUTER6[1 - i].rsplit(":", 1)[0] + ":"
+                host.ip("-6", "route", "add", f"{far6}/{ROUTED6[2]}", "via", ROUTER6[i])
+        r.sysctl("net.ipv4.ip_forward", "1")
+        if v6:
+            r.sysctl("net.ipv6.conf.all.forwarding", "1")
+        for host, dev in ((self.a, UNDERLAY_DEV), (self.b, UNDERLAY_DEV), (r, UNDERLAY_DEV),
+                          (r, ROUTER_DEV_B)):  # fmt: skip
+            wait_link_ready(host, dev, ipv6=v6)
+
     def keep(self) -> None:
         """Mark the hosts as left running on purpose (:func:`remove_stale` removes them)."""
         (self.state_dir / _KEPT).write_text(f"{time.time():.0f}\n")
@@ -561,7 +613,7 @@ class TwoHosts:
             except Exception as e:
                 errors.append(str(e))
         self.endpoints.clear()
-        for host in self.hosts:
+        for host in self.namespaces:
             try:
                 host.delete()
             except SetupError as e:
@@ -583,8 +635,27 @@ class TwoHosts:
 
     # -- overlays ----------------------------------------------------------------
     def add_overlay_on_underlay(self) -> str:
-        """Put the overlay addresses on the veth itself (no tunnel); returns the device."""
-        self.add_overlay(UNDERLAY_DEV)
+        """Put the overlay addresses on the veth itself (no tunnel); returns the device.
+
+        With a router the two ends are on different links: each gets its overlay
+        addresses as host routes (/32, /128) and a route to the other's through the
+        router, which reaches both directly."""
+        if self.router is None:
+            self.add_overlay(UNDERLAY_DEV)
+            return UNDERLAY_DEV
+        r = self.router
+        ends = (
+            (self.a, UNDERLAY_DEV, OVERLAY4[0], OVERLAY6[0], ROUTER4[0], ROUTER6[0]),
+            (self.b, ROUTER_DEV_B, OVERLAY4[1], OVERLAY6[1], ROUTER4[1], ROUTER6[1]),
+        )
+        for i, (host, rdev, addr4, addr6, gw4, gw6) in enumerate(ends):
+            far4, far6 = OVERLAY4[1 - i], OVERLAY6[1 - i]
+            add_address(host, UNDERLAY_DEV, f"{addr4}/32")
+            add_address(host, UNDERLAY_DEV, f"{addr6}/128")
+            host.ip("route", "add", f"{far4}/32", "via", gw4, "src", addr4)
+            host.ip("-6", "route", "add", f"{far6}/128", "via", gw6, "src", addr6)
+            r.ip("route", "add", f"{addr4}/32", "dev", rdev)
+            r.ip("-6", "route", "add", f"{addr6}/128", "dev", rdev)
         return UNDERLAY_DEV
 
     def add_vxlan(self, vni: int = 42, dev: str = VXLAN_DEV, mtu: int | None = None) -> str:
@@ -666,8 +737,10 @@ def launch_sttun(
     log: Path,
     devs: Sequence[str],
     timeout: float = START_TIMEOUT,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` (an ``sttun up`` command line) in ``host``, output to ``log``.
+    """Start ``argv`` (an ``sttun up`` command line) in ``host``, output to ``log``
+    (``env``: variables added to this process's environment for it).
 
     Returns once the control socket ``sock`` and every TAP in ``devs`` exist.  The
     process gets its own session (a Ctrl-C reaches only the caller, which stops it in
@@ -683,6 +756,7 @@ def launch_sttun(
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
     deadline = time.monotonic() + timeout
     while True:
@@ -729,7 +803,7 @@ def find_hosts(prefix: str) -> list[StaleHosts]:
     """Host pairs whose namespaces start with ``prefix-`` (running or left behind)."""
     groups: dict[str, list[str]] = {}
     for ns in list_namespaces():
-        if ns.startswith(prefix + "-") and ns[-2:] in ("-a", "-b"):
+        if ns.startswith(prefix + "-") and ns[-2:] in ("-a", "-b", "-r"):
             groups.setdefault(ns[:-2], []).append(ns)
     found = []
     for name, namespaces in sorted(groups.items()):
