@@ -174,3 +174,43 @@ def iperf3(client: Netns, server: Netns, addr: str, seconds: int = 5) -> float:
         if srv.poll() is None:
             srv.kill()
         srv.wait()
+
+
+# --------------------------------------------------------------------------- sttun --ovsdb
+STT_PORT_NAME = "stt0"
+
+
+def add_stt_port(
+    hv: Hypervisor, remote_ip: str, key: str | int, name: str = STT_PORT_NAME, *options: str
+) -> None:
+    """The old command: ``ovs-vsctl add-port br-int NAME -- set interface NAME type=stt
+    options:remote_ip=R options:key=K`` (plus ``options``, each ``k=v``)."""
+    hv.ovs.vsctl(
+        "add-port", BRIDGE, name, "--", "set", "interface", name, "type=stt",
+        f"options:remote_ip={remote_ip}", f"options:key={key}",
+        *(f"options:{o}" for o in options),
+    )  # fmt: skip
+
+
+def row_state(hv: Hypervisor, name: str = STT_PORT_NAME) -> tuple[str, str | None, list[str]]:
+    """(``type``, ``status:sttun_state``, ``error``) of the Interface row ``name``."""
+    row = interface_row(hv.ovs, name)
+    status = row["status"]
+    error = row["error"]
+    assert isinstance(status, dict)
+    return str(row["type"]), status.get("sttun_state"), error if isinstance(error, list) else []
+
+
+def served(hv: Hypervisor, name: str = STT_PORT_NAME) -> bool:
+    """True when sttun serves row ``name``: a system port, ``sttun_state=up``, no error,
+    and ovs-vswitchd has opened the device (an OpenFlow port number)."""
+    kind, state, error = row_state(hv, name)
+    if (kind, state, error) != ("system", "up", []):
+        return False
+    ofport = hv.ovs.vsctl("get", "interface", name, "ofport", wait=False).strip()
+    return ofport not in ("-1", "[]", "")
+
+
+def row_error(hv: Hypervisor, name: str = STT_PORT_NAME) -> str:
+    """The ``error`` column of row ``name`` ("" when empty)."""
+    return row_state(hv, name)[2][0] if row_state(hv, name)[2] else ""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from sttun.core.keys import format_key
 from sttun.daemon.config_keys import parse_hostport
@@ -91,6 +91,17 @@ class TunnelStats(TypedDict):
     rx: TrafficStats
     drops: dict[str, int]
     peer_reassembly: PeerReassemblyStats
+    ovs_interface: NotRequired[str | None]  # with --ovsdb: the OVS Interface it serves
+
+
+class OvsdbStats(TypedDict):
+    """With ``sttun up --ovsdb``: the database and its ``type=stt`` interfaces."""
+
+    remote: str
+    connected: bool
+    userspace_tso: bool | None  # Open_vSwitch other_config:userspace-tso-enable
+    interfaces: list[str]  # every type=stt (or served) Interface row
+    errors: dict[str, str]  # rows not served: what their error column says
 
 
 class ShowData(TypedDict):
@@ -107,6 +118,7 @@ class ShowData(TypedDict):
     tunnels: list[TunnelStats]
     drops: dict[str, int]
     reassembly: ReassemblyStats
+    ovsdb: NotRequired[OvsdbStats]
 
 
 def empty_traffic() -> TrafficStats:
