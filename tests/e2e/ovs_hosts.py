@@ -198,19 +198,25 @@ def row_state(hv: Hypervisor, name: str = STT_PORT_NAME) -> tuple[str, str | Non
     status = row["status"]
     error = row["error"]
     assert isinstance(status, dict)
-    return str(row["type"]), status.get("sttun_state"), error if isinstance(error, list) else []
+    errors = [error] if isinstance(error, str) else list(error) if isinstance(error, list) else []
+    return str(row["type"]), status.get("sttun_state"), [str(e) for e in errors]
 
 
-def served(hv: Hypervisor, name: str = STT_PORT_NAME) -> bool:
-    """True when sttun serves row ``name``: a system port, ``sttun_state=up``, no error,
-    and ovs-vswitchd has opened the device (an OpenFlow port number)."""
+def served(hv: Hypervisor, name: str = STT_PORT_NAME, states: tuple[str, ...] = ("up",)) -> bool:
+    """True when sttun serves row ``name``: a system port, ``sttun_state`` in ``states``,
+    no error, and ovs-vswitchd has opened the device (an OpenFlow port number)."""
     kind, state, error = row_state(hv, name)
-    if (kind, state, error) != ("system", "up", []):
+    if kind != "system" or state not in states or error:
         return False
-    ofport = hv.ovs.vsctl("get", "interface", name, "ofport", wait=False).strip()
-    return ofport not in ("-1", "[]", "")
+    return ofport(hv, name) not in ("-1", "[]", "")
 
 
 def row_error(hv: Hypervisor, name: str = STT_PORT_NAME) -> str:
     """The ``error`` column of row ``name`` ("" when empty)."""
-    return row_state(hv, name)[2][0] if row_state(hv, name)[2] else ""
+    error = row_state(hv, name)[2]
+    return str(error[0]) if error else ""
+
+
+def ofport(hv: Hypervisor, name: str = STT_PORT_NAME) -> str:
+    """The OpenFlow port number OVS gave interface ``name``."""
+    return hv.ovs.vsctl("get", "interface", name, "ofport", wait=False).strip()
