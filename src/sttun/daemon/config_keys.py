@@ -328,7 +328,7 @@ def ovsdb_remote(value: object, path: str, where: Where) -> str:
     text = non_empty(value, path, where)
     for part in text.split(","):
         part = part.strip()
-        if not part.startswith(OVSDB_METHODS) or len(part) <= len("tcp:"):
+        if not part.startswith(OVSDB_METHODS) or not part.partition(":")[2]:
             raise where.error(
                 path,
                 'expected an OVSDB remote like "unix:/var/run/openvswitch/db.sock" or '
