@@ -224,7 +224,7 @@ class OvsDemo:
                 t.get("ovs_interface") == PORT and t.get("state") == "up",
                 f"{t.get('name')} (ovs) {t.get('local_ip')} -> {t.get('remote_ip')}: "
                 f"tx {t.get('tx', {}).get('frames')} / rx {t.get('rx', {}).get('frames')} "
-                f"frames; ovsdb {'connected' if data['ovsdb']['connected'] else 'NOT connected'}",
+                f"frames since the key change; ovsdb {'connected' if data['ovsdb']['connected'] else 'NOT connected'}",
             )
 
     def keep(self) -> None:
