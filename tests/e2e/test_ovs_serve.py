@@ -7,10 +7,12 @@ between the two VMs (tests/e2e/ovs_hosts.py).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from sttun.daemon.ovsdb import INSTALL_HINT
 from sttun.tools.ovs_host import check_support
 from tests.e2e.ovs_hosts import (
     BRIDGE,
@@ -33,7 +35,7 @@ from tests.e2e.sttun_hosts import (
     wait_for,
 )
 from tests.e2e.test_ovs_traffic import KEY, ovs_sttun, start_ovs_sttun
-from tests.netns import need_root, need_tools
+from tests.netns import Netns, need_root, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -179,3 +181,21 @@ def test_errors_go_into_the_row(tmp_path: Path) -> None:
         finally:
             for ep in (ep_a, ep_b):
                 assert ep.stop() == 0, ep.log_text()
+
+
+def test_without_the_ovs_package_up_says_what_to_install(tmp_path: Path) -> None:
+    """``sttun up --ovsdb`` on a machine without PyPI ``ovs``: one clear line, exit
+    status 1, and nothing left on the host (its nftables table is removed again)."""
+    code = (
+        "import sys; sys.modules['ovs'] = None\n"  # the import fails as if not installed
+        "from sttun.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    with Netns("noovs") as ns:
+        res = ns.run(
+            [sys.executable, "-c", code, "up", "--ovsdb", "unix:/nonexistent/db.sock",
+             "--instance", "noovs", "--control-socket", str(tmp_path / "s.sock")],
+            check=False,
+        )  # fmt: skip
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert INSTALL_HINT in res.stderr and "Traceback" not in res.stderr
+        assert "sttun_noovs" not in ns.run(["nft", "list", "tables"]).stdout
