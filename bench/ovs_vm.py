@@ -15,10 +15,11 @@ iperf3, one TCP stream, ``--seconds`` each, both directions, median of ``--reps`
 For sttun also: the seconds from the old command to a served port, the bytes per
 frame sttun read from OVS (after GRO on its end of the pair; the STT frames are the
 same), and how many frames OVS received per sttun write (the kernel segments a frame
-when OVS takes no offloads).  Never
+when OVS takes no offloads).  For both: the CPU share (CPU seconds per second of
+the iperf3 runs) of each sttun and each ovs-vswitchd.  Never
 pass/fail; results in ``bench/results/ovs_vm.json``.
 
-    python bench/ovs_vm.py [--seconds 5] [--reps 3]
+    python bench/ovs_vm.py [--seconds 5] [--reps 3] [--modes default] [--ports sttun]
 """
 
 from __future__ import annotations
@@ -46,12 +47,28 @@ from tests.e2e.ovs_hosts import (
 )
 from tests.e2e.sttun_hosts import Endpoint, start_endpoint, wait_for
 
+from sttun.tools.topology import process_cpu_seconds
+
 RESULTS = Path(__file__).resolve().parent / "results" / "ovs_vm.json"
 KEY = 42
 
 
-def _iperf_both(p: OvsPair, seconds: int, reps: int) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
+def _cpu(p: OvsPair, eps: list[Endpoint]) -> list[float]:
+    """CPU seconds so far of each sttun, then of each ovs-vswitchd."""
+    vswitchd = [hv.ovs.pid("ovs-vswitchd") for hv in (p.a, p.b)]
+    return [ep.cpu_seconds() for ep in eps] + [
+        process_cpu_seconds(pid) if pid else 0.0 for pid in vswitchd
+    ]
+
+
+def _iperf_both(
+    p: OvsPair,
+    seconds: int,
+    reps: int,
+    eps: list[Endpoint] = (),  # type: ignore[assignment]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cpu0, t0 = _cpu(p, list(eps)), time.monotonic()
     for label, src, dst in (("a->b", p.a, p.b), ("b->a", p.b, p.a)):
         runs = []
         for _ in range(reps):
@@ -61,6 +78,11 @@ def _iperf_both(p: OvsPair, seconds: int, reps: int) -> dict[str, float | None]:
                 print(f"  {label}: {str(exc).splitlines()[0][:100]}", flush=True)
                 break
         out[label] = statistics.median(runs) if runs else None
+    wall = time.monotonic() - t0
+    used = [round((b - a) / wall, 2) for a, b in zip(cpu0, _cpu(p, list(eps)), strict=True)]
+    if eps:
+        out["sttun_cpu_share_a_b"] = used[:2]
+    out["vswitchd_cpu_share_a_b"] = used[-2:]
     return out
 
 
@@ -88,7 +110,7 @@ def run_sttun(p: OvsPair, tmp: Path, seconds: int, reps: int) -> dict[str, Any]:
         before = [_tunnel(ep) for ep in eps]
         hvs = (p.a, p.b)
         ovs_rx = [_rx_packets(hv, STT_PORT_NAME) for hv in hvs]
-        speeds = _iperf_both(p, seconds, reps)
+        speeds = _iperf_both(p, seconds, reps, eps)
         after = [_tunnel(ep) for ep in eps]
         ovs_rx = [_rx_packets(hv, STT_PORT_NAME) - n for hv, n in zip(hvs, ovs_rx, strict=True)]
         pairs = list(zip(after, before, strict=True))
@@ -132,23 +154,31 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tmp", default="/tmp/sttun-bench-ovs-vm")
+    ap.add_argument("--modes", default="default,userspace-tso", help="OVS modes to run")
+    ap.add_argument("--ports", default="sttun,ovs-vxlan", help="port kinds to run")
     args = ap.parse_args()
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    modes = args.modes.split(",")
+    ports = args.ports.split(",")
     for mode, tso in (("default", False), ("userspace-tso", True)):
+        if mode not in modes:
+            continue
         with ovs_pair(userspace_tso=tso) as p:
-            print(f"{mode}: OVS + sttun", flush=True)
-            results[f"{mode}/sttun"] = run_sttun(p, tmp, args.seconds, args.reps)
-            print(f"  {results[f'{mode}/sttun']}", flush=True)
-            print(f"{mode}: OVS VXLAN", flush=True)
-            results[f"{mode}/ovs-vxlan"] = run_vxlan(p, args.seconds, args.reps)
-            print(f"  {results[f'{mode}/ovs-vxlan']}", flush=True)
+            if "sttun" in ports:
+                print(f"{mode}: OVS + sttun", flush=True)
+                results[f"{mode}/sttun"] = run_sttun(p, tmp, args.seconds, args.reps)
+                print(f"  {results[f'{mode}/sttun']}", flush=True)
+            if "ovs-vxlan" in ports:
+                print(f"{mode}: OVS VXLAN", flush=True)
+                results[f"{mode}/ovs-vxlan"] = run_vxlan(p, args.seconds, args.reps)
+                print(f"  {results[f'{mode}/ovs-vxlan']}", flush=True)
     print()
     print(f"{'OVS mode / port':28} {'a->b Gbit/s':>12} {'b->a Gbit/s':>12}  notes")
     for name, r in results.items():
         cells = [f"{r[d]:.2f}" if r.get(d) is not None else "no traffic" for d in ("a->b", "b->a")]
-        notes = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("a->b", "b->a"))
+        notes = "; ".join(f"{k} {v}" for k, v in r.items() if k not in ("a->b", "b->a"))
         print(f"{name:28} {cells[0]:>12} {cells[1]:>12}  {notes}")
     write_results(RESULTS, "ovs_vm", {"seconds": args.seconds, "reps": args.reps, **results})
 
