@@ -69,26 +69,31 @@ def ifindex(hv: Hypervisor, dev: str) -> int:
 
 
 def test_live_changes(tmp_path: Path) -> None:
-    with ovs_pair() as p, ovs_sttun(p, tmp_path) as (ep_a, _ep_b):
+    with ovs_pair() as p, ovs_sttun(p, tmp_path) as (ep_a, ep_b):
         ping(p.a.vm, VM_B)
         port_before = ofport(p.a)
-        # one side changes its key: that tunnel is reconfigured, traffic stops
+        # a new type=stt row becomes a tunnel of its own
+        add_stt_port(p.a, "198.18.0.9", 7, "stt1")
+        wait_for(lambda: served(p.a, "stt1", UNRESOLVED), what="stt1 a system port")
+        assert tunnels_of(ep_a)["stt1"]["in_key"] == 7
+        stt1_index = ifindex(p.a, "stt1")
+        ping(p.a.vm, VM_B)
+        # one side changes its key: that tunnel only is reconfigured, traffic stops
         p.a.ovs.vsctl("set", "interface", STT_PORT_NAME, "options:key=43")
         wait_for(lambda: tunnels_of(ep_a)[STT_PORT_NAME]["in_key"] == 43, what="key 43 on a")
         assert no_ping(p.a, VM_B)
+        log = ep_a.log_text()
+        assert f"[{STT_PORT_NAME} key=0x2a] tunnel stopped for a change" in log
+        assert "[stt1 key=0x7] tunnel stopped" not in log
+        assert ifindex(p.a, "stt1") == stt1_index
         # the other side follows: traffic again, OVS never lost the port
         p.b.ovs.vsctl("set", "interface", STT_PORT_NAME, "options:key=43")
+        wait_for(lambda: tunnels_of(ep_b)[STT_PORT_NAME]["in_key"] == 43, what="key 43 on b")
         wait_for(lambda: served(p.b), what="b served again")
         ping(p.a.vm, VM_B)
         assert ofport(p.a) == port_before
         assert row_state(p.a) == ("system", "up", [])
-        # a new type=stt row becomes a tunnel of its own; the first one is untouched
-        add_stt_port(p.a, "198.18.0.9", 7, "stt1")
-        wait_for(lambda: "stt1" in tunnels_of(ep_a), what="stt1 served")
-        wait_for(lambda: served(p.a, "stt1", UNRESOLVED), what="stt1 a system port")
-        assert tunnels_of(ep_a)["stt1"]["in_key"] == 7
-        ping(p.a.vm, VM_B)
-        # del-port removes the tunnel and its veth pair
+        # del-port removes the tunnel and its veth pair, and nothing else
         p.a.ovs.vsctl("del-port", BRIDGE, "stt1")
         wait_for(lambda: "stt1" not in tunnels_of(ep_a), what="stt1 gone")
         wait_for(lambda: not link_exists(p.a.ns, "stt1"), what="veth stt1 deleted")
