@@ -219,12 +219,13 @@ class OvsDemo:
         for host, ep in zip(self.hosts.hosts, self.eps, strict=True):
             data = ep.show()
             t = (data.get("tunnels") or [{}])[0]
+            link = "connected" if data["ovsdb"]["connected"] else "NOT connected"
             self._check(
                 f"sttun show {host.name[-1:]}",
                 t.get("ovs_interface") == PORT and t.get("state") == "up",
                 f"{t.get('name')} (ovs) {t.get('local_ip')} -> {t.get('remote_ip')}: "
                 f"tx {t.get('tx', {}).get('frames')} / rx {t.get('rx', {}).get('frames')} "
-                f"frames since the key change; ovsdb {'connected' if data['ovsdb']['connected'] else 'NOT connected'}",
+                f"frames since the key change; ovsdb {link}",
             )
 
     def keep(self) -> None:
