@@ -118,6 +118,7 @@ examples:
   sttun demo --keep        # leave the namespaces up to play with
   sttun demo --down        # remove what a --keep run left
   sttun demo --ipv6 --mtu 9000
+  sttun demo --ovs         # Open vSwitch type=stt ports served by sttun up --ovsdb
 Creates two network namespaces joined by a veth pair (underlay 198.18.0.0/15 or
 2001:db8:0:1::/64), an STT tunnel between them, then runs ping, a bulk transfer
 and a wire check.  Needs root.
@@ -340,6 +341,11 @@ def _add_tools(sub: Any) -> None:
     p.add_argument("--keep", action="store_true", help="leave the namespaces and tunnel up")
     p.add_argument("--down", action="store_true", help="tear down what a --keep run left")
     p.add_argument("--ipv6", action="store_true", help="IPv6 underlay")
+    p.add_argument(
+        "--ovs",
+        action="store_true",
+        help="Open vSwitch on each host: its old type=stt port served by sttun up --ovsdb",
+    )
     p.add_argument(
         "--mtu",
         metavar="N",

@@ -83,36 +83,6 @@ def ovs_pair(
         yield OvsPair(h, sides[0], sides[1])
 
 
-def attach_tap_via_veth(ns: Netns, tap: str, port: str, *, offload: bool) -> str:
-    """Join the TAP of a plain ``sttun up`` to a switch port ``port`` through a veth pair.
-
-    The kernel-side form of :class:`sttun.io.veth_port.VethPort` for a daemon that
-    writes to a TAP: a tc ingress filter on the TAP redirects what sttun writes into
-    the veth end ``<port>-s`` (``mirred egress redirect``), whose checksum/TSO
-    offloads are off unless ``offload``, so the kernel's software GSO segments and
-    checksums every frame on its way to ``port``, the switch's end; a filter on
-    ``<port>-s`` sends what the switch sends back into the TAP (after GRO).  IPv6
-    is off on all three devices.  Returns the veth end's name.
-    """
-    peer = f"{port}-s"
-    ns.run(["ip", "link", "add", port, "type", "veth", "peer", "name", peer])
-    for dev in (tap, port, peer):
-        ns.sysctl(f"net.ipv6.conf.{dev}.disable_ipv6", "1")
-    state = "on" if offload else "off"
-    ns.run(["ethtool", "-K", peer, "tx", state, "tso", state, "gro", "on"])
-    ns.run(["ethtool", "-K", port, "tso", "off"])  # veth hands its peer to GRO only without TSO
-    ns.run(["sh", "-c", f"echo 50000 > /sys/class/net/{peer}/gro_flush_timeout"])
-    for src, dst in ((tap, peer), (peer, tap)):
-        ns.run(["tc", "qdisc", "add", "dev", src, "clsact"])
-        ns.run(
-            ["tc", "filter", "add", "dev", src, "ingress", "protocol", "all", "u32", "match",
-             "u32", "0", "0", "action", "mirred", "egress", "redirect", "dev", dst]
-        )  # fmt: skip
-    for dev in (port, peer):
-        ns.run(["ip", "link", "set", dev, "up"])
-    return peer
-
-
 def tcp_checksum_errors(ns: Netns) -> int:
     """``Tcp: InCsumErrors`` of the namespace (/proc/net/snmp)."""
     lines = [ln.split() for ln in ns.run(["cat", "/proc/net/snmp"]).stdout.splitlines()]
@@ -174,3 +144,49 @@ def iperf3(client: Netns, server: Netns, addr: str, seconds: int = 5) -> float:
         if srv.poll() is None:
             srv.kill()
         srv.wait()
+
+
+# --------------------------------------------------------------------------- sttun --ovsdb
+STT_PORT_NAME = "stt0"
+
+
+def add_stt_port(
+    hv: Hypervisor, remote_ip: str, key: str | int, name: str = STT_PORT_NAME, *options: str
+) -> None:
+    """The old command: ``ovs-vsctl add-port br-int NAME -- set interface NAME type=stt
+    options:remote_ip=R options:key=K`` (plus ``options``, each ``k=v``)."""
+    hv.ovs.vsctl(
+        "add-port", BRIDGE, name, "--", "set", "interface", name, "type=stt",
+        f"options:remote_ip={remote_ip}", f"options:key={key}",
+        *(f"options:{o}" for o in options),
+    )  # fmt: skip
+
+
+def row_state(hv: Hypervisor, name: str = STT_PORT_NAME) -> tuple[str, str | None, list[str]]:
+    """(``type``, ``status:sttun_state``, ``error``) of the Interface row ``name``."""
+    row = interface_row(hv.ovs, name)
+    status = row["status"]
+    error = row["error"]
+    assert isinstance(status, dict)
+    errors = [error] if isinstance(error, str) else list(error) if isinstance(error, list) else []
+    return str(row["type"]), status.get("sttun_state"), [str(e) for e in errors]
+
+
+def served(hv: Hypervisor, name: str = STT_PORT_NAME, states: tuple[str, ...] = ("up",)) -> bool:
+    """True when sttun serves row ``name``: a system port, ``sttun_state`` in ``states``,
+    no error, and ovs-vswitchd has opened the device (an OpenFlow port number)."""
+    kind, state, error = row_state(hv, name)
+    if kind != "system" or state not in states or error:
+        return False
+    return ofport(hv, name) not in ("-1", "[]", "")
+
+
+def row_error(hv: Hypervisor, name: str = STT_PORT_NAME) -> str:
+    """The ``error`` column of row ``name`` ("" when empty)."""
+    error = row_state(hv, name)[2]
+    return str(error[0]) if error else ""
+
+
+def ofport(hv: Hypervisor, name: str = STT_PORT_NAME) -> str:
+    """The OpenFlow port number OVS gave interface ``name``."""
+    return hv.ovs.vsctl("get", "interface", name, "ofport", wait=False).strip()

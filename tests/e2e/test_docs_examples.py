@@ -5,7 +5,7 @@ Convention for code blocks in the docs (stated at the top of each page too):
 * A fenced block whose info string starts with ``sh`` is **runnable**: this test
   runs it.  Everything else (```` ```text ````, ```` ```toml ````, ```` ```console ````,
   ```` ```ini ````, ...) is illustrative and never run.  Use ``text`` for commands
-  that cannot run here (systemd, Open vSwitch, package installation).
+  that cannot run here (systemd, package installation).
 * After ``sh`` come optional ``key=value`` attributes (GitHub ignores them):
 
   ``host=a`` / ``host=b``

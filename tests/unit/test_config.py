@@ -140,8 +140,8 @@ BAD = [
     (T0 + _tunnel("in_key = 1\nout_key = 9", name='"t1"', key=""), CLASH),
     # the regression of issue #12: dst_port is not part of the receive match
     (T0 + _tunnel("dst_port = 7472", name='"t1"'), CLASH),
-    ("", "no tunnels: add at least one [[tunnel]] table"),
-    ("tunnel = []", "no tunnels: add at least one [[tunnel]] table"),
+    ("", "no tunnels: add at least one [[tunnel]] table (or [daemon] ovsdb = ...)"),
+    ("tunnel = []", "no tunnels: add at least one [[tunnel]] table (or [daemon] ovsdb = ...)"),
     ('[tunnel]\nname = "t0"', "tunnel: expected an array of tables ([[tunnel]]), got a table"),
     ("tunnel = [1]", "tunnel[0]: expected a table, got 1"),
     ("[deamon]\n" + T0, "deamon: unknown key (did you mean daemon?)"),

@@ -112,7 +112,17 @@ _FLAGS = {k.name: k.flag for k in (*TUNNEL_KEYS, *DAEMON_KEYS) if k.flag is not 
 
 @dataclass(frozen=True)
 class TunnelConfig:
-    """One STT tunnel: a TAP device joined to one remote endpoint by a context id."""
+    """One STT tunnel: a TAP device joined to one remote endpoint by a context id.
+
+    Two offload settings, for two different readers: ``offload`` is about the
+    underlay (the kernel segments and checksums the outer packets, GSO), and
+    ``port_offload`` about whoever reads the overlay device: ``True`` (a TAP, frames
+    as they come: 64 KB GSO frames, partial checksums) suits the Linux stack and
+    bridges; ``False`` makes the device a veth pair
+    (:class:`~sttun.io.veth_port.VethPort`) through which the kernel hands the reader
+    complete, MTU-sized frames (Open vSwitch without userspace TSO, packet capture
+    tools, anything that does not understand offloads).
+    """
 
     name: str
     local_ip: IPAddress
@@ -127,6 +137,7 @@ class TunnelConfig:
     ttl: int | Inherit = DEFAULT_TTL
     df: bool = True
     offload: bool = True
+    port_offload: bool = True
     persist: bool = False
     underlay_mtu: int | None = None
 
@@ -148,6 +159,7 @@ class DaemonConfig:
     instance: str = DEFAULT_INSTANCE
     control_socket: str = ""  # "" means /run/sttun/<instance>.sock
     metrics: str | None = None  # "host:port", see parse_hostport()
+    ovsdb: str | None = None  # an OVSDB remote: serve its type=stt interfaces
     log_level: str = "info"
     log_format: str = "text"
     firewall: bool = True
@@ -301,6 +313,12 @@ def _parse_tunnel(raw: Mapping[str, object], p: str, where: Where) -> TunnelConf
         raise where.error(
             f"{p}out_key", "required key is missing (give key, or out_key as well as in_key)"
         )
+    if v.get("bridge") and v.get("port_offload") is False:
+        raise where.error(
+            f"{p}port_offload",
+            "port_offload = false makes the device a veth pair, which is not put on a "
+            "Linux bridge (bridge is set): a Linux bridge takes offloads, leave it true",
+        )
     return TunnelConfig(local_ip=local_ip, remote_ip=remote_ip, in_key=in_key, out_key=out_key, **v)
 
 
@@ -369,8 +387,12 @@ def _build(
         raise where.error("daemon", f"expected a table ([daemon]), got {show_value(daemon_raw)}")
     daemon_raw = {**daemon_raw, **overrides}
     tunnels_raw = raw.get("tunnel")
-    if tunnels_raw is None or tunnels_raw == []:
-        raise where.error("", "no tunnels: add at least one [[tunnel]] table")
+    if (tunnels_raw is None or tunnels_raw == []) and daemon_raw.get("ovsdb") is None:
+        raise where.error(
+            "", "no tunnels: add at least one [[tunnel]] table (or [daemon] ovsdb = ...)"
+        )
+    if tunnels_raw is None:
+        tunnels_raw = []
     if not isinstance(tunnels_raw, list):
         raise where.error(
             "tunnel", f"expected an array of tables ([[tunnel]]), got {show_value(tunnels_raw)}"
@@ -464,8 +486,9 @@ def config_from_args(ns: argparse.Namespace) -> DaemonConfig:
     set, the file is loaded and the daemon flags given (``--metrics``,
     ``--log-level``, ...) override its ``[daemon]`` table; tunnel flags are then
     refused.  Without it, the tunnel flags describe one tunnel, named after
-    ``--dev`` (default ``stt0``).  Values are strings as typed; errors name the flag
-    (``--key: expected an integer ...``).
+    ``--dev`` (default ``stt0``); with ``--ovsdb`` and no tunnel flag there is no
+    static tunnel (OVSDB's interfaces are the tunnels).  Values are strings as
+    typed; errors name the flag (``--key: expected an integer ...``).
     """
     overrides = {
         k.name: getattr(ns, k.name)
@@ -485,14 +508,16 @@ def config_from_args(ns: argparse.Namespace) -> DaemonConfig:
             )
         return load_config(ns.config, overrides)
 
+    flags = {f"tunnel[0].{k.name}": k.flag for k in TUNNEL_KEYS if k.flag is not None}
+    flags.update({f"daemon.{k.name}": k.flag for k in DAEMON_KEYS if k.flag is not None})
+    if not tunnel and overrides.get("ovsdb") is not None:  # OVSDB's interfaces only
+        return _build({}, Where(None, flags, cli_strings=True), None, overrides)
     tunnel.setdefault("name", DEFAULT_TUNNEL_NAME)
     for req in ("local_ip", "remote_ip"):
         if req not in tunnel:
             raise ConfigError(f"{_FLAGS[req]} is required (or give a file with -c FILE.toml)")
     if not set(_KEY_FIELDS) & tunnel.keys():
         raise ConfigError("--key is required (or both --in-key and --out-key)")
-    flags = {f"tunnel[0].{k.name}": k.flag for k in TUNNEL_KEYS if k.flag is not None}
-    flags.update({f"daemon.{k.name}": k.flag for k in DAEMON_KEYS if k.flag is not None})
     where = Where(None, flags, cli_strings=True)
     return _build({"tunnel": [tunnel]}, where, None, overrides)
 
@@ -504,6 +529,8 @@ def describe_config(config: DaemonConfig) -> str:
         f"metrics {config.metrics or 'off'}, firewall {'on' if config.firewall else 'off'}, "
         f"fast path {config.fastpath}, log {config.log_level}/{config.log_format}"
     ]
+    if config.ovsdb:
+        lines.append(f"ovsdb {config.ovsdb}: serving its type=stt interfaces")
     for t in config.tunnels:
         dev = f" dev {t.dev}" if t.dev != t.name else ""
         bridge = f" bridge {t.bridge}" if t.bridge else ""

@@ -319,6 +319,25 @@ def socket_path(value: object, path: str, where: Where) -> str:
     return text
 
 
+OVSDB_METHODS = ("unix:", "tcp:", "ssl:")
+"""How an OVSDB remote starts (OVS's ``ovsdb-client`` syntax; active connections only)."""
+
+
+def ovsdb_remote(value: object, path: str, where: Where) -> str:
+    """An OVSDB remote: ``unix:PATH``, ``tcp:HOST:PORT`` or ``ssl:HOST:PORT``; several
+    separated by commas (tried in turn, as OVS does)."""
+    text = non_empty(value, path, where)
+    for part in text.split(","):
+        part = part.strip()
+        if not part.startswith(OVSDB_METHODS) or not part.partition(":")[2]:
+            raise where.error(
+                path,
+                'expected an OVSDB remote like "unix:/var/run/openvswitch/db.sock" or '
+                f'"tcp:127.0.0.1:6640", got {show_value(text)}',
+            )
+    return text
+
+
 def hostport(value: object, path: str, where: Where) -> str:
     """A ``host:port`` listening address (see :func:`parse_hostport`)."""
     try:
@@ -418,6 +437,9 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     _t("offload", boolean, "--no-offload", const=False,
        help="segment and checksum outer packets in Python instead of kernel GSO "
        "(slower; for debugging)"),
+    _t("port_offload", boolean, "--no-port-offload", const=False,
+       help="the TAP's reader takes no offloads: hand it complete, MTU-sized frames "
+       "(the kernel segments and checksums them through a veth pair)"),
     _t("persist", boolean, "--persist", const=True,
        help="keep the TAP device when the daemon exits"),
     _t("underlay_mtu", underlay_mtu, "--underlay-mtu", metavar="N",
@@ -438,6 +460,9 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     _d("fastpath", choice(FASTPATH_SETTINGS), "--fastpath", choices=FASTPATH_SETTINGS,
        help="kernel receive fast path (eBPF at the underlay's tc ingress): auto = use it "
        "when it loads, on = refuse to start without it, off = never (default: auto)"),
+    _d("ovsdb", ovsdb_remote, "--ovsdb", metavar="REMOTE",
+       help="serve Open vSwitch's type=stt interfaces of this OVSDB "
+       "(e.g. unix:/var/run/openvswitch/db.sock)"),
     _d("reassembly_timeout", seconds),
     _d("reassembly_high_water", size(MIN_HIGH_WATER)),
     _d("reassembly_low_water", size(0)),

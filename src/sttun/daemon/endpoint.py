@@ -63,7 +63,9 @@ from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import PacketSocket
 from sttun.io.rx_fastpath import FastPathTunnel
 from sttun.io.tap import TapDevice
+from sttun.io.veth_port import VethPort
 from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
+from sttun.wire.stt import STT_PORT
 
 log = logging.getLogger("sttun.daemon")
 
@@ -74,6 +76,9 @@ HOUSEKEEPING_INTERVAL = 1.0
 #: fast path never has to re-segment in Python.
 TAP_GSO_MAX_SIZE = 65000
 _ETH = struct.Struct("!6s6sH")
+#: A tunnel's overlay device: a TAP, or a veth pair when its reader takes no
+#: offloads (``port_offload = false``, Open vSwitch ports).
+Device = TapDevice | VethPort
 
 
 class Daemon:
@@ -93,6 +98,9 @@ class Daemon:
         self.control: Any = None
         self.watcher: Any = None
         self.metrics_stop: Callable[[], None] | None = None
+        self.ovs: Any = None  # sttun.daemon.ovs_serve.OvsServer with --ovsdb
+        #: Tunnels that are not in the configuration (OVSDB's rows), by name.
+        self.managed: dict[str, TunnelConfig] = {}
         self.snapshot: Any = None
         self.stopping = False
         self.reload_requested = False
@@ -113,6 +121,7 @@ class Daemon:
             self._start_control()
             self._start_metrics()
             self._start_watcher()
+            self._start_ovsdb()
         except BaseException:
             self.shutdown()
             raise
@@ -135,10 +144,11 @@ class Daemon:
         )
 
     def _local_addresses(self) -> list[str]:
-        return sorted({str(t.local_ip) for t in self.config.tunnels})
+        return sorted({str(t.local_ip) for t in (*self.config.tunnels, *self.managed.values())})
 
     def _ports(self) -> list[int]:
-        return sorted({t.dst_port for t in self.config.tunnels})
+        ports = {t.dst_port for t in (*self.config.tunnels, *self.managed.values())}
+        return sorted(ports or {STT_PORT})  # no tunnel yet (--ovsdb): STT's own port
 
     def _underlay_for(self, cfg: TunnelConfig) -> tuple[Underlay, netlink.Route]:
         try:
@@ -181,7 +191,7 @@ class Daemon:
         self._register(sock.fileno(), functools.partial(self.datapath.on_underlay, u, sock))
         log.info("underlay %s: AF_PACKET socket open for %s", u.ifname, what)
 
-    def _add_tunnel(self, cfg: TunnelConfig, tap: TapDevice | None = None) -> None:
+    def _add_tunnel(self, cfg: TunnelConfig, tap: Device | None = None) -> None:
         tlog = tunnel_logger("sttun.tunnel", cfg.name, cfg.in_key)
         underlay, route = self._underlay_for(cfg)
         mtu = cfg.underlay_mtu if cfg.underlay_mtu is not None else route.mtu
@@ -189,7 +199,9 @@ class Daemon:
         # a route MTU too small for STT starts the tunnel down (below), not at all
         tunnel = self.core.add_tunnel(tunnel_spec(cfg, mtu if usable else DEFAULT_UNDERLAY_MTU))
         try:
-            if tap is None:
+            if tap is None and not cfg.port_offload:  # the kernel completes every frame
+                tap = VethPort(cfg.dev, offload=False, mtu=cfg.mtu)
+            elif tap is None:
                 tap = TapDevice(
                     cfg.dev,
                     offload=True,
@@ -200,7 +212,7 @@ class Daemon:
                 )
             else:  # a changed tunnel keeps its TAP (addresses, routes, bridge port)
                 tap.set_mtu(cfg.mtu)
-                if cfg.bridge:
+                if cfg.bridge and isinstance(tap, TapDevice):
                     tap.set_bridge(cfg.bridge)
         except BaseException:
             self.core.remove_tunnel(cfg.name)
@@ -229,7 +241,7 @@ class Daemon:
             "on" if cfg.offload else "off",
         )
 
-    def _remove_tunnel(self, name: str, keep_tap: bool = False) -> TapDevice:
+    def _remove_tunnel(self, name: str, keep_tap: bool = False) -> Device:
         rt = self.tunnels.pop(name)
         self._sync_fastpath()  # before the TAP goes: the program stops redirecting to it
         self._unregister(rt.tap.fileno())
@@ -282,6 +294,43 @@ class Daemon:
         self.snapshot.publish(self.show_data())
         self.metrics_stop = start_metrics_server(self.config.metrics, SttunCollector(self.snapshot))
         log.info("metrics on http://%s/metrics", self.config.metrics)
+
+    # ------------------------------------------------------------------ OVSDB (--ovsdb)
+    def _start_ovsdb(self) -> None:
+        if not self.config.ovsdb:
+            return
+        from sttun.daemon.ovs_serve import OvsServer  # imports the 'ovs' package
+
+        self.ovs = OvsServer(self, self.config.ovsdb)
+        self._register(self.ovs.fileno(), self.ovs.on_readable)
+        log.info("ovsdb %s: serving its type=stt interfaces", self.config.ovsdb)
+
+    def add_managed_tunnel(self, cfg: TunnelConfig, device: VethPort) -> None:
+        """Start a tunnel that is not in the configuration on ``device``, which the
+        caller owns (kept when the tunnel stops).  Raises what set-up raises."""
+        self.managed[cfg.name] = cfg
+        try:
+            self._sync_filters()
+            self._add_tunnel(cfg, device)
+        except BaseException:
+            self.managed.pop(cfg.name, None)
+            with contextlib.suppress(SttError, OSError):
+                self._sync_filters()
+            raise
+
+    def remove_managed_tunnel(self, name: str) -> None:
+        """Stop a tunnel started by :meth:`add_managed_tunnel`; its device stays."""
+        self._remove_tunnel(name, keep_tap=True)
+        self.managed.pop(name, None)
+        self._sync_filters()
+
+    def _sync_filters(self) -> None:
+        """The firewall's addresses and ports, and the underlay sockets' ports, anew."""
+        if self.firewall is not None:
+            self.firewall.install(self._local_addresses(), self._ports())
+        for u in self.underlays.values():
+            for port in u.receive_ports():
+                _socket(port).set_ports(self._ports())
 
     def _start_watcher(self) -> None:
         try:
@@ -355,6 +404,8 @@ class Daemon:
             return
         if changed:
             self._refresh_routes()
+            if self.ovs is not None:
+                self.ovs.addresses_changed()
 
     def _refresh_routes(self) -> None:
         for rt in self.tunnels.values():
@@ -418,6 +469,8 @@ class Daemon:
         for rt in self.tunnels.values():
             if not rt.tunnel.encapsulator.l2 or rt.blocked is not None:
                 self._refresh_route(rt)
+        if self.ovs is not None:
+            self.ovs.housekeeping()
         if self.snapshot is not None:
             self.snapshot.publish(self.show_data())
 
@@ -441,7 +494,7 @@ class Daemon:
         added, removed, changed = diff_configs(self.config, new)
         for cfg in removed:
             self._remove_tunnel(cfg.name)
-        kept: dict[str, TapDevice] = {}
+        kept: dict[str, Device] = {}
         for old_cfg, cfg in changed:
             same_dev = old_cfg.dev == cfg.dev and old_cfg.persist == cfg.persist
             tap = self._remove_tunnel(cfg.name, keep_tap=same_dev)
@@ -490,8 +543,13 @@ class Daemon:
         out = []
         for name, rt in self.tunnels.items():
             cfg = rt.config
+            if not isinstance(rt.tap, TapDevice):
+                # A veth port (OVS, port_offload = false) is written to by sending
+                # through the pair; the program only delivers into a TAP's ingress,
+                # so these tunnels' frames stay on the Python path.
+                continue
             try:
-                tap_ifindex = _device(rt).ifindex
+                tap_ifindex = rt.tap.ifindex
             except OSError:  # the TAP vanished under us: Python handles its frames
                 continue
             out.append(
@@ -575,7 +633,7 @@ class Daemon:
                     "ce_marked": t.get("ce_marked", 0),
                 }
             )
-        return {
+        data = {
             "pid": os.getpid(),
             "instance": self.config.instance,
             "started": self.started,
@@ -596,6 +654,9 @@ class Daemon:
             },
             "underlays": self._underlays_show(fp_counters),
         }
+        if self.ovs is not None:
+            self.ovs.annotate(data)
+        return data
 
     # ------------------------------------------------------------------ tear-down
     def request_stop(self) -> None:
@@ -610,7 +671,15 @@ class Daemon:
 
     def shutdown(self) -> None:
         """Remove what this run created: fast paths, TAPs (unless persistent), rules,
-        sockets."""
+        sockets.
+
+        The veth pairs of OVS ports stay: OVS keeps its ports while sttun is away.
+        """
+        if self.ovs is not None:
+            self._unregister(self.ovs.fileno())
+            with contextlib.suppress(Exception):
+                self.ovs.close()
+            self.ovs = None
         self._detach_fastpaths()
         for name in list(self.tunnels):
             with contextlib.suppress(Exception):
@@ -641,9 +710,9 @@ class Daemon:
             self.watcher = None
 
 
-def _device(rt: TunnelRuntime) -> TapDevice:
-    """The TAP of a tunnel the daemon made (the data path sees it as a TapPort)."""
-    return cast(TapDevice, rt.tap)
+def _device(rt: TunnelRuntime) -> Device:
+    """The device of a tunnel the daemon made (the data path sees it as a TapPort)."""
+    return cast(Device, rt.tap)
 
 
 def _socket(port: UnderlayPort) -> PacketSocket:

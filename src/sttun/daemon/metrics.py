@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from sttun.core.keys import format_key
 from sttun.daemon.config_keys import parse_hostport
@@ -109,6 +109,17 @@ class TunnelStats(TypedDict):
     rx_fastpath: FastPathTraffic
     drops: dict[str, int]
     peer_reassembly: PeerReassemblyStats
+    ovs_interface: NotRequired[str | None]  # with --ovsdb: the OVS Interface it serves
+
+
+class OvsdbStats(TypedDict):
+    """With ``sttun up --ovsdb``: the database and its ``type=stt`` interfaces."""
+
+    remote: str
+    connected: bool
+    userspace_tso: bool | None  # Open_vSwitch other_config:userspace-tso-enable
+    interfaces: list[str]  # every type=stt (or served) Interface row
+    errors: dict[str, str]  # rows not served: what their error column says
 
 
 class PacketCount(TypedDict):
@@ -169,6 +180,7 @@ class ShowData(TypedDict):
     reassembly: ReassemblyStats
     fastpath: FastPathSetting
     underlays: list[UnderlayStats]
+    ovsdb: NotRequired[OvsdbStats]
 
 
 def empty_traffic() -> TrafficStats:

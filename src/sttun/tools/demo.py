@@ -14,7 +14,9 @@ starts ``sttun up`` in each and then, one step at a time with a live display:
 
 Then a one-screen report, and everything is removed again (also on Ctrl-C, SIGTERM
 or a failure).  ``--keep`` leaves the hosts running and prints how to enter and
-remove them; ``--down`` removes what ``--keep`` runs left.
+remove them; ``--down`` removes what ``--keep`` runs left.  ``--ovs`` runs the Open
+vSwitch variant instead (:mod:`sttun.tools.demo_ovs`: OVS's old ``type=stt`` port
+served by ``sttun up --ovsdb``, VM to VM).
 
 The pieces live in their own modules: the test bed in :mod:`sttun.tools.topology`,
 the traffic in :mod:`sttun.tools.traffic`, the capture in :mod:`sttun.tools.capture`,
@@ -357,7 +359,7 @@ def _want_rich() -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``sttun demo`` with parsed ``args`` (keep, down, ipv6, mtu, offload)."""
+    """Run ``sttun demo`` with parsed ``args`` (keep, down, ipv6, mtu, offload, ovs)."""
     display = Display(_want_rich())
     if getattr(args, "down", False):
         return _down(display)
@@ -368,7 +370,19 @@ def main(args: argparse.Namespace) -> int:
             print(f"sttun demo: the '{tool}' command is needed (apt install "
                   f"{'iputils-ping' if tool == 'ping' else tool})", file=sys.stderr)  # fmt: skip
             return EXIT_UNSUPPORTED
-    demo = Demo(args, display)
+    demo: Any
+    if getattr(args, "ovs", False):
+        from sttun.tools.ovs_host import check_support as ovs_problem
+
+        problem = ovs_problem() or ("--keep is not offered with --ovs" if args.keep else None)
+        if problem:
+            print(f"sttun demo --ovs: {problem}", file=sys.stderr)
+            return EXIT_UNSUPPORTED
+        from sttun.tools.demo_ovs import OvsDemo
+
+        demo = OvsDemo(args, display)
+    else:
+        demo = Demo(args, display)
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     kept = False
     status = EXIT_FAILED

@@ -112,13 +112,14 @@ def _show_parts(data: ShowData, now: float) -> tuple[str, list[list[str]], list[
     peers: dict[str, tuple[Mapping[str, Any], list[str]]] = {}
     for t in tunnels:
         name = str(t.get("name", "?"))
+        ovs_name = t.get("ovs_interface")
         tx: Mapping[str, Any] = t.get("tx") or {}
         rx: Mapping[str, Any] = t.get("rx") or {}
         drops: Mapping[str, int] = t.get("drops") or {}
         r: Mapping[str, Any] = t.get("peer_reassembly") or {}
         rows.append(
             [
-                name,
+                f"{name} (ovs)" if ovs_name else name,
                 str(t.get("dev", "?")),
                 str(t.get("local_ip", "?")),
                 str(t.get("remote_ip", "?")),
@@ -146,6 +147,7 @@ def _show_parts(data: ShowData, now: float) -> tuple[str, list[list[str]], list[
                 f"reassembly from {peer} (tunnels {', '.join(names)}): {_reassembly_text(r)}"
             )
     details.append(f"reassembly: {_reassembly_text(data.get('reassembly') or {})}")
+    details.extend(_ovsdb_lines(data.get("ovsdb")))
     return header, rows, details
 
 
@@ -180,6 +182,23 @@ def _fastpath_lines(data: ShowData, tunnels: list[Mapping[str, Any]]) -> list[st
                 f"{_count(fast.get('frames', 0), fast.get('bytes', 0))}, Python path "
                 f"{_count(py.get('frames', 0), py.get('bytes', 0))}"
             )
+    return lines
+
+
+def _ovsdb_lines(ovsdb: Mapping[str, Any] | None) -> list[str]:
+    """``sttun up --ovsdb``: the database, its interfaces and why some are not served."""
+    if not ovsdb:
+        return []
+    names = ovsdb.get("interfaces") or []
+    tso = ovsdb.get("userspace_tso")
+    lines = [
+        f"ovsdb {ovsdb.get('remote', '?')}: "
+        f"{'connected' if ovsdb.get('connected') else 'not connected'}, "
+        f"userspace TSO {'on' if tso else 'off' if tso is not None else '?'}, "
+        f"type=stt interfaces: {', '.join(names) if names else 'none'}"
+    ]
+    for name, msg in sorted((ovsdb.get("errors") or {}).items()):
+        lines.append(f"ovs interface {name} not served: {msg}")
     return lines
 
 
