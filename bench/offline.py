@@ -79,6 +79,88 @@ def build_capture(path: Path, segments: int, seed: int = 1) -> dict[str, int]:
     return {"segments": count, "frames": enc.frames, "bytes": path.stat().st_size}
 
 
+#: The mixed case: inner frame sizes (one of each is equally likely), five context
+#: ids over three outer address pairs (two directions), as ``(context id, src, dst)``.
+MIXED_SIZES = (90, 1514, 9000, 64000)
+MIXED_FLOWS = (
+    (0x1, bytes((198, 18, 0, 1)), bytes((198, 18, 0, 2))),
+    (0x2A, bytes((198, 18, 0, 1)), bytes((198, 18, 0, 2))),
+    (0x7471, bytes((198, 18, 0, 3)), bytes((198, 18, 0, 2))),
+    (0xC0FFEE, bytes((198, 18, 0, 2)), bytes((198, 18, 0, 1))),
+    (0xFEDC_BA98_7654_3210, bytes((198, 18, 0, 2)), bytes((198, 18, 0, 1))),
+)
+#: Share of frames sent as part of a group of 2-3 frames whose segments interleave.
+MIXED_INTERLEAVED = 0.25
+
+
+def build_mixed_capture(
+    path: Path, segments: int, seed: int = 7
+) -> tuple[dict[str, int], list[tuple[int, bytes]]]:
+    """Write a capture unlike :func:`build_capture`'s; return its shape and frames.
+
+    At least ``segments`` IPv4 segments of up to 1460 payload bytes: inner frames of
+    :data:`MIXED_SIZES` bytes, equally likely, each frame's flow (context id) picked
+    at random among :data:`MIXED_FLOWS`; about :data:`MIXED_INTERLEAVED` of the
+    frames come in groups of two or three (from any flows) whose segments are
+    randomly interleaved, each frame's own segments staying in order.  Every inner
+    frame is distinct (a serial number in its UDP payload).
+
+    The frames are returned as ``(context id, inner frame)`` in the order a decoder
+    completes them: by the position of each frame's last segment.
+    """
+    rnd = random.Random(seed)
+    l2_fwd = bytes.fromhex("020000000002020000000001") + b"\x08\x00"
+    l2_rev = bytes.fromhex("020000000001020000000002") + b"\x08\x00"
+    encs = [
+        Encapsulator(
+            src,
+            dst,
+            ctx,
+            l2=l2_fwd if src[3] != 2 else l2_rev,
+            first_frame_id=rnd.getrandbits(32),
+            first_ip_ident=rnd.getrandbits(16),
+        )  # fmt: skip
+        for ctx, src, dst in MIXED_FLOWS
+    ]
+    pools = [[bytearray(inner_frame(rnd, n)) for n in MIXED_SIZES] for _ in encs]
+    ts = 1_700_000_000 * 10**9
+    count = serial = 0
+    done: list[tuple[int, int, bytes]] = []  # (index of the last segment, ctx, frame)
+
+    def frame_segments() -> tuple[int, bytes, list[bytes]]:
+        nonlocal serial
+        flow = rnd.randrange(len(encs))
+        inner = pools[flow][rnd.randrange(len(MIXED_SIZES))]
+        serial += 1
+        inner[42:50] = serial.to_bytes(8, "big")
+        frame = bytes(inner)
+        enc = encs[flow]
+        return enc.context_id, frame, [b"".join(p) for p in enc.encap(frame, None, gso=False)]
+
+    with PcapWriter(path) as w:
+        while count < segments:
+            group = 1
+            if rnd.random() < MIXED_INTERLEAVED / 2.5:  # groups hold 2.5 frames on average
+                group = rnd.choice((2, 3))
+            frames = [frame_segments() for _ in range(group)]
+            # Interleave: each next segment comes from a frame chosen in proportion to
+            # the segments it has left (a uniformly random merge of the sequences).
+            left = [len(segs) for _, _, segs in frames]
+            nxt = [0] * group
+            while any(left):
+                k = rnd.choices(range(group), weights=left)[0]
+                w.write(ts, frames[k][2][nxt[k]])
+                nxt[k] += 1
+                left[k] -= 1
+                if not left[k]:
+                    done.append((count, frames[k][0], frames[k][1]))
+                count += 1
+                ts += rnd.randrange(2_000, 20_000)
+    done.sort()
+    shape = {"segments": count, "frames": len(done), "bytes": path.stat().st_size}
+    return shape, [(ctx, frame) for _, ctx, frame in done]
+
+
 def timed(argv: list[str], env: dict[str, str], fresh: Path | None = None) -> float:
     """Wall time of one command (output discarded); raises if it fails.
 

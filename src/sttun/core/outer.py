@@ -62,6 +62,11 @@ _TCP_FIELDS: Final = struct.Struct("!HHIIB")
 _IPV6_FIXED: Final = struct.Struct("!IHBB16s16s")
 _U16: Final = struct.Struct("!H")
 _FOLD: Final = 0xFFFF
+# tcp_checksum_ok: slices up to _ONE_READ bytes are read in one piece, up to
+# _PARTS_MAX in four (measured fastest on CPython 3.11 for 1500- and 9000-byte MTUs).
+_ONE_READ: Final = 256
+_from_bytes: Final = int.from_bytes
+_PARTS_MAX: Final = 12288
 
 
 def parse_segment(packet: Buffer, offset: int = 0) -> Segment | DropReason:
@@ -72,15 +77,12 @@ def parse_segment(packet: Buffer, offset: int = 0) -> Segment | DropReason:
     here: the caller decides what its ports are and whether the checksum was
     already verified.
     """
-    if len(packet) - offset >= _V4_TCP_LEN and packet[offset] == 0x45:
+    room = len(packet) - offset
+    if room >= _V4_TCP_LEN and packet[offset] == 0x45:
         tos, total, frag, proto, src, dst, sport, dport, seq, ack, doff = _V4_TCP.unpack_from(
             packet, offset
         )
-        if (
-            proto == IPPROTO_TCP
-            and not frag & 0x3FFF
-            and _V4_TCP_LEN <= total <= len(packet) - offset
-        ):
+        if proto == IPPROTO_TCP and not frag & 0x3FFF and _V4_TCP_LEN <= total <= room:
             return src, dst, tos, sport, dport, seq, ack, doff, offset + 20, offset + total
     outer = parse_outer(packet, offset)
     if isinstance(outer, DropReason):
@@ -143,26 +145,48 @@ def tcp_checksum_ok(packet: Buffer, l3: int, l4: int, end: int) -> bool:
     """True if the TCP segment ``packet[l4:end]`` has a correct checksum.
 
     ``l3`` is the offset of the IPv4 or IPv6 header the segment belongs to (the
-    pseudo-header addresses are read from it).
+    pseudo-header addresses are read from it).  A checksum field holding 0xFFFF where
+    0x0000 is right (Linux ``CSUM_MANGLED_0``) counts as correct.
+
+    Speed (this runs once per received segment): the addresses and the segment are
+    one slice (see the module doc) read big-endian; up to :data:`_PARTS_MAX` bytes it
+    is read as four parts whose values are added — the last three of one even length,
+    so every part's weight ``256**(bytes after it)`` is ≡ 1 — and the modulo, one
+    division per 30-bit digit, runs on a quarter of the digits.  Longer slices (GRO
+    super-packets) go through :func:`~sttun.wire.checksum.little_endian_value`,
+    which reads in chunks and folds before dividing.
     """
-    tcp_len = end - l4
-    hlen = l4 - l3
-    if packet[l3] >> 4 == 4:
-        if hlen == 20:
-            start = l3 + 12  # addresses, then the TCP header: one slice
-            extra = IPPROTO_TCP + tcp_len
-        else:
-            start = l4
-            addrs = int.from_bytes(packet[l3 + 12 : l3 + 20], "big")
-            extra = IPPROTO_TCP + tcp_len + addrs % _FOLD
-    else:
-        start = l3 + 8  # IPv6 addresses (8..40) are followed by the TCP header
-        extra = IPPROTO_TCP + tcp_len
-    # little_endian_value reads the segment little-endian (in parts when large), so
-    # the extra words go in byte-swapped; an odd length needs no shift in that order.
-    extra %= _FOLD
-    extra = ((extra & 0xFF) << 8) | (extra >> 8)
-    return (little_endian_value(packet[start:end]) + extra) % _FOLD == 0
+    if l4 - l3 == 20:  # IPv4 without options: addresses (12..20), then the TCP header
+        start = l3 + 12
+        extra = IPPROTO_TCP + end - l4
+    elif packet[l3] >> 4 == 6:  # IPv6: addresses (8..40), then the TCP header
+        start = l3 + 8
+        extra = IPPROTO_TCP + end - l4
+    else:  # IPv4 with options between the addresses and the segment
+        start = l4
+        extra = IPPROTO_TCP + end - l4 + _from_bytes(packet[l3 + 12 : l3 + 20], "big")
+    n = end - start
+    if n > _PARTS_MAX:
+        # Little-endian in chunks: the extra words go in byte-swapped; an odd length
+        # needs no shift in that order (a zero pad at the top changes nothing).
+        extra %= _FOLD
+        extra = ((extra & 0xFF) << 8) | (extra >> 8)
+        return (little_endian_value(packet[start:end]) + extra) % _FOLD == 0
+    # Big-endian: an odd-length slice's value is the zero-padded one divided by 256,
+    # so the extra words are multiplied by 256 as well (256 * 256 ≡ 1).
+    if n & 1:
+        extra <<= 8
+    if n <= _ONE_READ:
+        return (_from_bytes(packet[start:end], "big") + extra) % _FOLD == 0
+    q = (n >> 2) & ~1
+    m2 = end - q - q
+    # ≡ 0 with the extra words added is ≡ -extra without them (one big addition less)
+    return (
+        _from_bytes(packet[start : m2 - q], "big")
+        + _from_bytes(packet[m2 - q : m2], "big")
+        + _from_bytes(packet[m2 : end - q], "big")
+        + _from_bytes(packet[end - q : end], "big")
+    ) % _FOLD == -extra % _FOLD
 
 
 def checksum_is_partial(packet: Buffer, l3: int, l4: int, end: int) -> bool:
