@@ -63,8 +63,12 @@ _IPV6_FIXED: Final = struct.Struct("!IHBB16s16s")
 _U16: Final = struct.Struct("!H")
 _FOLD: Final = 0xFFFF
 # tcp_checksum_ok: slices up to _ONE_READ bytes are read in one piece, up to
-# _PARTS_MAX in four (measured fastest on CPython 3.11 for 1500- and 9000-byte MTUs).
+# _PARTS_MAX in four (measured fastest on CPython 3.11 for 1500- and 9000-byte MTUs),
+# and a sum of four parts of at least _HALF_BITS / 4 bytes (a 1500-byte MTU's) is
+# folded at _HALF_BITS (a multiple of 16) before the modulo.
 _ONE_READ: Final = 256
+_HALF_BITS: Final = 1472
+_HALF_MASK: Final = (1 << _HALF_BITS) - 1
 _from_bytes: Final = int.from_bytes
 _PARTS_MAX: Final = 12288
 
@@ -180,13 +184,18 @@ def tcp_checksum_ok(packet: Buffer, l3: int, l4: int, end: int) -> bool:
         return (_from_bytes(packet[start:end], "big") + extra) % _FOLD == 0
     q = (n >> 2) & ~1
     m2 = end - q - q
-    # ≡ 0 with the extra words added is ≡ -extra without them (one big addition less)
-    return (
+    v = (
         _from_bytes(packet[start : m2 - q], "big")
         + _from_bytes(packet[m2 - q : m2], "big")
         + _from_bytes(packet[m2 : end - q], "big")
         + _from_bytes(packet[end - q : end], "big")
-    ) % _FOLD == -extra % _FOLD
+    )
+    if q >= _HALF_BITS >> 2:
+        # Halve the digits the modulo divides (2**_HALF_BITS ≡ 1): one shift, one
+        # mask and one addition cost less than the division steps they save.
+        v = (v >> _HALF_BITS) + (v & _HALF_MASK)
+    # ≡ 0 with the extra words added is ≡ -extra without them (one big addition less)
+    return v % _FOLD == -extra % _FOLD
 
 
 def checksum_is_partial(packet: Buffer, l3: int, l4: int, end: int) -> bool:

@@ -211,18 +211,24 @@ def _loop(
             on_frame(ts, src, dst, done.frame)
         return done
 
-    def replay(segs: _Run, src: bytes, dst: bytes, ack: int, deadline: int) -> None:
+    def replay(segs: _Run, src: bytes, dst: bytes, ack: int, deadline: int, now: int) -> None:
         """A run's segments into the reassembler one by one, as if never held.
 
-        Segments from ``deadline`` on come after the frame would have timed out
-        there: the ones before are counted as the timed-out partial frame.
+        ``deadline``: the first segment's time plus the timeout.  Where the
+        reassembler would have given the partial frame up (a segment at or after
+        the deadline, or capture time ``now`` past it), those segments are counted
+        as the timed-out frame (``REASSEMBLY_TIMEOUT``, nothing remembered), and the
+        next segment starts a new partial frame with its own deadline, as there.
         """
         i = 0
-        if segs[-1][0] >= deadline:
-            while segs[i][0] < deadline:
+        n = len(segs)
+        while now >= deadline and i < n:
+            start = i
+            while i < n and segs[i][0] < deadline:
                 i += 1
-            if i:
-                count(timed_out, sum(len(seg[2]) for seg in segs[:i]))
+            count(timed_out, sum(len(seg[2]) for seg in segs[start:i]))
+            if i < n:
+                deadline = segs[i][0] + timeout_ns
         for ts, seq, payload, tos in segs[i:]:
             feed(ts, src, dst, ack, seq, payload, tos)
 
@@ -239,16 +245,12 @@ def _loop(
     parked_check = 0  # no parked run times out before this capture time
 
     def expire_parked(now: int) -> int:
-        """Count parked runs whose frame timed out; return the next such time.
-
-        The reassembler would have held the frame and given it up by now
-        (``REASSEMBLY_TIMEOUT``, counted once with its bytes, nothing remembered).
-        """
+        """Give up parked runs whose time is up (see ``replay``); return the next deadline."""
         soonest = _NEVER
         for key, (segs, _seq, _len, deadline) in list(parked.items()):
             if deadline <= now:
                 del parked[key]
-                count(timed_out, sum(len(seg[2]) for seg in segs))
+                replay(segs, *key, deadline, now)
             elif deadline < soonest:
                 soonest = deadline
         return soonest
@@ -330,7 +332,7 @@ def _loop(
                             joined = memoryview(b"".join([seg[2] for seg in run]))
                             feed(ts, src, dst, ack, run_len << 16, joined, run[0][3])
                         else:
-                            replay(run, src, dst, ack, run_deadline)
+                            replay(run, src, dst, ack, run_deadline, ts)
                         run = []
                     continue
             if on_segment is not None:
@@ -344,7 +346,7 @@ def _loop(
             if run and ack == run_ack and src == run_src and dst == run_dst:
                 # Its own frame's run, but not what comes next: a gap, a
                 # duplicate, another L.  The run goes to the reassembler first.
-                replay(run, src, dst, ack, run_deadline)
+                replay(run, src, dst, ack, run_deadline, ts)
                 run = []
             elif parked:
                 other = parked.pop((src, dst, ack), None)
@@ -371,7 +373,7 @@ def _loop(
                             feed(ts, src, dst, ack, o_len << 16, joined, segs[0][3])
                             run = []
                         continue
-                    replay(segs, src, dst, ack, o_deadline)
+                    replay(segs, src, dst, ack, o_deadline, ts)
             length = seq >> 16
             if not seq & 0xFFFF and 0 < plen < length:
                 # The first segment of a frame: start a run, unless the reassembler
@@ -402,15 +404,13 @@ def _loop(
             feed(ts, src, dst, ack, seq, payload, tos)
     finally:
         # Runs still open go to the reassembler segment by segment, oldest first
-        # (those it would have given up by the last segment's time are counted).
+        # (or are given up, if their time was up by the last packet's).
         if run:
             parked[(run_src, run_dst, run_ack)] = (run, run_seq, run_len, run_deadline)
-        if parked:
-            expire_parked(ts)
         for (src, dst, ack), (segs, _seq, _len, deadline) in sorted(
             parked.items(), key=lambda item: item[1][0][0][0]
         ):
-            replay(segs, src, dst, ack, deadline)
+            replay(segs, src, dst, ack, deadline, ts)
         segments = packets - not_ip - not_tcp_n - other_port
         checked = segments - unusable  # the segments that reached the checksum check
         res.packets += packets
