@@ -169,11 +169,13 @@ def test_never_raises(data: bytes, offset: int) -> None:
 
 
 # ------------------------------------------------------------------ tcp_checksum_ok
-# Payload lengths around every switch of tcp_checksum_ok: one read (slice <= 256
-# bytes), four parts, four parts folded once (a 1500-byte MTU's segment and more),
-# little-endian chunks (more than 12288 bytes); odd and even.
-LENGTHS = [0, 1, 2, 227, 228, 229, 1000, 1443, 1444, 1451, 1452, 1460, 1461, 2900, 8960,
-           12259, 12260, 12261, 20000, 65475]  # fmt: skip
+# Payload lengths around every switch of tcp_checksum_ok (for IPv4 the slice is 28
+# bytes longer than the payload: addresses and TCP header): one read (up to 256
+# bytes), two halves (more), folded at 1472 bits (more than 552 bytes), also at 2944
+# (1104: a 1500-byte MTU's slice is 1488), also at 5888 (2208), folded by halves
+# first (more than 2944: jumbo frames, GRO); odd and even lengths.
+LENGTHS = [0, 1, 2, 227, 228, 229, 523, 524, 525, 1075, 1076, 1077, 1443, 1460, 1461,
+           2179, 2180, 2181, 2915, 2916, 2917, 8960, 12261, 20000, 65475]  # fmt: skip
 
 
 @pytest.mark.parametrize("n", LENGTHS)
