@@ -7,13 +7,25 @@ every completed STT frame to a callback.  Packets that are not STT traffic are
 tallied as *skipped* (not IP, not TCP, another port); STT segments the tools cannot
 use are counted as drops under :class:`~sttun.core.drops.DropReason` names.
 
-Speed: this loop runs once per packet, so it is written for CPython.  The common
-case — Ethernet, IPv4 without options, TCP — is decoded with one precompiled
-``struct`` call on the reader's ``memoryview`` and checked inline; everything else
-(802.1Q/802.1ad tags, Linux cooked and raw-IP captures, IPv6, IP options) goes
-through :func:`sttun.io.pcap.l3_offset` and :func:`sttun.core.outer.parse_outer`, the
-same checks the endpoint uses.  No object is created per packet apart from the
-tuples ``struct`` returns and the payload view.
+Classification: every packet goes through :func:`sttun.core.outer.parse_segment`,
+the classifier the endpoint uses, once the link layer is stepped over (Ethernet
+with EtherType IPv4 is tried first; 802.1Q/802.1ad tags, Linux cooked and raw-IP
+captures go through :func:`sttun.io.pcap.l3_offset`), and its TCP checksum through
+:func:`sttun.core.outer.tcp_checksum_ok`, the endpoint's check.
+
+Runs: this loop runs once per packet, so it is written for CPython.  The segments
+of one frame that arrive in order (offset 0 first, each starting where the last
+ended) are held as a *run* and given to the reassembler joined, in one piece, when
+the last one arrives — as GRO would have delivered them — instead of one by one.
+A run's frame may interleave with other frames (their runs wait, up to
+:data:`_MAX_PARKED` of them).  This changes nothing the tools report: a segment
+that does not continue its frame's run (a gap, a duplicate, another L) first sends
+the run's segments to the reassembler one by one, in order, with their
+timestamps; a run whose reassembly timeout passes is given up as the reassembler
+would give it up; no run starts for a frame the reassembler may already know (a
+partial frame, or one it remembers as finished or dropped); and runs still open
+at the end go to the reassembler before its end-of-capture flush.  (The TOS of a
+joined frame's later segments is not passed on: the tools do not use it.)
 
 Checksums: with ``verify=True`` (default) each segment's TCP checksum is checked.
 A capture taken on a *sending* host holds packets the NIC has not finished: their
