@@ -7,6 +7,7 @@ the CLI is run as a subprocess: ``python -m sttun decap ... --json``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import subprocess
@@ -235,6 +236,41 @@ def test_human_summary(tmp_path: Path) -> None:
     assert p.returncode == 0
     assert "0x42" in p.stdout and "1 frames reassembled" in p.stdout
     assert "drops\n(none)" in p.stdout
+
+
+def _bench_offline() -> Any:
+    """``bench/offline.py`` as a module (its capture generators)."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "offline.py"
+    spec = importlib.util.spec_from_file_location("bench_offline", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", [7, 8])
+def test_mixed_capture_frames_come_back_byte_identical_per_context(
+    tmp_path: Path, seed: int
+) -> None:
+    """The benchmark's mixed capture (five context ids, frames of 90 B to 64 KB in
+    random order across flows, some frames' segments interleaved with others'): every
+    inner frame comes back byte for byte, in completion order, in its context id."""
+    bench = _bench_offline()
+    cap = tmp_path / "mixed.pcap"
+    shape, expected = bench.build_mixed_capture(cap, 3000, seed=seed)
+    split = tmp_path / "split"
+    s = decap_json(cap, tmp_path, "--split-by-context", split)
+    assert (s["segments"], s["frames"], s["written"]) == (shape["segments"], shape["frames"],
+                                                          shape["frames"])  # fmt: skip
+    assert s["drops"] == {} and s["checksums"]["verified"] == shape["segments"]
+    assert [f[1] for f in frames_of(tmp_path / "out.pcap")] == [f for _c, f in expected]
+    contexts = sorted({c for c, _f in expected})
+    assert contexts == sorted(ctx for ctx, _src, _dst in bench.MIXED_FLOWS)
+    assert sorted(p.name for p in split.iterdir()) == sorted(f"ctx-{c:x}.pcap" for c in contexts)
+    for ctx in contexts:
+        got = [f[1] for f in frames_of(split / f"ctx-{ctx:x}.pcap")]
+        assert got == [f for c, f in expected if c == ctx]
+    assert {len(f) for _c, f in expected} == set(bench.MIXED_SIZES)
 
 
 # ----------------------------------------------------------------------- drops

@@ -7,13 +7,25 @@ every completed STT frame to a callback.  Packets that are not STT traffic are
 tallied as *skipped* (not IP, not TCP, another port); STT segments the tools cannot
 use are counted as drops under :class:`~sttun.core.drops.DropReason` names.
 
-Speed: this loop runs once per packet, so it is written for CPython.  The common
-case — Ethernet, IPv4 without options, TCP — is decoded with one precompiled
-``struct`` call on the reader's ``memoryview`` and checked inline; everything else
-(802.1Q/802.1ad tags, Linux cooked and raw-IP captures, IPv6, IP options) goes
-through :func:`sttun.io.pcap.l3_offset` and :func:`sttun.core.outer.parse_outer`, the
-same checks the endpoint uses.  No object is created per packet apart from the
-tuples ``struct`` returns and the payload view.
+Classification: every packet goes through :func:`sttun.core.outer.parse_segment`,
+the classifier the endpoint uses, once the link layer is stepped over (Ethernet
+with EtherType IPv4 is tried first; 802.1Q/802.1ad tags, Linux cooked and raw-IP
+captures go through :func:`sttun.io.pcap.l3_offset`), and its TCP checksum through
+:func:`sttun.core.outer.tcp_checksum_ok`, the endpoint's check.
+
+Runs: this loop runs once per packet, so it is written for CPython.  The segments
+of one frame that arrive in order (offset 0 first, each starting where the last
+ended) are held as a *run* and given to the reassembler joined, in one piece, when
+the last one arrives — as GRO would have delivered them — instead of one by one.
+A run's frame may interleave with other frames (their runs wait, up to
+:data:`_MAX_PARKED` of them).  This changes nothing the tools report: a segment
+that does not continue its frame's run (a gap, a duplicate, another L) first sends
+the run's segments to the reassembler one by one, in order, with their
+timestamps; a run whose reassembly timeout passes is given up as the reassembler
+would give it up; no run starts for a frame the reassembler may already know (a
+partial frame, or one it remembers as finished or dropped); and runs still open
+at the end go to the reassembler before its end-of-capture flush.  (The TOS of a
+joined frame's later segments is not passed on: the tools do not use it.)
 
 Checksums: with ``verify=True`` (default) each segment's TCP checksum is checked.
 A capture taken on a *sending* host holds packets the NIC has not finished: their
@@ -28,16 +40,15 @@ Time: the reassembler's timeouts run on capture time (``ts_ns``), never wall tim
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Collection
 from typing import Final
 
 from sttun.core.drops import DropCounters, DropReason
-from sttun.core.outer import checksum_is_partial, parse_outer, tcp_checksum_ok
-from sttun.core.reassembly import AddResult, Completed, Reassembler
+from sttun.core.outer import checksum_is_partial, parse_segment, tcp_checksum_ok
+from sttun.core.reassembly import RECENT_PER_FRAME, AddResult, Completed, Reassembler
 from sttun.errors import CaptureError
 from sttun.io.pcap import LINKTYPE_ETHERNET, CaptureReader, l3_offset
-from sttun.wire.stt import STT_PORT, TCP_HEADER, TCP_HEADER_LEN
+from sttun.wire.stt import STT_PORT, TCP_HEADER_LEN
 
 __all__ = [
     "OFFLOAD_MIN_LEN",
@@ -70,11 +81,11 @@ FrameSink = Callable[[int, bytes, bytes, Buffer], None]
 #: ``reason`` is the drop reason if this segment was refused, else None.
 SegmentSink = Callable[[bytes, bytes, int, int, int, memoryview, "DropReason | None"], None]
 
-# Ethernet + IPv4 (no options) + TCP in one call, only the fields the loop reads:
-# EtherType; IPv4 version/IHL, TOS, total length, fragment word, protocol,
-# addresses; TCP ports, SEQ, ACK, data offset.
-_ETH_IP4_TCP: Final = struct.Struct("!12xHBBH2xHxB2x4s4sHHIIB7x")
-_FAST_LEN: Final = _ETH_IP4_TCP.size  # 54
+#: A run's segments as ``(ts, seq, payload, tos)``, in order.
+_Run = list[tuple[int, int, memoryview, int]]
+#: Runs of interleaved frames held at once (more go to the reassembler directly).
+_MAX_PARKED: Final = 64
+_NEVER: Final = 1 << 128
 
 
 class ScanResult:
@@ -172,26 +183,33 @@ def _loop(
     reasm: Reassembler,
 ) -> None:
     """The hot loop; counters are kept in locals and stored back at the end."""
-    unpack_fast = _ETH_IP4_TCP.unpack_from
-    unpack_tcp = TCP_HEADER.unpack_from
     add = reasm.add
     count = drops.count
-    from_bytes = int.from_bytes
     eth = LINKTYPE_ETHERNET
     bad_csum = DropReason.BAD_TCP_CHECKSUM
     bad_doff = DropReason.BAD_DATA_OFFSET
     bad_ip = DropReason.OUTER_BAD_IP
     not_tcp = DropReason.OUTER_NOT_TCP
-    packets = segments = 0
-    not_ip = not_tcp_n = other_port = 0
-    verified = offloaded = unchecked = 0
+    timed_out = DropReason.REASSEMBLY_TIMEOUT
+    timeout_ns = int(reasm.timeout * 1e9)
+    packets = not_ip = not_tcp_n = other_port = 0
+    unusable = offloaded = bad_csum_n = 0
     frame_count = [0]
     check_at = float("-inf")  # capture time of the next reassembler timeout check
+    # Frames (src, dst, ack) the reassembler may know (a partial frame, or one it
+    # remembers as completed or dropped) -> capture time it last saw them.  No run
+    # starts for these: their segments go to the reassembler one by one, as they
+    # would without runs.  Kept for twice its timeout (it forgets after one); its
+    # own memory of finished frames is bounded, so this is too (oldest first).
+    known: dict[tuple[bytes, bytes, int], int] = {}
+    known_keep = 2 * timeout_ns
+    known_cap = 2 * RECENT_PER_FRAME * reasm.max_frames + reasm.max_frames
+    prune_at = 0  # capture time of the next look for forgettable frames
 
     def feed(
         ts: int, src: bytes, dst: bytes, ack: int, seq: int, payload: Buffer, tos: int
     ) -> AddResult:
-        """One segment (or coalesced run) into the reassembler, at capture time ``ts``."""
+        """One segment (or joined run) into the reassembler, at capture time ``ts``."""
         nonlocal check_at
         now = ts * 1e-9
         if now >= check_at:
@@ -199,105 +217,111 @@ def _loop(
             deadline = reasm.next_deadline()
             check_at = deadline if deadline is not None else now + reasm.timeout
         done = add(src, dst, ack, seq, payload, now, tos)
+        known[src, dst, ack] = ts
         if type(done) is Completed:
             frame_count[0] += 1
             on_frame(ts, src, dst, done.frame)
         return done
 
-    # The pending run: consecutive in-order segments of one frame, joined and given
-    # to the reassembler in one piece once complete (see the module doc); replayed
-    # segment by segment if anything else comes first.
-    # Its segments as (ts, seq, payload, tos); all share run_src/run_dst/run_ack.
-    run: list[tuple[int, int, memoryview, int]] = []
+    def replay(segs: _Run, src: bytes, dst: bytes, ack: int, deadline: int, now: int) -> None:
+        """A run's segments into the reassembler one by one, as if never held.
+
+        ``deadline``: the first segment's time plus the timeout.  Where the
+        reassembler would have given the partial frame up (a segment at or after
+        the deadline, or capture time ``now`` past it), those segments are counted
+        as the timed-out frame (``REASSEMBLY_TIMEOUT``, nothing remembered), and the
+        next segment starts a new partial frame with its own deadline, as there.
+        """
+        i = 0
+        n = len(segs)
+        while now >= deadline and i < n:
+            start = i
+            while i < n and segs[i][0] < deadline:
+                i += 1
+            count(timed_out, sum(len(seg[2]) for seg in segs[start:i]))
+            if i < n:
+                deadline = segs[i][0] + timeout_ns
+        for ts, seq, payload, tos in segs[i:]:
+            feed(ts, src, dst, ack, seq, payload, tos)
+
+    # Runs: the in-order segments of one frame, held here and given to the
+    # reassembler joined, in one piece, when the last one arrives (see the module
+    # doc).  The current run (the frame of the previous segment) lives in locals:
+    # its segments as (ts, seq, payload, tos), addresses, frame id, the SEQ its
+    # next segment must carry, L, and when it would time out.  Runs of frames whose
+    # segments interleave with the current one's wait in ``parked``.
+    run: _Run = []
     run_src = run_dst = b""
-    run_ack = run_len = run_seq = 0
+    run_ack = run_seq = run_len = run_deadline = 0
+    parked: dict[tuple[bytes, bytes, int], tuple[_Run, int, int, int]] = {}
+    parked_check = 0  # no parked run times out before this capture time
+
+    def expire_parked(now: int) -> int:
+        """Give up parked runs whose time is up (see ``replay``); return the next deadline."""
+        soonest = _NEVER
+        for key, (segs, _seq, _len, deadline) in list(parked.items()):
+            if deadline <= now:
+                del parked[key]
+                replay(segs, *key, deadline, now)
+            elif deadline < soonest:
+                soonest = deadline
+        return soonest
+
+    def forget_known(now: int) -> None:
+        """Drop frames the reassembler has surely forgotten (or too many) from ``known``."""
+        while known:
+            key = next(iter(known))
+            if known[key] + known_keep > now and len(known) <= known_cap:
+                break
+            del known[key]
+
+    ts = 0
     try:
         for ts, linktype, data, orig in reader:
             packets += 1
-            n = len(data)
-            # ---- outer headers: fast path (Ethernet, IPv4 without options, TCP)
-            if linktype == eth and n >= _FAST_LEN:
-                (et, vihl, tos, total, frag, proto, src, dst,
-                 sport, dport, seq, ack, doffb) = unpack_fast(data, 0)  # fmt: skip
-                fast = (
-                    et == 0x0800
-                    and vihl == 0x45
-                    and proto == 6
-                    and not frag & 0x3FFF
-                    and 40 <= total <= n - 14
-                )
-            else:
-                fast = False
-            if fast:
-                if dport not in ports:
-                    other_port += 1
-                    continue
-                l3 = 14
-                l4 = 34
-                end = 14 + total
-                segments += 1
-                if verify:
-                    # tcp_checksum_ok() inline: addresses + segment in one slice,
-                    # read big-endian as four parts, the last three of even length
-                    # (so each part's weight 256**k is ≡ 1): the modulo then runs on
-                    # a quarter of the digits.
-                    extra = 6 + total - 20
-                    if total & 1:
-                        extra <<= 8
-                    q = (total - 12) >> 2 & ~1
-                    m3 = end - q
-                    m2 = m3 - q
-                    m1 = m2 - q
-                    ok = (
-                        from_bytes(data[26:m1], "big")
-                        + from_bytes(data[m1:m2], "big")
-                        + from_bytes(data[m2:m3], "big")
-                        + from_bytes(data[m3:end], "big")
-                        + extra
-                    ) % 0xFFFF == 0
-            else:
-                # ---- outer headers: general path
+            # ---- outer headers: the one classifier, after the link layer.  The
+            # usual case, Ethernet + IPv4 (no VLAN tag), is tried first; the
+            # EtherType is checked once the packet is known to be long enough.
+            l3 = 14
+            seg = parse_segment(data, 14) if linktype == eth else bad_ip
+            if type(seg) is not tuple or data[12] != 8 or data[13]:
+                n = len(data)
                 found = l3_offset(linktype, data)
                 if found is None or found[0] not in (0x0800, 0x86DD):
                     not_ip += 1
                     continue
                 l3 = found[1]
-                outer = parse_outer(data, l3)
-                if isinstance(outer, DropReason):
-                    if outer is not_tcp:
+                seg = parse_segment(data, l3)
+                if isinstance(seg, DropReason):
+                    if seg is not_tcp:
                         not_tcp_n += 1
                         continue
                     # Unusable IP packet: a drop only if it is visibly STT.
-                    reason = _refine(data, l3, outer, orig > n, ports)
+                    reason = _refine(data, l3, seg, orig > n, ports)
                     if reason is None:
-                        if outer is bad_ip and data[l3] >> 4 not in (4, 6):
+                        if seg is bad_ip and data[l3] >> 4 not in (4, 6):
                             not_ip += 1
                         else:
                             other_port += 1
                         continue
-                    segments += 1
+                    unusable += 1
                     count(reason, n - l3)
                     continue
-                src, dst, tos, l4, end = outer
-                sport, dport, seq, ack, doffb, _fl, _win, _cs, _urg = unpack_tcp(data, l4)
-                if dport not in ports:
-                    other_port += 1
-                    continue
-                segments += 1
-                if verify:
-                    ok = tcp_checksum_ok(data, l3, l4, end)
-            # ---- checks every STT segment passes
-            if not verify:
-                unchecked += 1
-            elif ok:
-                verified += 1
-            elif end - l3 > OFFLOAD_MIN_LEN or checksum_is_partial(data, l3, l4, end):
-                offloaded += 1
-            else:
-                count(bad_csum, end - l3)
-                if on_segment is not None:
-                    on_segment(src, dst, sport, ack, seq, data[l4 + 20 : end], bad_csum)
+            src, dst, tos, sport, dport, seq, ack, doffb, l4, end = seg
+            if dport not in ports:
+                other_port += 1
                 continue
+            # ---- checks every STT segment passes (segments, verified and
+            # unchecked are worked out from the other counters at the end)
+            if verify and not tcp_checksum_ok(data, l3, l4, end):
+                if end - l3 > OFFLOAD_MIN_LEN or checksum_is_partial(data, l3, l4, end):
+                    offloaded += 1
+                else:
+                    bad_csum_n += 1
+                    count(bad_csum, end - l3)
+                    if on_segment is not None:
+                        on_segment(src, dst, sport, ack, seq, data[l4 + 20 : end], bad_csum)
+                    continue
             if doffb >> 4 != 5:
                 count(bad_doff, end - l3)
                 if on_segment is not None:
@@ -305,6 +329,24 @@ def _loop(
                 continue
             # ---- reassembly on capture time
             payload = data[l4 + TCP_HEADER_LEN : end]
+            if seq == run_seq and ack == run_ack and src == run_src and dst == run_dst and run:
+                # The current run's next segment (same frame and L, next offset).
+                plen = end - l4 - TCP_HEADER_LEN
+                nxt = (seq & 0xFFFF) + plen
+                if plen and nxt <= run_len:
+                    run.append((ts, seq, payload, tos))
+                    if nxt < run_len:
+                        run_seq += plen
+                    else:  # complete: one piece, as from GRO
+                        if ts < run_deadline:
+                            # a view of immutable bytes: slices of it are not copies,
+                            # and a PcapWriter may queue them by reference
+                            joined = memoryview(b"".join([seg[2] for seg in run]))
+                            feed(ts, src, dst, ack, run_len << 16, joined, run[0][3])
+                        else:
+                            replay(run, src, dst, ack, run_deadline, ts)
+                        run = []
+                    continue
             if on_segment is not None:
                 done = feed(ts, src, dst, ack, seq, payload, tos)
                 on_segment(
@@ -313,56 +355,88 @@ def _loop(
                 )  # fmt: skip
                 continue
             plen = end - l4 - TCP_HEADER_LEN
-            if run:
-                # Continues the run: same frame (src, dst, ack), same L, next offset.
-                nxt = (seq & 0xFFFF) + plen
-                if (
-                    seq == run_seq
-                    and ack == run_ack
-                    and src == run_src
-                    and dst == run_dst
-                    and plen
-                    and nxt <= run_len
-                ):
-                    run.append((ts, seq, payload, tos))
-                    if nxt == run_len:  # complete: one piece, as from GRO
-                        # a view of immutable bytes: slices of it are not copies,
-                        # and a PcapWriter may queue them by reference
-                        joined = memoryview(b"".join([seg[2] for seg in run]))
-                        tos0 = run[0][3]
-                        run = []
-                        feed(ts, src, dst, ack, run_len << 16, joined, tos0)
-                    else:
-                        run_seq = (run_len << 16) | nxt
-                    continue
-                pending = run
+            if run and ack == run_ack and src == run_src and dst == run_dst:
+                # Its own frame's run, but not what comes next: a gap, a
+                # duplicate, another L.  The run goes to the reassembler first.
+                replay(run, src, dst, ack, run_deadline, ts)
                 run = []
-                for seg in pending:
-                    feed(seg[0], run_src, run_dst, run_ack, seg[1], seg[2], seg[3])
+            elif parked:
+                other = parked.pop((src, dst, ack), None)
+                if other is not None:
+                    segs, o_seq, o_len, o_deadline = other
+                    nxt = (seq & 0xFFFF) + plen
+                    if seq == o_seq and plen and nxt <= o_len and ts < o_deadline:
+                        # A parked run's next segment: it becomes the current run.
+                        if run:
+                            parked[(run_src, run_dst, run_ack)] = (
+                                run, run_seq, run_len, run_deadline,
+                            )  # fmt: skip
+                        run = segs
+                        run_src = src
+                        run_dst = dst
+                        run_ack = ack
+                        run_len = o_len
+                        run_deadline = o_deadline
+                        segs.append((ts, seq, payload, tos))
+                        if nxt < o_len:
+                            run_seq = seq + plen
+                        else:
+                            joined = memoryview(b"".join([seg[2] for seg in segs]))
+                            feed(ts, src, dst, ack, o_len << 16, joined, segs[0][3])
+                            run = []
+                        continue
+                    replay(segs, src, dst, ack, o_deadline, ts)
             length = seq >> 16
-            if not seq & 0xFFFF and 0 < plen < length and not reasm.entries:
+            if not seq & 0xFFFF and 0 < plen < length:
+                # The first segment of a frame: start a run, unless the reassembler
+                # may know this frame already, or too many runs are open.
+                if ts >= prune_at:
+                    forget_known(ts)
+                    prune_at = ts + timeout_ns
+                if (src, dst, ack) in known:
+                    feed(ts, src, dst, ack, seq, payload, tos)
+                    continue
+                if run:
+                    if len(parked) >= _MAX_PARKED:
+                        feed(ts, src, dst, ack, seq, payload, tos)
+                        continue
+                    parked[(run_src, run_dst, run_ack)] = (run, run_seq, run_len, run_deadline)
+                    if run_deadline < parked_check:
+                        parked_check = run_deadline
+                if parked and ts >= parked_check:
+                    parked_check = expire_parked(ts)
                 run = [(ts, seq, payload, tos)]
                 run_src = src
                 run_dst = dst
                 run_ack = ack
                 run_len = length
                 run_seq = seq + plen
+                run_deadline = ts + timeout_ns
                 continue
             feed(ts, src, dst, ack, seq, payload, tos)
     finally:
-        pending = run
-        run = []
-        for seg in pending:
-            feed(seg[0], run_src, run_dst, run_ack, seg[1], seg[2], seg[3])
+        # Runs still open go to the reassembler segment by segment, oldest first
+        # (or are given up, if their time was up by the last packet's).
+        if run:
+            parked[(run_src, run_dst, run_ack)] = (run, run_seq, run_len, run_deadline)
+        for (src, dst, ack), (segs, _seq, _len, deadline) in sorted(
+            parked.items(), key=lambda item: item[1][0][0][0]
+        ):
+            replay(segs, src, dst, ack, deadline, ts)
+        segments = packets - not_ip - not_tcp_n - other_port
+        checked = segments - unusable  # the segments that reached the checksum check
         res.packets += packets
         res.segments += segments
         res.frames += frame_count[0]
         res.skipped["not_ip"] += not_ip
         res.skipped["not_tcp"] += not_tcp_n
         res.skipped["other_port"] += other_port
-        res.checksums["verified"] += verified
-        res.checksums["offloaded"] += offloaded
-        res.checksums["unchecked"] += unchecked
+        if verify:
+            # a segment dropped for its data offset passed the checksum check
+            res.checksums["verified"] += checked - offloaded - bad_csum_n
+            res.checksums["offloaded"] += offloaded
+        else:
+            res.checksums["unchecked"] += checked
 
 
 def _refine(
