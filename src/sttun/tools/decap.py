@@ -33,6 +33,7 @@ import struct
 import sys
 from typing import IO, TYPE_CHECKING, Any
 
+from sttun.errors import DecodeError
 from sttun.tools.report import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -44,7 +45,6 @@ from sttun.tools.report import (
     print_json,
     print_tables,
 )
-from sttun.wire.ether import VLAN_TPIDS as _VLAN_TPIDS
 
 if TYPE_CHECKING:
     from sttun.io.pcap import PcapWriter
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 TOOL = "decap"
 _CTX = struct.Struct("!Q")
-_U16 = struct.Struct("!H")
 
 
 def split_name(context_id: int) -> str:
@@ -66,40 +65,14 @@ def complete_partial(inner: Any, vnet: VnetHdr) -> bytearray:
     The pseudo-header is recomputed from the inner IPv4/IPv6 header (the value in
     the field is not trusted: senders differ on whether it includes the length,
     protocol.md §4.2), and the sum covers the L4 bytes up to the IP packet's end,
-    not Ethernet padding.  If the inner headers cannot be followed, the field's
-    value is taken as the pseudo-header sum (Linux ``skb_checksum_help``).
+    not Ethernet padding: :func:`sttun.core.softpath.finish_checksum` with
+    ``pseudo_from_headers``.  A field outside the frame leaves the bytes alone.
     """
     from sttun.core.softpath import finish_checksum
-    from sttun.wire.checksum import ones_sum
-    from sttun.wire.ip import pseudo_sum
 
     buf = bytearray(inner)
-    start = vnet.csum_start
-    pos = start + vnet.csum_offset
-    n = len(buf)
-    proto = 6 if vnet.csum_offset == 16 else 17
-    l3 = 12
-    while l3 + 2 <= n and _U16.unpack_from(buf, l3)[0] in _VLAN_TPIDS:
-        l3 += 4
-    et = _U16.unpack_from(buf, l3)[0] if l3 + 2 <= n else 0
-    l3 += 2
-    l4_end = -1
-    if et == 0x0800 and l3 + 20 <= n:
-        src, dst = bytes(buf[l3 + 12 : l3 + 16]), bytes(buf[l3 + 16 : l3 + 20])
-        l4_end = l3 + _U16.unpack_from(buf, l3 + 2)[0]
-    elif et == 0x86DD and l3 + 40 <= n:
-        src, dst = bytes(buf[l3 + 8 : l3 + 24]), bytes(buf[l3 + 24 : l3 + 40])
-        l4_end = l3 + 40 + _U16.unpack_from(buf, l3 + 4)[0]
-    if not start < pos + 2 <= l4_end <= n:
-        with contextlib.suppress(ValueError):  # field outside the frame: bytes left alone
-            finish_checksum(buf, start, vnet.csum_offset)
-        return buf
-    buf[pos : pos + 2] = b"\0\0"
-    c = ~ones_sum(memoryview(buf)[start:l4_end], pseudo_sum(src, dst, proto, l4_end - start))
-    c &= 0xFFFF
-    if proto == 17 and c == 0:
-        c = 0xFFFF
-    _U16.pack_into(buf, pos, c)
+    with contextlib.suppress(DecodeError):
+        finish_checksum(buf, vnet.csum_start, vnet.csum_offset, pseudo_from_headers=True)
     return buf
 
 
