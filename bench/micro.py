@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Micro-benchmarks of sttun's software path (shared/bench-method.md, "micro").
+"""Micro-benchmarks of sttun's software path (README, "Performance").
 
 Measures, on one core, with ``time.perf_counter``: header encode/decode, the 64 KB
 ones'-complement sum, software segmentation + checksums of a 64 KB frame, GSO

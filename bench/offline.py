@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Offline benchmark: ``sttun decap`` vs tshark on two STT captures (bench-method.md).
+"""Offline benchmark: ``sttun decap`` vs tshark on two STT captures (README, "Performance").
 
 Builds two captures of ~100 000 IPv4 STT segments each (underlay MTU 1500, i.e.
 1460-byte segments, valid checksums) with sttun's own encapsulator:

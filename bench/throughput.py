@@ -1,6 +1,6 @@
 """Throughput, CPU cost, small packets and latency: sttun against the kernel's VXLAN.
 
-Per ``bench-method.md``: two namespaces on a veth underlay (``sttun.tools.topology``),
+Two namespaces on a veth underlay (``sttun.tools.topology``),
 and on top of it one of four overlays:
 
 * ``veth``       — no tunnel, the overlay address on the veth itself (the ceiling);

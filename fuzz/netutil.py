@@ -1,6 +1,6 @@
 """Test network for the endpoint targets: tunnels, packet builders, checked receive.
 
-Addresses are from the underlay test ranges (docs: /work/shared/test-addresses.md);
+Addresses are from the underlay test ranges (docs/architecture.md, "Tests");
 nothing here touches a socket.
 """
 

@@ -21,7 +21,7 @@ benchmarks; this module only adds what tests need around them:
 * raw frame builders for io-level tests (independent of ``sttun.wire``).
 
 ``TwoHosts`` and ``Capture`` are the project's own classes, re-exported here for
-convenience.  Addresses: only the ranges in ``/work/shared/test-addresses.md``
+convenience.  Addresses: only the documentation ranges listed in docs/architecture.md ("Tests")
 (underlay 198.18.0.0/15 and 2001:db8:0:1::/64).
 """
 
@@ -379,7 +379,7 @@ def tcp_frame(
     With ``gso_size`` the frame is a GSO super-packet: vnet header ``NEEDS_CSUM`` +
     ``TCPV4``/``TCPV6``, ``hdr_len`` = all headers, ``csum_start`` = L4 offset,
     ``csum_offset`` = 16, and the TCP checksum field holds the un-complemented
-    pseudo-header sum over the full TCP length (design.md §1).  Without it the TCP
+    pseudo-header sum over the full TCP length (docs/architecture.md).  Without it the TCP
     checksum is complete and the vnet header is all zero.
     """
     v6 = ":" in src_ip

@@ -17,7 +17,7 @@ Convention for code blocks in the docs (stated at the top of each page too):
 
 * The world: two network namespaces, host ``a`` and host ``b``, joined by a veth
   pair named ``eth0`` on both sides, with the underlay addresses of
-  ``/work/shared/test-addresses.md``: ``198.18.0.1/24`` and ``2001:db8:0:1::1/64``
+  the documentation ranges (docs/architecture.md): ``198.18.0.1/24`` and ``2001:db8:0:1::1/64``
   on a, ``198.18.0.2/24`` and ``2001:db8:0:1::2/64`` on b; ``lo`` is up.  Each host
   also has a private mount namespace in which ``/etc`` and ``/run`` are overlays
   (writes stay in the test's temporary directory), so ``/etc/sttun/sttun.toml``

@@ -12,7 +12,7 @@ here (it may even be split across segments, protocol.md §11 #25); that happens 
 completion, elsewhere.  Time is only ever the ``now`` argument (seconds, any
 monotonic origin); nothing here reads a clock or touches a socket.
 
-Rules (protocol.md §3.2-3.3 and its recommendations, design.md §2):
+Rules (docs/protocol.md §3.2-3.3 and its recommendations):
 
 * Frames are keyed on ``(src, dst, ack)``; ports are not part of the key.
 * Coverage is tracked as byte intervals, never as a byte count alone, so duplicates
@@ -59,13 +59,13 @@ __all__ = [
 ]
 
 #: Seconds a partial frame may wait for its missing segments, counted from its first
-#: segment.  OVS ``FRAG_EXP_TIME`` (stt.c); the draft only says "recently".
+#: segment.  OVS ``FRAG_EXP_TIME`` (docs/protocol.md, limits); the draft only says "recently".
 DEFAULT_TIMEOUT: float = 30.0
 #: Bytes held by partial frames above which eviction starts.  OVS ``REASM_HI_THRESH``
-#: (4 MiB per CPU, stt.c).
+#: (4 MiB per CPU; docs/protocol.md, limits).
 DEFAULT_HIGH_WATER: int = 4 * 1024 * 1024
 #: Eviction goes on until this many bytes (plus the newcomer) are held.  OVS
-#: ``REASM_LO_THRESH`` (3 MiB per CPU, stt.c).
+#: ``REASM_LO_THRESH`` (3 MiB per CPU; docs/protocol.md, limits).
 DEFAULT_LOW_WATER: int = 3 * 1024 * 1024
 #: Bytes one outer source address may hold in partial frames.  Not in OVS (which has
 #: no per-source limit); our choice: half of the high watermark, i.e. ~32 concurrent

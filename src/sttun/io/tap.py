@@ -6,7 +6,7 @@ passes those bytes through untouched; :mod:`sttun.wire` decodes them.
 
 With ``offload=True`` the device announces ``TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6``,
 so the overlay stack hands over up to ~64 KB TCP super-frames with a partial
-checksum (design.md §1).  With ``offload=False`` nothing is announced and the kernel
+checksum (docs/architecture.md).  With ``offload=False`` nothing is announced and the kernel
 hands over only complete, checksummed, MTU-sized frames, still behind a 10-byte
 vnet header (all zero fields except possibly ``DATA_VALID``).
 

@@ -3,7 +3,7 @@
 Used by the tests and by ``sttun demo --ovs``: every "host" gets its own database and
 switch daemon, with every file they write (database, sockets, pid files, logs) in one
 private directory, so several instances run side by side on one machine and none of
-them touches the system's own Open vSwitch (design.md §6)::
+them touches the system's own Open vSwitch (docs/ovs.md)::
 
     with OvsHost(netns="sttun-a-123") as ovs:
         ovs.add_bridge("br-int")                   # datapath_type=netdev

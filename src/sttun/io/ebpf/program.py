@@ -22,7 +22,7 @@ keeps counting every drop reason; the program counts why it passed a packet on
   non-GSO ``CHECKSUM_PARTIAL`` skb recognised by its field holding the
   pseudo-header sum; ``CHECKSUM_NONE`` (nobody checked) goes to Python.
 
-What the inner frame becomes (design.md §5):
+What the inner frame becomes (docs/architecture.md, "Kernel receive fast path"):
 
 * P with an MSS and more payload than one MSS (the rule of the kernel's
   ``virtio_net_hdr_to_skb``, which the Python path's TAP write goes through): a GSO
