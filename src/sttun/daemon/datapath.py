@@ -143,6 +143,13 @@ class TunnelRuntime:
     def __post_init__(self) -> None:
         self.version = self.config.family
 
+    def ready_underlay(self) -> Underlay | None:
+        """The underlay to send on, if frames can leave now: there is one, nothing
+        blocks the tunnel and the next hop's MAC address is known."""
+        if self.blocked is not None or not self.tunnel.encapsulator.l2:
+            return None
+        return self.underlay
+
 
 class Datapath:
     """Moves frames between the TAPs, the core :class:`Endpoint` and the underlays.
@@ -177,8 +184,8 @@ class Datapath:
         """The TAP of ``rt`` is readable: send up to :data:`BATCH` frames."""
         tap = rt.tap
         buf = self._tap_buf
-        u = rt.underlay
-        if u is None or rt.blocked is not None or not rt.tunnel.encapsulator.l2:
+        u = rt.ready_underlay()
+        if u is None:
             self._hold_or_drop(rt)
             return
         mv = self._tap_mv
@@ -211,8 +218,8 @@ class Datapath:
 
     def flush_pending(self, rt: TunnelRuntime) -> None:
         """Send the frames held while the next hop was unresolved (call once it is)."""
-        u = rt.underlay
-        if u is None or rt.blocked is not None or not rt.tunnel.encapsulator.l2:
+        u = rt.ready_underlay()
+        if u is None:
             return
         while rt.pending:
             held = rt.pending.popleft()
