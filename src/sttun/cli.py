@@ -274,6 +274,16 @@ def _add_tools(sub: Any) -> None:
         help="leave inner checksums that the sender left partial (P flag) as they are "
         "(default: complete them, so Wireshark shows them correct)",
     )
+    p.add_argument(
+        "-j",
+        "--jobs",
+        metavar="N",
+        type=int,
+        choices=(1, 2),
+        help="processes: 2 verifies most TCP checksums in a second process, ahead of "
+        "the scan (the default with two or more CPUs, for capture files of 4 MiB or "
+        "more); 1 does everything in one",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_tool("decap"), validate=_check_decap)
 

@@ -44,10 +44,12 @@ from collections.abc import Callable, Collection
 from typing import Final
 
 from sttun.core.drops import DropCounters, DropReason
-from sttun.core.outer import checksum_is_partial, parse_segment, tcp_checksum_ok
+from sttun.core.outer import Segment, checksum_is_partial, parse_segment, tcp_checksum_ok
 from sttun.core.reassembly import RECENT_PER_FRAME, AddResult, Completed, Reassembler
 from sttun.errors import CaptureError
 from sttun.io.pcap import LINKTYPE_ETHERNET, CaptureReader, l3_offset
+from sttun.tools.checksum_ahead import PERIOD, ChecksumAhead
+from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
 from sttun.wire.stt import STT_PORT, TCP_HEADER_LEN
 
 __all__ = [
@@ -55,6 +57,7 @@ __all__ = [
     "FrameSink",
     "ScanResult",
     "SegmentSink",
+    "locate_segment",
     "make_reassembler",
     "scan",
 ]
@@ -144,6 +147,7 @@ def scan(
     verify: bool = True,
     on_segment: SegmentSink | None = None,
     reassembler: Reassembler | None = None,
+    ahead: ChecksumAhead | None = None,
 ) -> ScanResult:
     """Read ``reader`` to the end, reassembling STT frames into ``on_frame``.
 
@@ -156,11 +160,16 @@ def scan(
     completed before it have been delivered).  ``KeyboardInterrupt`` stops the
     scan quietly with :attr:`ScanResult.interrupted` set.  At the end, partial
     frames are dropped as ``INCOMPLETE_AT_EOF``.
+
+    ``ahead``: a verifier process started on the same file
+    (:class:`~sttun.tools.checksum_ahead.ChecksumAhead`, with ``verify`` and the
+    same ``ports``) that checks most segments' checksums in parallel; the caller
+    closes it.
     """
     res = ScanResult()
     reasm = reassembler if reassembler is not None else make_reassembler(drops)
     try:
-        _loop(reader, on_frame, res, drops, frozenset(ports), verify, on_segment, reasm)
+        _loop(reader, on_frame, res, drops, frozenset(ports), verify, on_segment, reasm, ahead)
     except KeyboardInterrupt:
         res.interrupted = True
     except CaptureError:
@@ -181,6 +190,7 @@ def _loop(
     verify: bool,
     on_segment: SegmentSink | None,
     reasm: Reassembler,
+    ahead: ChecksumAhead | None,
 ) -> None:
     """The hot loop; counters are kept in locals and stored back at the end."""
     add = reasm.add
@@ -205,6 +215,11 @@ def _loop(
     known_keep = 2 * timeout_ns
     known_cap = 2 * RECENT_PER_FRAME * reasm.max_frames + reasm.max_frames
     prune_at = 0  # capture time of the next look for forgettable frames
+    # Checksum verdicts from a verifier process (checksum_ahead): for the records
+    # numbered up to ahead_upto whose number is not a multiple of its PERIOD.
+    failed: set[int] = ahead.failed if ahead is not None else set()
+    ahead_upto = 0
+    ahead_own = PERIOD - 1
 
     def feed(
         ts: int, src: bytes, dst: bytes, ack: int, seq: int, payload: Buffer, tos: int
@@ -286,12 +301,11 @@ def _loop(
             seg = parse_segment(data, 14) if linktype == eth else bad_ip
             if type(seg) is not tuple or data[12] != 8 or data[13]:
                 n = len(data)
-                found = l3_offset(linktype, data)
-                if found is None or found[0] not in (0x0800, 0x86DD):
+                found = locate_segment(linktype, data)
+                if found is None:
                     not_ip += 1
                     continue
-                l3 = found[1]
-                seg = parse_segment(data, l3)
+                l3, seg = found
                 if isinstance(seg, DropReason):
                     if seg is not_tcp:
                         not_tcp_n += 1
@@ -313,15 +327,26 @@ def _loop(
                 continue
             # ---- checks every STT segment passes (segments, verified and
             # unchecked are worked out from the other counters at the end)
-            if verify and not tcp_checksum_ok(data, l3, l4, end):
-                if end - l3 > OFFLOAD_MIN_LEN or checksum_is_partial(data, l3, l4, end):
-                    offloaded += 1
-                else:
-                    bad_csum_n += 1
-                    count(bad_csum, end - l3)
-                    if on_segment is not None:
-                        on_segment(src, dst, sport, ack, seq, data[l4 + 20 : end], bad_csum)
-                    continue
+            if verify:
+                if packets > ahead_upto and ahead is not None:
+                    ahead_upto = ahead.wait(packets)
+                    if ahead.done:
+                        ahead = None
+                # the verifier's verdict where it has one, else the check here
+                if (
+                    (packets in failed)
+                    if packets & ahead_own and packets <= ahead_upto
+                    else not tcp_checksum_ok(data, l3, l4, end)
+                ):
+                    failed.discard(packets)
+                    if end - l3 > OFFLOAD_MIN_LEN or checksum_is_partial(data, l3, l4, end):
+                        offloaded += 1
+                    else:
+                        bad_csum_n += 1
+                        count(bad_csum, end - l3)
+                        if on_segment is not None:
+                            on_segment(src, dst, sport, ack, seq, data[l4 + 20 : end], bad_csum)
+                        continue
             if doffb >> 4 != 5:
                 count(bad_doff, end - l3)
                 if on_segment is not None:
@@ -437,6 +462,19 @@ def _loop(
             res.checksums["offloaded"] += offloaded
         else:
             res.checksums["unchecked"] += checked
+
+
+def locate_segment(linktype: int, data: Buffer) -> tuple[int, Segment | DropReason] | None:
+    """The IP header offset of a captured packet and :func:`parse_segment`'s verdict.
+
+    None when the packet is not IPv4 or IPv6 (after the link layer and any VLAN
+    tags, :func:`sttun.io.pcap.l3_offset`).  The scan tries plain Ethernet + IPv4
+    at offset 14 itself first; this is everything else.
+    """
+    found = l3_offset(linktype, data)
+    if found is None or found[0] not in (ETH_P_IP, ETH_P_IPV6):
+        return None
+    return found[1], parse_segment(data, found[1])
 
 
 def _refine(

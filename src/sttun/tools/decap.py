@@ -48,6 +48,7 @@ from sttun.tools.report import (
 
 if TYPE_CHECKING:
     from sttun.io.pcap import PcapWriter
+    from sttun.tools.checksum_ahead import ChecksumAhead
     from sttun.wire.vnet import VnetHdr
 
 TOOL = "decap"
@@ -166,11 +167,7 @@ class _Decap:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``sttun decap`` with the parsed ``args``; returns the exit status."""
-    from sttun.core.drops import DropCounters
-    from sttun.errors import CaptureError
-    from sttun.io.pcap import CaptureReader, PcapWriter
-    from sttun.tools.capture_scan import scan
-    from sttun.tools.progress import open_input
+    from sttun.tools.checksum_ahead import ChecksumAhead, default_jobs
 
     output: str | None = getattr(args, "output", None)
     split_dir: str | None = getattr(args, "split_by_context", None)
@@ -179,8 +176,35 @@ def main(args: argparse.Namespace) -> int:
     ports = getattr(args, "port", None) or [7471]
     verify = bool(getattr(args, "verify_checksum", True))
     keep_partial = bool(getattr(args, "keep_partial", False))
-    as_json = bool(getattr(args, "json", False))
 
+    jobs = getattr(args, "jobs", None) or default_jobs()
+    # forked before anything else runs (a progress bar's thread, open outputs)
+    ahead = ChecksumAhead.start(args.input, ports) if verify and jobs >= 2 else None
+    try:
+        return _run(args, output, split_dir, contexts, ports, verify, keep_partial, ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+def _run(
+    args: argparse.Namespace,
+    output: str | None,
+    split_dir: str | None,
+    contexts: set[int] | None,
+    ports: list[int],
+    verify: bool,
+    keep_partial: bool,
+    ahead: ChecksumAhead | None,
+) -> int:
+    """Read, reassemble, write and report (``main`` after the verifier is started)."""
+    from sttun.core.drops import DropCounters
+    from sttun.errors import CaptureError
+    from sttun.io.pcap import CaptureReader, PcapWriter
+    from sttun.tools.capture_scan import scan
+    from sttun.tools.progress import open_input
+
+    as_json = bool(getattr(args, "json", False))
     try:
         infile = open_input(args.input, label="decap")
     except OSError as e:
@@ -208,7 +232,9 @@ def main(args: argparse.Namespace) -> int:
         drops = DropCounters()
         sink = _Decap(writer, split_dir, contexts, keep_partial, nanosecond, drops)
         try:
-            result = scan(reader, sink.on_frame, drops=drops, ports=ports, verify=verify)
+            result = scan(
+                reader, sink.on_frame, drops=drops, ports=ports, verify=verify, ahead=ahead
+            )
         except CaptureError as e:
             return fail(TOOL, str(e))
         except OSError as e:  # an output file could not be written
