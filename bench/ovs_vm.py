@@ -9,7 +9,10 @@ a VM namespace on it, a veth underlay between the hosts), per OVS mode (default,
   stt0 -- set interface stt0 type=stt options:remote_ip=R options:key=K``) and
   served by ``sttun up --ovsdb`` on both hosts;
 * ``ovs-vxlan``: OVS's own userspace VXLAN (native tunnelling: the underlay ``eth0``
-  moved into a netdev bridge ``br-phy`` that holds the underlay address; VM MTU 1450).
+  moved into a netdev bridge ``br-phy`` that holds the underlay address; VM MTU 1450);
+* ``no-tunnel``: no tunnel at all, the underlay ``eth0`` a port of each ``br-int``
+  (VM MTU 1500): OVS's own per-frame forwarding, the ceiling of any tunnel port
+  OVS passes MTU-sized frames through.
 
 iperf3, one TCP stream, ``--seconds`` each, both directions, median of ``--reps``.
 For sttun also: the seconds from the old command to a served port, the bytes per
@@ -149,13 +152,29 @@ def run_vxlan(p: OvsPair, seconds: int, reps: int) -> dict[str, Any]:
     return _iperf_both(p, seconds, reps)
 
 
+def run_no_tunnel(p: OvsPair, seconds: int, reps: int) -> dict[str, Any]:
+    """No tunnel at all: the underlay veth a port of each ``br-int``, VM MTU 1500.
+
+    What two OVS userspace datapaths forward VM to VM with nothing but their own
+    per-frame work (a port in, a port out, on each host): the ceiling for any
+    tunnel port OVS forwards MTU-sized frames through, in the same mode.
+    """
+    dev = "eth0"
+    for hv in (p.a, p.b):
+        hv.ns.run(["ip", "addr", "flush", "dev", dev])
+        hv.ovs.vsctl("add-port", BRIDGE, dev)
+    for hv, peer in ((p.a, p.b), (p.b, p.a)):
+        hv.vm.run(["ping", "-c", "3", "-i", "0.3", "-W", "2", peer.vm_ip], check=False)
+    return _iperf_both(p, seconds, reps)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tmp", default="/tmp/sttun-bench-ovs-vm")
     ap.add_argument("--modes", default="default,userspace-tso", help="OVS modes to run")
-    ap.add_argument("--ports", default="sttun,ovs-vxlan", help="port kinds to run")
+    ap.add_argument("--ports", default="sttun,ovs-vxlan,no-tunnel", help="port kinds to run")
     args = ap.parse_args()
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -174,6 +193,11 @@ def main() -> None:
                 print(f"{mode}: OVS VXLAN", flush=True)
                 results[f"{mode}/ovs-vxlan"] = run_vxlan(p, args.seconds, args.reps)
                 print(f"  {results[f'{mode}/ovs-vxlan']}", flush=True)
+        if "no-tunnel" in ports:  # hosts of its own: the underlay becomes a br-int port
+            with ovs_pair(userspace_tso=tso) as p:
+                print(f"{mode}: OVS without a tunnel (underlay veth in br-int)", flush=True)
+                results[f"{mode}/no-tunnel"] = run_no_tunnel(p, args.seconds, args.reps)
+                print(f"  {results[f'{mode}/no-tunnel']}", flush=True)
     print()
     print(f"{'OVS mode / port':28} {'a->b Gbit/s':>12} {'b->a Gbit/s':>12}  notes")
     for name, r in results.items():
