@@ -124,7 +124,8 @@ class TxRing:
         Returns the frame's length, **0 if no slot is free**.  ``kick=False`` leaves
         it queued until :meth:`kick` (several frames per system call).  Raises
         ``OSError(EMSGSIZE)`` for a frame larger than a slot, and what the kick
-        raises (``ENETDOWN``...; the frame stays queued for the next kick).
+        raises: ``EINVAL`` when the kernel rejected the frame, ``ENETDOWN``... (the
+        frame stays queued for the next kick).
         """
         slot = self._slots[self._next]
         if self._status(slot) & _BUSY:
@@ -157,7 +158,9 @@ class TxRing:
         """Have the kernel send every requested frame; returns the bytes it sent.
 
         Frames it could not take now (send buffer full, ``ENOBUFS``) stay requested
-        for the next kick.  Frames it skipped are counted in :attr:`rejected`.
+        for the next kick.  Frames it skipped are counted in :attr:`rejected`, and
+        then ``OSError(EINVAL)`` is raised, as ``sendmsg`` would for such a frame
+        (the frames after it are sent all the same).
         """
         if not self._requested:
             return 0
@@ -168,7 +171,11 @@ class TxRing:
                 self._settle(None)
                 raise
             sent = None
+        rejected = self.rejected
         self._settle(sent)
+        if self.rejected != rejected:
+            n = self.rejected - rejected
+            raise OSError(errno.EINVAL, f"the kernel rejected {n} frame(s) of the TX ring")
         return sent or 0
 
     def _settle(self, sent: int | None) -> None:
