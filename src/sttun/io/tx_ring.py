@@ -44,6 +44,7 @@ import mmap
 import select
 import socket
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -75,7 +76,12 @@ DEFAULT_FRAMES = 64
 _FRAMES_PER_BLOCK = BLOCK_SIZE // FRAME_SIZE
 
 _U32 = struct.Struct("=I")
-_U16_LE = struct.Struct("<H")  # virtio_net_hdr fields are little-endian (virtio 1.0)
+_pack_u32 = _U32.pack_into
+_pack_u16_le = struct.Struct("<H").pack_into  # virtio_net_hdr is little-endian (virtio 1.0)
+#: The byte of the native-endian ``tp_status`` that holds the bits user space reads
+#: and writes (SEND_REQUEST, SENDING, WRONG_FORMAT; the rest are 0 on transmit
+#: for timestamp flags in the high bits, which the ring does not ask for).
+_STATUS_BYTE = 0 if sys.byteorder == "little" else 3
 _TPACKET_REQ = struct.Struct("=IIII")  # block_size, block_nr, frame_size, frame_nr
 _KICK_RETRY = (errno.EAGAIN, errno.ENOBUFS)  # frames stay queued and go at the next kick
 #: How long :meth:`TxRing.wait_writable` naps when poll says writable (send buffer
@@ -115,7 +121,7 @@ class TxRing:
         """Their bytes (vnet header excluded)."""
 
     def _status(self, slot: int) -> int:
-        return int(_U32.unpack_from(self._map, slot)[0])
+        return self._mv[slot + _STATUS_BYTE]
 
     def send(self, parts: Sequence[bytes | bytearray | memoryview], *, kick: bool = True) -> int:
         """Copy one frame (vnet header first, then headers and payload) into the next
@@ -128,15 +134,15 @@ class TxRing:
         frame stays queued for the next kick).
         """
         slot = self._slots[self._next]
-        if self._status(slot) & _BUSY:
-            self.kick()  # frames requested earlier may be waiting for one
-            if self._status(slot) & _BUSY:
-                return 0
         mv = self._mv
+        if mv[slot + _STATUS_BYTE] & _BUSY:
+            self.kick()  # frames requested earlier may be waiting for one
+            if mv[slot + _STATUS_BYTE] & _BUSY:
+                return 0
         start = pos = slot + TPACKET2_HDR_LEN
         end = start + MAX_FRAME
         for part in parts:
-            n = len(part) if not isinstance(part, memoryview) else part.nbytes
+            n = len(part)  # byte buffers: len is the byte count
             if pos + n > end:
                 raise OSError(errno.EMSGSIZE, "frame larger than a TX ring slot")
             mv[pos : pos + n] = part
@@ -145,11 +151,11 @@ class TxRing:
         if length < VNET_HDR_LEN:
             raise OSError(errno.EINVAL, "frame shorter than its vnet header")
         # hdr_len = the whole frame: the kernel copies it all (see the module docstring)
-        _U16_LE.pack_into(self._map, start + 2, length - VNET_HDR_LEN)
-        _U32.pack_into(self._map, slot + 4, length)
-        _U32.pack_into(self._map, slot, TP_STATUS_SEND_REQUEST)  # last: hands it over
+        _pack_u16_le(mv, start + 2, length - VNET_HDR_LEN)
+        _pack_u32(mv, slot + 4, length)
+        _pack_u32(mv, slot, TP_STATUS_SEND_REQUEST)  # last: hands the slot over
         self._requested.append((slot, length - VNET_HDR_LEN))
-        self._next = (self._next + 1) % len(self._slots)
+        self._next = self._next + 1 if self._next + 1 < self.frames else 0
         if kick:
             self.kick()
         return length
