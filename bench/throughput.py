@@ -268,10 +268,14 @@ def fastpath_share(point: Point) -> dict[str, Any]:
         return {}
     fast = (t.get("rx_fastpath") or {}).get("frames", 0)
     total = (t.get("rx") or {}).get("frames", 0)
+    fast_bytes = (t.get("rx_fastpath") or {}).get("bytes", 0)
+    total_bytes = (t.get("rx") or {}).get("bytes", 0)
     return {
         "rx_frames_fastpath": fast,
         "rx_frames_total": total,
         "fastpath_share": fast / total if total else None,
+        # bytes: the TCP data's share (the frames' is mostly the UDP test's)
+        "fastpath_byte_share": fast_bytes / total_bytes if total_bytes else None,
     }
 
 
