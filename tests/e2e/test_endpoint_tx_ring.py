@@ -5,7 +5,8 @@ Both daemons send through a PACKET_TX_RING.  Software GSO at the sender cuts eac
 have no socket owner), so the receiver's fast path takes the data frames that
 ``sendmsg`` would have delivered in two pieces to Python.  Checks: the log says the
 ring is used, ping works without duplicates, a TCP transfer arrives intact (sha256)
-and the fast path carries most of its frames; and ``tx_ring = off`` logs no ring.
+and the fast path carries most of its frames; ``tx_ring = off`` logs no ring, and
+``auto`` uses it only where the underlay has no TSO.
 """
 
 from __future__ import annotations
@@ -52,8 +53,18 @@ def test_wire_with_tx_ring_delivers_whole_frames_to_the_fast_path(tmp_path: Path
 
 
 def test_tx_ring_off_sends_with_sendmsg(tmp_path: Path) -> None:
-    with tunnel_pair(tmp_path, extra=["--tx-ring", "off"]) as t:
+    with tunnel_pair(tmp_path, veth_tso=False, extra=["--tx-ring", "off"]) as t:
         ping(t.hosts.a, OVERLAY_B, count=2)
         for ep in (t.a, t.b):
             assert "AF_PACKET socket open" in ep.log_text()
             assert RING_LOG not in ep.log_text()
+
+
+@pytest.mark.parametrize("veth_tso", [True, False], ids=["tso", "wire"])
+def test_tx_ring_auto_follows_the_underlay_tso(tmp_path: Path, veth_tso: bool) -> None:
+    """``auto`` sends through the ring where the underlay has no TSO (the kernel cuts
+    GSO frames in software there), with sendmsg where it has."""
+    with tunnel_pair(tmp_path, veth_tso=veth_tso, extra=["--tx-ring", "auto"]) as t:
+        ping(t.hosts.a, OVERLAY_B, count=2)
+        for ep in (t.a, t.b):
+            assert (RING_LOG in ep.log_text()) is not veth_tso, ep.log_text()

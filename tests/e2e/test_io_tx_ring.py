@@ -18,6 +18,7 @@ import time
 import pytest
 
 from sttun.io.packet_socket import RECV_SIZE, PacketSocket
+from sttun.io.tx_ring import tso_enabled
 from sttun.tools.topology import TwoHosts
 from tests.e2e.test_io_packet_socket import (
     MSS,
@@ -101,7 +102,8 @@ def test_ring_gso_frames_are_segmented_right(two_hosts: TwoHosts, v6: bool) -> N
 
 
 def test_ring_small_frame_arrives_as_sent(two_hosts: TwoHosts) -> None:
-    """A frame without GSO (vnet header all zero) arrives byte for byte."""
+    """A frame without GSO (vnet header all zero) arrives byte for byte, through the
+    ring and through the socket's send (which sends such frames with sendmsg)."""
     h = two_hosts
     vnet, frame = tcp_frame(
         link_mac(h.a, h.dev_a), link_mac(h.b, h.dev_b), h.ip_a, h.ip_b, b"small" * 20
@@ -109,9 +111,11 @@ def test_ring_small_frame_arrives_as_sent(two_hosts: TwoHosts) -> None:
     with h.b.entered():
         rx = PacketSocket(h.dev_b, ports=(7471,), vnet_hdr=False)
     with rx, _ring_socket(h) as tx:
-        assert tx.send([vnet, frame]) == len(vnet) + len(frame)
-        (got,) = _receive(rx, 1)
-    assert got == frame
+        assert tx.tx_ring is not None
+        assert tx.tx_ring.send([vnet, frame]) == len(vnet) + len(frame)
+        assert tx.send([vnet, frame]) == len(vnet) + len(frame)  # sendmsg: no GSO
+        got = _receive(rx, 2)
+    assert got == [frame, frame]
 
 
 @pytest.mark.parametrize("ring", [True, False], ids=["tx-ring", "sendmsg"])
@@ -151,8 +155,9 @@ def test_whole_frame_at_a_gro_receiver(two_hosts: TwoHosts, ring: bool, v6: bool
 
 def test_ring_full_returns_zero_then_recovers(two_hosts: TwoHosts) -> None:
     """With A's queue draining slowly (a tbf qdisc), the ring's slots stay held by
-    queued skbs: send returns 0 once every slot is busy, wait_writable returns True
-    when the kernel frees one, and the next send goes; every accepted frame arrives."""
+    queued skbs: the ring's send returns 0 once every slot is busy, the socket's
+    wait_writable returns True when the kernel frees one, and the next send goes;
+    every accepted frame arrives."""
     h = two_hosts
     h.a.run(["tc", "qdisc", "replace", "dev", h.dev_a, "root", "tbf", "rate", "2mbit",
              "burst", "2000", "limit", "10000000"])  # fmt: skip
@@ -165,7 +170,7 @@ def test_ring_full_returns_zero_then_recovers(two_hosts: TwoHosts) -> None:
         accepted = 0
         for i in range(10 * ring.frames):
             vnet, frame = tcp_frame(mac_a, mac_b, h.ip_a, h.ip_b, b"x" * 1000, seq=i)
-            if not tx.send([vnet, frame]):
+            if not ring.send([vnet, frame]):
                 break
             accepted += 1
         else:
@@ -173,7 +178,7 @@ def test_ring_full_returns_zero_then_recovers(two_hosts: TwoHosts) -> None:
         assert accepted >= ring.frames - 1
         assert tx.wait_writable(30.0)
         vnet, frame = tcp_frame(mac_a, mac_b, h.ip_a, h.ip_b, b"last", seq=99999)
-        assert tx.send([vnet, frame]) == len(vnet) + len(frame)
+        assert ring.send([vnet, frame]) == len(vnet) + len(frame)
         got = _receive(rx, accepted + 1, timeout=60.0)
         assert got[-1] == frame and ring.rejected == 0
 
@@ -192,12 +197,22 @@ def test_rejected_frame_is_counted_and_skipped(two_hosts: TwoHosts) -> None:
         ring = tx.tx_ring
         assert ring is not None
         with pytest.raises(OSError, match="rejected 1 frame"):  # as sendmsg's EINVAL
-            tx.send([bad_vnet, bad_frame])  # taken into the ring, refused by the kernel
+            ring.send([bad_vnet, bad_frame])  # taken into the ring, refused by the kernel
         assert ring.rejected == 1 and ring.rejected_bytes == len(bad_frame)
         count = ring.frames + 1  # through every slot, the bad one's too
         for _ in range(count):
-            while not tx.send([vnet, good]):
+            while not ring.send([vnet, good]):
                 assert tx.wait_writable(10.0)
         got = _receive(rx, count)
     assert got == [good] * count
     assert ring.rejected == 1
+
+
+def test_tso_enabled_reads_the_device(two_hosts: TwoHosts) -> None:
+    """``tso_enabled`` says what ethtool set (the daemon's ``tx_ring = "auto"`` rule)."""
+    h = two_hosts
+    with h.a.entered():
+        assert tso_enabled(h.dev_a) is True
+        h.a.ethtool(h.dev_a, tso="off")
+        assert tso_enabled(h.dev_a) is False
+        assert tso_enabled("sttun-nonexist") is None

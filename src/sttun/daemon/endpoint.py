@@ -63,6 +63,7 @@ from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import PacketSocket
 from sttun.io.rx_fastpath import FastPathTunnel
 from sttun.io.tap import TapDevice
+from sttun.io.tx_ring import tso_enabled
 from sttun.io.veth_port import VethPort
 from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
 from sttun.wire.stt import STT_PORT
@@ -76,9 +77,6 @@ HOUSEKEEPING_INTERVAL = 1.0
 #: fast path never has to re-segment in Python.
 TAP_GSO_MAX_SIZE = 65000
 _ETH = struct.Struct("!6s6sH")
-#: What ``tx_ring = "auto"`` means: send through a PACKET_TX_RING or not (the
-#: choice the end-to-end measurements in docs/architecture.md support).
-TX_RING_AUTO = False
 #: A tunnel's overlay device: a TAP, or a veth pair when its reader takes no
 #: offloads (``port_offload = false``, Open vSwitch ports).
 Device = TapDevice | VethPort
@@ -185,7 +183,9 @@ class Daemon:
         if version in u.ports:
             return
         setting = self.tx_ring_setting
-        ring = setting == "on" or (setting == "auto" and TX_RING_AUTO)
+        # auto: where the kernel cuts GSO frames in software (no TSO on the underlay),
+        # which is where the ring was measured to win (docs/architecture.md)
+        ring = setting == "on" or (setting == "auto" and tso_enabled(u.ifname) is False)
         if self.fastpaths.is_attached(u.ifname):
             proto = ETH_P_IPV6 if version == 6 else ETH_P_IP
             sock = PacketSocket(

@@ -84,9 +84,11 @@ class PacketSocket:
     (they see only what a tc program passes on).  Raises :class:`SetupError` when
     the interface does not exist or the socket cannot be set up.
 
-    ``tx_ring=True`` (needs ``vnet_hdr``): :meth:`send` and :meth:`wait_writable`
-    go through a ``PACKET_TX_RING`` (:class:`~sttun.io.tx_ring.TxRing`), whose GSO
-    frames the receiver's GRO merges whole again; receiving is unchanged.  If the
+    ``tx_ring=True`` (needs ``vnet_hdr``): :meth:`send` puts GSO frames in a
+    ``PACKET_TX_RING`` (:class:`~sttun.io.tx_ring.TxRing`), whose frames the
+    receiver's GRO merges whole again after software GSO, and :meth:`wait_writable`
+    waits for a free slot; single frames still go with ``sendmsg``; receiving is
+    unchanged.  If the
     kernel refuses the ring, the socket sends with ``sendmsg`` and
     :attr:`tx_ring_error` says why (the caller logs it).
     """
@@ -129,13 +131,13 @@ class PacketSocket:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             _set_buf(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf)
             _set_buf(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf)
-            if tx_ring:
-                try:
-                    self.tx_ring = TxRing(sock)  # after PACKET_VNET_HDR, before bind
-                except OSError as e:
-                    self.tx_ring_error = f"PACKET_TX_RING refused: {e.strerror or e}"
             sock.bind((ifname, protocol))
             sock.setblocking(False)
+            if tx_ring:
+                try:
+                    self.tx_ring = TxRing(ifname, sndbuf=sndbuf)
+                except OSError as e:
+                    self.tx_ring_error = f"PACKET_TX_RING refused: {e.strerror or e}"
         except OSError as e:
             self.close()
             raise SetupError(f"packet socket on {ifname}: {e.strerror}") from e
@@ -145,7 +147,7 @@ class PacketSocket:
         self._recv_into = sock.recv_into
         self._sendmsg = sock.sendmsg
         if self.tx_ring is not None:
-            self.send = self.tx_ring.send  # type: ignore[method-assign]
+            self.send = self._send_gso_by_ring  # type: ignore[method-assign]
             self.wait_writable = self.tx_ring.wait_writable  # type: ignore[method-assign]
 
     def set_ports(self, ports: Iterable[int]) -> None:
@@ -203,6 +205,21 @@ class PacketSocket:
             return self._sendmsg(parts)
         except BlockingIOError:
             return 0
+
+    def _send_gso_by_ring(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+        """:meth:`send` with a TX ring: GSO frames (vnet ``gso_type`` set) through the
+        ring, where the kernel may cut them; single frames with ``sendmsg``, which
+        costs less per frame and delivers them whole anyway, unless frames wait in
+        the ring (then the ring too: one queue keeps the order) or the socket buffer
+        is full."""
+        ring = self.tx_ring
+        assert ring is not None
+        if not parts[0][1] and not ring.waiting:
+            try:
+                return self._sendmsg(parts)
+            except BlockingIOError:
+                pass
+        return ring.send(parts)
 
     def wait_writable(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for room in the send buffer; True if there is."""

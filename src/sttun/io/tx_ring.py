@@ -1,4 +1,4 @@
-"""A ``PACKET_TX_RING`` (TPACKET_V2) on an AF_PACKET socket with ``PACKET_VNET_HDR``.
+"""A ``PACKET_TX_RING`` (TPACKET_V2) on a send-only AF_PACKET socket with ``PACKET_VNET_HDR``.
 
 Why: a frame sent with ``sendmsg()`` becomes an skb owned by the socket through
 ``sock_wfree``; when the kernel's software GSO cuts it (a veth with TSO off),
@@ -39,7 +39,9 @@ returns **0 when no slot is free** (poll for writability with
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import mmap
 import select
 import socket
@@ -52,6 +54,8 @@ from collections.abc import Sequence
 from sttun.wire.vnet import VNET_HDR_LEN
 
 SOL_PACKET = 263
+PACKET_VNET_HDR = 15
+SO_SNDBUFFORCE = 32
 PACKET_VERSION = 10
 PACKET_TX_RING = 13
 PACKET_LOSS = 14
@@ -89,23 +93,57 @@ _KICK_RETRY = (errno.EAGAIN, errno.ENOBUFS)  # frames stay queued and go at the 
 _SLOT_NAP = 0.0002
 
 
-class TxRing:
-    """A mapped TPACKET_V2 transmit ring on ``sock`` (which has ``PACKET_VNET_HDR``).
+SIOCETHTOOL = 0x8946
+ETHTOOL_GTSO = 0x1E  # <linux/ethtool.h>: struct ethtool_value {u32 cmd; u32 data}
 
-    Set up before ``sock`` is bound (the version and ring must precede use); raises
-    ``OSError`` if the kernel refuses (no memory, no ``PACKET_TX_RING``).  ``frames``:
-    the number of slots, each large enough for a 64 KB GSO frame.
+
+def tso_enabled(ifname: str) -> bool | None:
+    """Whether ``ifname`` (in this network namespace) has TCP segmentation offload on;
+    None if the kernel does not say.  Without it, the kernel's software GSO cuts every
+    GSO frame sent on it: where a TX ring makes the difference (module docstring)."""
+    value = ctypes.create_string_buffer(struct.pack("=II", ETHTOOL_GTSO, 0), 8)
+    ifreq = struct.pack("16sP16x", ifname.encode()[:15], ctypes.addressof(value))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+    except OSError:
+        return None
+    return bool(struct.unpack_from("=II", value.raw)[1])
+
+
+class TxRing:
+    """A send-only AF_PACKET socket on ``ifname`` with ``PACKET_VNET_HDR`` and a mapped
+    TPACKET_V2 transmit ring.
+
+    Its own socket: on a socket with a TX ring ``sendmsg()`` only kicks the ring (its
+    data is ignored), so a socket that also sends with ``sendmsg`` cannot have one.
+    Bound with protocol 0, it receives nothing (sent frames get their protocol from
+    their Ethernet header or vnet ``gso_type``).  Raises ``OSError`` if the kernel
+    refuses (no memory, no ``PACKET_TX_RING``, no interface).  ``frames``: the number
+    of slots, each large enough for a 64 KB GSO frame; ``sndbuf``: the socket's send
+    buffer (each frame in flight is charged for its skb).
     """
 
-    def __init__(self, sock: socket.socket, frames: int = DEFAULT_FRAMES) -> None:
+    def __init__(self, ifname: str, frames: int = DEFAULT_FRAMES, sndbuf: int = 0) -> None:
         blocks = -(-frames // _FRAMES_PER_BLOCK)
         self.frames = blocks * _FRAMES_PER_BLOCK
-        self._sock = sock
-        sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-        sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
-        req = _TPACKET_REQ.pack(BLOCK_SIZE, blocks, FRAME_SIZE, self.frames)
-        sock.setsockopt(SOL_PACKET, PACKET_TX_RING, req)
-        self._map = mmap.mmap(sock.fileno(), BLOCK_SIZE * blocks)
+        sock = self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
+            if sndbuf:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            req = _TPACKET_REQ.pack(BLOCK_SIZE, blocks, FRAME_SIZE, self.frames)
+            sock.setsockopt(SOL_PACKET, PACKET_TX_RING, req)
+            sock.bind((ifname, 0))
+            self._map = mmap.mmap(sock.fileno(), BLOCK_SIZE * blocks)
+        except BaseException:
+            sock.close()
+            raise
         self._mv = memoryview(self._map)
         self._slots = [
             b * BLOCK_SIZE + f * FRAME_SIZE for b in range(blocks) for f in range(_FRAMES_PER_BLOCK)
@@ -199,6 +237,11 @@ class TxRing:
             self.rejected += frames if sent == 0 else 1
             self.rejected_bytes += taken - sent
 
+    @property
+    def waiting(self) -> bool:
+        """True while frames of the ring wait for the kernel to take them."""
+        return bool(self._requested)
+
     def next_slot_free(self) -> bool:
         """True when :meth:`send` would find a free slot now."""
         return not self._status(self._slots[self._next]) & _BUSY
@@ -224,7 +267,12 @@ class TxRing:
             if poller.poll(max(1, int(remaining * 1000))):
                 time.sleep(min(_SLOT_NAP, remaining))
 
+    def fileno(self) -> int:
+        """The ring socket's descriptor (``POLLOUT``: a slot or send buffer is free)."""
+        return self._sock.fileno()
+
     def close(self) -> None:
-        """Unmap the ring (the socket's owner closes the socket)."""
+        """Unmap the ring and close its socket (idempotent)."""
         self._mv.release()
         self._map.close()
+        self._sock.close()
