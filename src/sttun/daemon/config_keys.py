@@ -462,9 +462,9 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
        help="kernel receive fast path (eBPF at the underlay's tc ingress): auto = use it "
        "when it loads, on = refuse to start without it, off = never (default: auto)"),
     _d("tx_ring", choice(TX_RING_SETTINGS), "--tx-ring", choices=TX_RING_SETTINGS,
-       help="send on the underlay through a PACKET_TX_RING (GSO frames reach a GRO "
-       "receiver whole on a TSO-off link): auto = as measured best (off), on = refuse to "
-       "start without it, off = sendmsg (default: off)"),
+       help="send GSO frames on the underlay through a PACKET_TX_RING (they reach a GRO "
+       "receiver whole after software GSO): auto = on underlays without TSO, on = on "
+       "every underlay or refuse to start, off = sendmsg (default: off)"),
     _d("ovsdb", ovsdb_remote, "--ovsdb", metavar="REMOTE",
        help="serve Open vSwitch's type=stt interfaces of this OVSDB "
        "(e.g. unix:/var/run/openvswitch/db.sock)"),
