@@ -32,9 +32,12 @@ def _supported() -> None:
         pytest.skip(f"the fast path cannot run here: {why}")
 
 
-def test_wire_with_tx_ring_delivers_whole_frames_to_the_fast_path(tmp_path: Path) -> None:
+@pytest.mark.parametrize("underlay", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])
+def test_wire_with_tx_ring_delivers_whole_frames_to_the_fast_path(
+    tmp_path: Path, underlay: int
+) -> None:
     extra = ["--fastpath", "on", "--tx-ring", "on"]
-    with tunnel_pair(tmp_path, veth_tso=False, extra=extra) as t:
+    with tunnel_pair(tmp_path, ipv6_underlay=underlay == 6, veth_tso=False, extra=extra) as t:
         for ep in (t.a, t.b):
             assert RING_LOG in ep.log_text(), ep.log_text()
         out = ping(t.hosts.a, OVERLAY_B, count=5)
