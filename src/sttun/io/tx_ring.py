@@ -82,9 +82,9 @@ _FRAMES_PER_BLOCK = BLOCK_SIZE // FRAME_SIZE
 _U32 = struct.Struct("=I")
 _pack_u32 = _U32.pack_into
 _pack_u16_le = struct.Struct("<H").pack_into  # virtio_net_hdr is little-endian (virtio 1.0)
-#: The byte of the native-endian ``tp_status`` that holds the bits user space reads
-#: and writes (SEND_REQUEST, SENDING, WRONG_FORMAT; the rest are 0 on transmit
-#: for timestamp flags in the high bits, which the ring does not ask for).
+#: The byte of the native-endian ``tp_status`` that holds the transmit bits
+#: (SEND_REQUEST, SENDING, WRONG_FORMAT); the other bytes hold only timestamp
+#: flags, which this ring does not ask for.
 _STATUS_BYTE = 0 if sys.byteorder == "little" else 3
 _TPACKET_REQ = struct.Struct("=IIII")  # block_size, block_nr, frame_size, frame_nr
 _KICK_RETRY = (errno.EAGAIN, errno.ENOBUFS)  # frames stay queued and go at the next kick
