@@ -9,6 +9,8 @@ and on top of it one of four overlays:
   receive path (``--fastpath off``);
 * ``sttun-fast`` — the same with the kernel receive fast path (``--fastpath on``: the
   eBPF program decapsulates whole frames into the TAP);
+* ``sttun-fast-ring`` — ``sttun-fast`` sending through a ``PACKET_TX_RING``
+  (``--tx-ring on``; not in the default set of modes);
 * ``sttun-soft`` — sttun with ``--no-offload`` (segmentation and checksums in Python,
   ``--fastpath off``);
 * ``null-tunnel`` — ``bench/null_tunnel.py``: sttun's data path (TAP, ``AF_PACKET``,
@@ -65,12 +67,16 @@ from sttun.errors import SetupError, SttError
 from sttun.tools.topology import ROUTER_DEV_B, Endpoint, TwoHosts, check_support
 
 MODES = ("veth", "vxlan", "sttun", "sttun-fast", "sttun-soft", "null-tunnel")
+#: Modes run only when named with ``--modes``.
+EXTRA_MODES = ("sttun-fast-ring",)
 NULL_TUNNEL = Path(__file__).resolve().parent / "null_tunnel.py"
 NULL_DEV = "nul0"
 OVERLAY_MTU = {"veth": 1500, "vxlan": 1450, "sttun": 1500, "sttun-fast": 1500,
-               "sttun-soft": 1500, "null-tunnel": 1500}  # fmt: skip
+               "sttun-fast-ring": 1500, "sttun-soft": 1500, "null-tunnel": 1500}  # fmt: skip
 #: ``--fastpath`` of each sttun mode.
-FASTPATH = {"sttun": "off", "sttun-fast": "on", "sttun-soft": "off"}
+FASTPATH = {"sttun": "off", "sttun-fast": "on", "sttun-fast-ring": "on", "sttun-soft": "off"}
+#: ``--tx-ring`` of each sttun mode.
+TX_RING = {"sttun-fast-ring": "on"}
 #: Seconds the null tunnel gets to create its TAP.
 NULL_START_TIMEOUT = 10.0
 VARIANTS = ("tso", "wire", "routed")
@@ -122,7 +128,10 @@ class Point:
                     key=STT_KEY,
                     offload=self.mode != "sttun-soft",
                     instance="bench",
-                    extra=["--fastpath", FASTPATH[self.mode]],
+                    extra=[
+                        *("--fastpath", FASTPATH[self.mode]),
+                        *("--tx-ring", TX_RING.get(self.mode, "off")),
+                    ],
                 )
             self.server = h.b.popen(
                 ["iperf3", "-s", "--forceflush", "-B", self.addr, "-p", str(IPERF_PORT)],
@@ -259,10 +268,14 @@ def fastpath_share(point: Point) -> dict[str, Any]:
         return {}
     fast = (t.get("rx_fastpath") or {}).get("frames", 0)
     total = (t.get("rx") or {}).get("frames", 0)
+    fast_bytes = (t.get("rx_fastpath") or {}).get("bytes", 0)
+    total_bytes = (t.get("rx") or {}).get("bytes", 0)
     return {
         "rx_frames_fastpath": fast,
         "rx_frames_total": total,
         "fastpath_share": fast / total if total else None,
+        # bytes: the TCP data's share (the frames' is mostly the UDP test's)
+        "fastpath_byte_share": fast_bytes / total_bytes if total_bytes else None,
     }
 
 
@@ -414,7 +427,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 s per point, 1 repetition (smoke)")
     p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
     p.add_argument("--seconds", type=float, help="seconds per TCP test (default 5, quick 1)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES + EXTRA_MODES, default=list(MODES))
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/latest.json)")
     args = p.parse_args(argv)

@@ -49,6 +49,7 @@ MIN_HIGH_WATER = 65536  # must hold at least one maximal STT frame
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 FASTPATH_SETTINGS = ("auto", "on", "off")  # the kernel receive fast path (eBPF)
+TX_RING_SETTINGS = ("auto", "on", "off")  # underlay sends through a PACKET_TX_RING
 DEFAULT_INSTANCE = "sttun"
 RUN_DIR = "/run/sttun"
 
@@ -460,6 +461,10 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     _d("fastpath", choice(FASTPATH_SETTINGS), "--fastpath", choices=FASTPATH_SETTINGS,
        help="kernel receive fast path (eBPF at the underlay's tc ingress): auto = use it "
        "when it loads, on = refuse to start without it, off = never (default: auto)"),
+    _d("tx_ring", choice(TX_RING_SETTINGS), "--tx-ring", choices=TX_RING_SETTINGS,
+       help="send GSO frames on the underlay through a PACKET_TX_RING (they reach a GRO "
+       "receiver whole after software GSO): auto = on underlays without TSO, on = on "
+       "every underlay or refuse to start, off = sendmsg (default: off)"),
     _d("ovsdb", ovsdb_remote, "--ovsdb", metavar="REMOTE",
        help="serve Open vSwitch's type=stt interfaces of this OVSDB "
        "(e.g. unix:/var/run/openvswitch/db.sock)"),

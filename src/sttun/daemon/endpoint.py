@@ -63,6 +63,7 @@ from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import PacketSocket
 from sttun.io.rx_fastpath import FastPathTunnel
 from sttun.io.tap import TapDevice
+from sttun.io.tx_ring import tso_enabled
 from sttun.io.veth_port import VethPort
 from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
 from sttun.wire.stt import STT_PORT
@@ -92,6 +93,8 @@ class Daemon:
         self.underlays: dict[str, Underlay] = {}
         self.datapath = Datapath(self.core, self._runtime_of, log=log)
         self.fastpaths = FastPaths(config.fastpath, log)
+        #: ``[daemon] tx_ring`` as started with (a reload changes it at the next start).
+        self.tx_ring_setting = config.tx_ring
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[], None]] = {}
         self.firewall: Firewall | None = None
@@ -179,17 +182,31 @@ class Daemon:
         """
         if version in u.ports:
             return
+        setting = self.tx_ring_setting
+        # auto: where the kernel cuts GSO frames in software (no TSO on the underlay),
+        # which is where the ring was measured to win (docs/architecture.md)
+        ring = setting == "on" or (setting == "auto" and tso_enabled(u.ifname) is False)
         if self.fastpaths.is_attached(u.ifname):
             proto = ETH_P_IPV6 if version == 6 else ETH_P_IP
-            sock = PacketSocket(u.ifname, self._ports(), vnet_hdr=True, protocol=proto)
-            u.ports[version] = sock
+            sock = PacketSocket(
+                u.ifname, self._ports(), vnet_hdr=True, protocol=proto, tx_ring=ring
+            )
+            versions = [version]
             what = f"IPv{version} (bound to ethertype {proto:#06x})"
         else:
-            sock = PacketSocket(u.ifname, self._ports(), vnet_hdr=True)
-            u.ports[4] = u.ports[6] = sock
+            sock = PacketSocket(u.ifname, self._ports(), vnet_hdr=True, tx_ring=ring)
+            versions = [4, 6]
             what = "every protocol"
+        if sock.tx_ring_error is not None:
+            if setting == "on":
+                sock.close()
+                raise SetupError(f"tx_ring = on, but underlay {u.ifname}: {sock.tx_ring_error}")
+            log.warning("underlay %s: %s; sending with sendmsg", u.ifname, sock.tx_ring_error)
+        for v in versions:
+            u.ports[v] = sock
         self._register(sock.fileno(), functools.partial(self.datapath.on_underlay, u, sock))
-        log.info("underlay %s: AF_PACKET socket open for %s", u.ifname, what)
+        sends = ", sending through a TX ring" if sock.tx_ring is not None else ""
+        log.info("underlay %s: AF_PACKET socket open for %s%s", u.ifname, what, sends)
 
     def _add_tunnel(self, cfg: TunnelConfig, tap: Device | None = None) -> None:
         tlog = tunnel_logger("sttun.tunnel", cfg.name, cfg.in_key)
@@ -518,6 +535,12 @@ class Daemon:
             for port in u.receive_ports():
                 with contextlib.suppress(SttError, OSError):
                     _socket(port).set_ports(self._ports())
+        if new.tx_ring != self.tx_ring_setting:
+            log.warning(
+                "tx_ring = %s takes effect at the next start (running with %s)",
+                new.tx_ring,
+                self.tx_ring_setting,
+            )
         if new.fastpath != self.fastpaths.setting:
             log.warning(
                 "fastpath = %s takes effect at the next start (running with %s)",

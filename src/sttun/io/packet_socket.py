@@ -45,6 +45,7 @@ from collections.abc import Iterable, Sequence
 
 from sttun.errors import SetupError
 from sttun.io.bpf import attach_filter, stt_filter
+from sttun.io.tx_ring import TxRing
 from sttun.wire.ether import ETH_HLEN, VLAN_HLEN
 from sttun.wire.stt import STT_PORT
 from sttun.wire.vnet import VNET_HDR_LEN
@@ -82,6 +83,14 @@ class PacketSocket:
     ``ETH_P_ALL`` taps run before tc ingress, ``ETH_P_IP``/``ETH_P_IPV6`` after it
     (they see only what a tc program passes on).  Raises :class:`SetupError` when
     the interface does not exist or the socket cannot be set up.
+
+    ``tx_ring=True`` (needs ``vnet_hdr``): :meth:`send` puts GSO frames in a
+    ``PACKET_TX_RING`` (:class:`~sttun.io.tx_ring.TxRing`), whose frames the
+    receiver's GRO merges whole again after software GSO, and :meth:`wait_writable`
+    waits for a free slot; single frames still go with ``sendmsg``; receiving is
+    unchanged.  If the
+    kernel refuses the ring, the socket sends with ``sendmsg`` and
+    :attr:`tx_ring_error` says why (the caller logs it).
     """
 
     def __init__(
@@ -94,9 +103,16 @@ class PacketSocket:
         sndbuf: int = DEFAULT_SNDBUF,
         ignore_outgoing: bool = True,
         protocol: int = ETH_P_ALL,
+        tx_ring: bool = False,
     ) -> None:
+        if tx_ring and not vnet_hdr:
+            raise ValueError("a TX ring needs vnet_hdr (its frames carry hdr_len)")
         self.ifname = ifname
         self.vnet_hdr = vnet_hdr
+        self.tx_ring: TxRing | None = None
+        """The transmit ring, when ``tx_ring`` was asked for and the kernel made one."""
+        self.tx_ring_error: str | None = None
+        """Why the kernel refused the ring asked for (then ``send`` uses sendmsg)."""
         try:
             self.ifindex = socket.if_nametoindex(ifname)
         except OSError as e:
@@ -117,14 +133,22 @@ class PacketSocket:
             _set_buf(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf)
             sock.bind((ifname, protocol))
             sock.setblocking(False)
+            if tx_ring:
+                try:
+                    self.tx_ring = TxRing(ifname, sndbuf=sndbuf)
+                except OSError as e:
+                    self.tx_ring_error = f"PACKET_TX_RING refused: {e.strerror or e}"
         except OSError as e:
-            sock.close()
+            self.close()
             raise SetupError(f"packet socket on {ifname}: {e.strerror}") from e
         except BaseException:
-            sock.close()
+            self.close()
             raise
         self._recv_into = sock.recv_into
         self._sendmsg = sock.sendmsg
+        if self.tx_ring is not None:
+            self.send = self._send_gso_by_ring  # type: ignore[method-assign]
+            self.wait_writable = self.tx_ring.wait_writable  # type: ignore[method-assign]
 
     def set_ports(self, ports: Iterable[int]) -> None:
         """Replace the BPF filter with one for ``ports`` (atomic in the kernel: the old
@@ -182,6 +206,21 @@ class PacketSocket:
         except BlockingIOError:
             return 0
 
+    def _send_gso_by_ring(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+        """:meth:`send` with a TX ring: GSO frames (vnet ``gso_type`` set) through the
+        ring, where the kernel may cut them; single frames with ``sendmsg``, which
+        costs less per frame and delivers them whole anyway, unless frames wait in
+        the ring (then the ring too: one queue keeps the order) or the socket buffer
+        is full."""
+        ring = self.tx_ring
+        assert ring is not None
+        if not parts[0][1] and not ring.waiting:
+            try:
+                return self._sendmsg(parts)
+            except BlockingIOError:
+                pass
+        return ring.send(parts)
+
     def wait_writable(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for room in the send buffer; True if there is."""
         _r, writable, _x = select.select([], [self._sock], [], timeout)
@@ -189,6 +228,9 @@ class PacketSocket:
 
     def close(self) -> None:
         """Close the socket (idempotent)."""
+        if self.tx_ring is not None:
+            self.tx_ring.close()
+            self.tx_ring = None
         self._sock.close()
 
     def __enter__(self) -> PacketSocket:
@@ -198,4 +240,5 @@ class PacketSocket:
         self.close()
 
     def __repr__(self) -> str:
-        return f"PacketSocket({self.ifname!r}, vnet_hdr={self.vnet_hdr})"
+        ring = ", tx_ring=True" if self.tx_ring is not None else ""
+        return f"PacketSocket({self.ifname!r}, vnet_hdr={self.vnet_hdr}{ring})"
