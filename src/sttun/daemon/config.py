@@ -164,7 +164,7 @@ class DaemonConfig:
     log_format: str = "text"
     firewall: bool = True
     fastpath: str = "auto"  # "auto" | "on" | "off": the kernel receive fast path
-    tx_ring: str = "off"  # "auto" | "on" | "off": underlay sends through a PACKET_TX_RING
+    tx_ring: str = "auto"  # "auto" | "on" | "off": underlay sends through a PACKET_TX_RING
     reassembly_timeout: float = DEFAULT_TIMEOUT
     reassembly_high_water: int = DEFAULT_HIGH_WATER
     reassembly_low_water: int = DEFAULT_LOW_WATER

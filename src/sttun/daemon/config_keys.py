@@ -464,7 +464,7 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
     _d("tx_ring", choice(TX_RING_SETTINGS), "--tx-ring", choices=TX_RING_SETTINGS,
        help="send GSO frames on the underlay through a PACKET_TX_RING (they reach a GRO "
        "receiver whole after software GSO): auto = on underlays without TSO, on = on "
-       "every underlay or refuse to start, off = sendmsg (default: off)"),
+       "every underlay or refuse to start, off = sendmsg (default: auto)"),
     _d("ovsdb", ovsdb_remote, "--ovsdb", metavar="REMOTE",
        help="serve Open vSwitch's type=stt interfaces of this OVSDB "
        "(e.g. unix:/var/run/openvswitch/db.sock)"),
