@@ -9,8 +9,10 @@ and on top of it one of four overlays:
   receive path (``--fastpath off``);
 * ``sttun-fast`` — the same with the kernel receive fast path (``--fastpath on``: the
   eBPF program decapsulates whole frames into the TAP);
-* ``sttun-fast-ring`` — ``sttun-fast`` sending through a ``PACKET_TX_RING``
-  (``--tx-ring on``; not in the default set of modes);
+* ``sttun-fast-ring`` — ``sttun-fast`` sending through a ``PACKET_TX_RING`` on every
+  underlay (``--tx-ring on``; not in the default set of modes; the other sttun
+  modes run with the default ``--tx-ring auto``: the ring where the sender's
+  underlay has no TSO, i.e. in ``wire``);
 * ``sttun-soft`` — sttun with ``--no-offload`` (segmentation and checksums in Python,
   ``--fastpath off``);
 * ``null-tunnel`` — ``bench/null_tunnel.py``: sttun's data path (TAP, ``AF_PACKET``,
@@ -75,7 +77,7 @@ OVERLAY_MTU = {"veth": 1500, "vxlan": 1450, "sttun": 1500, "sttun-fast": 1500,
                "sttun-fast-ring": 1500, "sttun-soft": 1500, "null-tunnel": 1500}  # fmt: skip
 #: ``--fastpath`` of each sttun mode.
 FASTPATH = {"sttun": "off", "sttun-fast": "on", "sttun-fast-ring": "on", "sttun-soft": "off"}
-#: ``--tx-ring`` of each sttun mode.
+#: ``--tx-ring`` of each sttun mode (the others: the default, ``auto``).
 TX_RING = {"sttun-fast-ring": "on"}
 #: Seconds the null tunnel gets to create its TAP.
 NULL_START_TIMEOUT = 10.0
@@ -130,7 +132,7 @@ class Point:
                     instance="bench",
                     extra=[
                         *("--fastpath", FASTPATH[self.mode]),
-                        *("--tx-ring", TX_RING.get(self.mode, "off")),
+                        *("--tx-ring", TX_RING.get(self.mode, "auto")),
                     ],
                 )
             self.server = h.b.popen(
