@@ -170,3 +170,36 @@ def test_more_interleaved_frames_than_runs_held(tmp_path: Path) -> None:
     with_runs = _scan(cap, per_segment=False)
     assert with_runs == _scan(cap, per_segment=True)
     assert len(with_runs[0]) == 80 and with_runs[2] == {}
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_ctrl_c_while_a_frame_is_delivered_gives_nothing_twice(
+    tmp_path: Path, interleaved: bool
+) -> None:
+    """Ctrl-C inside the delivery of a frame completed from a run: the scan stops,
+    and the clean-up does not give that run's segments to the reassembler again
+    (which would count them as late segments of a finished frame)."""
+    frames = [b"\x00" * 18 + bytes([i]) * 4000 for i in range(3)]
+    segs = [
+        [segment(f[o : o + 1460], length=len(f), offset=o, ack=i + 1) for o in range(0, 4018, 1460)]
+        for i, f in enumerate(frames)
+    ]
+    if interleaved:  # frame 2's segments between frame 1's: frame 1 is parked, then resumed
+        order = [segs[0][0], segs[1][0], segs[2][0], segs[1][1], segs[2][1], segs[1][2]]
+        order += [segs[2][2], segs[0][1], segs[0][2]]
+    else:
+        order = [s for f in segs for s in f]
+    cap = write_pcap(tmp_path / "in.pcap", order)
+    drops = DropCounters()
+    delivered: list[int] = []
+
+    def on_frame(_ts: int, _src: bytes, _dst: bytes, _frame: Any) -> None:
+        delivered.append(1)
+        if len(delivered) == 2:
+            raise KeyboardInterrupt
+
+    with CaptureReader(cap) as reader:
+        result = scan(reader, on_frame, drops=drops)
+    assert result.interrupted and len(delivered) == 2
+    assert DropReason.LATE_SEGMENT.value not in drops.as_dict()
+    assert DropReason.DUPLICATE_SEGMENT.value not in drops.as_dict()

@@ -363,14 +363,16 @@ def _loop(
                     if nxt < run_len:
                         run_seq += plen
                     else:  # complete: one piece, as from GRO
+                        # (the run is closed first: a Ctrl-C inside feed must not
+                        # have the clean-up below give its segments again)
+                        segs, run = run, []
                         if ts < run_deadline:
                             # a view of immutable bytes: slices of it are not copies,
                             # and a PcapWriter may queue them by reference
-                            joined = memoryview(b"".join([seg[2] for seg in run]))
-                            feed(ts, src, dst, ack, run_len << 16, joined, run[0][3])
+                            joined = memoryview(b"".join([seg[2] for seg in segs]))
+                            feed(ts, src, dst, ack, run_len << 16, joined, segs[0][3])
                         else:
-                            replay(run, src, dst, ack, run_deadline, ts)
-                        run = []
+                            replay(segs, src, dst, ack, run_deadline, ts)
                     continue
             if on_segment is not None:
                 done = feed(ts, src, dst, ack, seq, payload, tos)
@@ -383,8 +385,8 @@ def _loop(
             if run and ack == run_ack and src == run_src and dst == run_dst:
                 # Its own frame's run, but not what comes next: a gap, a
                 # duplicate, another L.  The run goes to the reassembler first.
-                replay(run, src, dst, ack, run_deadline, ts)
-                run = []
+                segs, run = run, []
+                replay(segs, src, dst, ack, run_deadline, ts)
             elif parked:
                 other = parked.pop((src, dst, ack), None)
                 if other is not None:
@@ -396,19 +398,19 @@ def _loop(
                             parked[(run_src, run_dst, run_ack)] = (
                                 run, run_seq, run_len, run_deadline,
                             )  # fmt: skip
-                        run = segs
-                        run_src = src
-                        run_dst = dst
-                        run_ack = ack
-                        run_len = o_len
-                        run_deadline = o_deadline
                         segs.append((ts, seq, payload, tos))
                         if nxt < o_len:
+                            run = segs
+                            run_src = src
+                            run_dst = dst
+                            run_ack = ack
+                            run_len = o_len
+                            run_deadline = o_deadline
                             run_seq = seq + plen
                         else:
+                            run = []
                             joined = memoryview(b"".join([seg[2] for seg in segs]))
                             feed(ts, src, dst, ack, o_len << 16, joined, segs[0][3])
-                            run = []
                         continue
                     replay(segs, src, dst, ack, o_deadline, ts)
             length = seq >> 16
