@@ -124,6 +124,16 @@ def need_root() -> None:
         pytest.skip("needs root and iproute2 (network namespaces)")
 
 
+def need_fastpath() -> None:
+    """Skip the calling test unless we are root and the kernel fast path can load."""
+    need_root()
+    from sttun.io.rx_fastpath import fastpath_support
+
+    why = fastpath_support()
+    if why is not None:
+        pytest.skip(f"the fast path cannot run here: {why}")
+
+
 def need_tools(*tools: str) -> None:
     """Skip the calling test unless every named program is on PATH."""
     missing = [t for t in tools if shutil.which(t) is None]

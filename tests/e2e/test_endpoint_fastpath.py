@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from sttun.io.ebpf.attach import tcx_ingress_programs
-from sttun.io.rx_fastpath import FORCE_INVALID_ENV, fastpath_support
+from sttun.io.rx_fastpath import FORCE_INVALID_ENV
 from tests.e2e.sttun_hosts import (
     OVERLAY6_B,
     OVERLAY_A,
@@ -34,7 +34,7 @@ from tests.e2e.sttun_hosts import (
     tunnel_pair,
     wait_until,
 )
-from tests.netns import TwoHosts, make_two_hosts, need_root, need_tools
+from tests.netns import TwoHosts, make_two_hosts, need_fastpath, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -45,10 +45,7 @@ OTHER_A, OTHER_B = "198.51.100.1", "198.51.100.2"
 
 @pytest.fixture(autouse=True)
 def _supported() -> None:
-    need_root()
-    why = fastpath_support()
-    if why is not None:
-        pytest.skip(f"the fast path cannot run here: {why}")
+    need_fastpath()
 
 
 def _underlay(ep: Endpoint) -> dict[str, Any]:

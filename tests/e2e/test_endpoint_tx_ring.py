@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sttun.io.rx_fastpath import fastpath_support
 from tests.e2e.sttun_hosts import OVERLAY_B, ping, tcp_transfer, tunnel_pair
-from tests.netns import need_root
+from tests.netns import need_fastpath
 
 pytestmark = pytest.mark.netns
 
@@ -26,10 +25,7 @@ RING_LOG = "sending through a TX ring"
 
 @pytest.fixture(autouse=True)
 def _supported() -> None:
-    need_root()
-    why = fastpath_support()
-    if why is not None:
-        pytest.skip(f"the fast path cannot run here: {why}")
+    need_fastpath()
 
 
 @pytest.mark.parametrize("underlay", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])

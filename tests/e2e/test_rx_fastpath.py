@@ -29,7 +29,6 @@ from sttun.io.rx_fastpath import (
     FastPathError,
     FastPathTunnel,
     RxFastPath,
-    fastpath_support,
 )
 from sttun.io.tap import TapDevice
 from sttun.tools.wire_check import tshark_checksum_verdict
@@ -46,16 +45,13 @@ from tests.e2e.fastpath_env import (
     vm_capture,
     wait_for_frames,
 )
-from tests.netns import TwoHosts, need_root
+from tests.netns import TwoHosts, need_fastpath
 
 pytestmark = pytest.mark.netns
 
 
 def _skip_unless_supported() -> None:
-    need_root()
-    why = fastpath_support()
-    if why is not None:
-        pytest.skip(f"fast path cannot run here: {why}")
+    need_fastpath()
 
 
 def tunnels(h: FastPathHosts, tap_ifindex: int) -> list[FastPathTunnel]:

@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 from sttun.io.ebpf.attach import tcx_ingress_programs
-from sttun.io.rx_fastpath import fastpath_support
 from tests.e2e.fastpath_env import (
     KEY,
     SENTINEL_PORT,
@@ -40,7 +39,7 @@ from tests.e2e.fastpath_env import (
     sentinel,
     vm_capture,
 )
-from tests.netns import need_root
+from tests.netns import need_fastpath
 
 pytestmark = pytest.mark.netns
 
@@ -136,10 +135,7 @@ def _describe(frames: Counter[bytes]) -> list[str]:
 @pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])
 @pytest.mark.parametrize("routed", [False, True], ids=["veth", "routed"])
 def test_fast_path_gives_the_python_paths_frames(tmp_path: Path, outer: int, routed: bool) -> None:
-    need_root()
-    why = fastpath_support()
-    if why is not None:
-        pytest.skip(f"fast path cannot run here: {why}")
+    need_fastpath()
     with fastpath_hosts(routed=routed) as h:
         all_cases = [c for c in cases(h) if c.outer == outer]
         all_cases.append(sentinel(h, outer))
