@@ -245,6 +245,19 @@ def _add_verify_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_jobs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-j",
+        "--jobs",
+        metavar="N",
+        type=int,
+        choices=(1, 2),
+        help="processes: 2 verifies most TCP checksums in a second process, ahead of "
+        "the scan (the default with two or more CPUs, for capture files of 4 MiB or "
+        "more); 1 does everything in one",
+    )
+
+
 def _add_tools(sub: Any) -> None:
     p = _subparser(
         sub,
@@ -274,16 +287,7 @@ def _add_tools(sub: Any) -> None:
         help="leave inner checksums that the sender left partial (P flag) as they are "
         "(default: complete them, so Wireshark shows them correct)",
     )
-    p.add_argument(
-        "-j",
-        "--jobs",
-        metavar="N",
-        type=int,
-        choices=(1, 2),
-        help="processes: 2 verifies most TCP checksums in a second process, ahead of "
-        "the scan (the default with two or more CPUs, for capture files of 4 MiB or "
-        "more); 1 does everything in one",
-    )
+    _add_jobs_flag(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_tool("decap"), validate=_check_decap)
 
@@ -338,6 +342,7 @@ def _add_tools(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_port_flag(p)
     _add_verify_flag(p)
+    _add_jobs_flag(p)
     p.set_defaults(func=_tool("inspect"))
 
     p = _subparser(

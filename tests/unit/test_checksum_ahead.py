@@ -99,6 +99,16 @@ def test_two_processes_report_and_write_what_one_does(capture: Path, tmp_path: P
     assert one["checksums"]["offloaded"] == 4
 
 
+def test_inspect_reports_the_same_with_two_processes(capture: Path) -> None:
+    reports = []
+    for jobs in ("1", "2"):
+        p = run("inspect", capture, "--json", "-j", jobs)
+        assert p.returncode == 0, p.stderr
+        reports.append(json.loads(p.stdout))
+    assert reports[1] == reports[0]
+    assert reports[0]["drops"]["bad_tcp_checksum"] == len(BAD_RECORDS) + 1
+
+
 def _scan(cap: Path, ahead: ChecksumAhead | None) -> tuple[dict[str, object], dict[str, int]]:
     drops = DropCounters()
     frames: list[bytes] = []

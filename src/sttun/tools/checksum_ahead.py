@@ -32,10 +32,10 @@ import os
 import signal
 import stat
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Final
 
-__all__ = ["MIN_FILE_SIZE", "PERIOD", "ChecksumAhead", "default_jobs"]
+__all__ = ["MIN_FILE_SIZE", "PERIOD", "ChecksumAhead", "default_jobs", "verifier_for"]
 
 #: Files smaller than this are verified in-process (the fork is not worth it).
 MIN_FILE_SIZE: Final = 4 * 1024 * 1024
@@ -56,6 +56,27 @@ def default_jobs() -> int:
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     return 2 if cpus >= 2 else 1
+
+
+@contextlib.contextmanager
+def verifier_for(
+    path: str, ports: Collection[int], *, verify: bool, jobs: int | None
+) -> Iterator[ChecksumAhead | None]:
+    """A verifier for the capture ``path`` while the block runs, or None.
+
+    None when checksums are not verified, with ``jobs`` 1 (``None``:
+    :func:`default_jobs`), or when :meth:`ChecksumAhead.start` finds it not worth
+    it.  Start it before anything else (a progress bar's thread, open outputs): it
+    forks.  Stopped and reaped when the block ends.
+    """
+    ahead = None
+    if verify and (jobs or default_jobs()) >= 2:
+        ahead = ChecksumAhead.start(path, ports)
+    try:
+        yield ahead
+    finally:
+        if ahead is not None:
+            ahead.close()
 
 
 class ChecksumAhead:

@@ -167,7 +167,7 @@ class _Decap:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``sttun decap`` with the parsed ``args``; returns the exit status."""
-    from sttun.tools.checksum_ahead import ChecksumAhead, default_jobs
+    from sttun.tools.checksum_ahead import verifier_for
 
     output: str | None = getattr(args, "output", None)
     split_dir: str | None = getattr(args, "split_by_context", None)
@@ -177,14 +177,9 @@ def main(args: argparse.Namespace) -> int:
     verify = bool(getattr(args, "verify_checksum", True))
     keep_partial = bool(getattr(args, "keep_partial", False))
 
-    jobs = getattr(args, "jobs", None) or default_jobs()
-    # forked before anything else runs (a progress bar's thread, open outputs)
-    ahead = ChecksumAhead.start(args.input, ports) if verify and jobs >= 2 else None
-    try:
+    jobs = getattr(args, "jobs", None)
+    with verifier_for(args.input, ports, verify=verify, jobs=jobs) as ahead:
         return _run(args, output, split_dir, contexts, ports, verify, keep_partial, ahead)
-    finally:
-        if ahead is not None:
-            ahead.close()
 
 
 def _run(

@@ -21,7 +21,7 @@ import argparse
 import struct
 import sys
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sttun.tools.report import (
     EXIT_INTERRUPTED,
@@ -35,6 +35,9 @@ from sttun.tools.report import (
     print_json,
     print_tables,
 )
+
+if TYPE_CHECKING:
+    from sttun.tools.checksum_ahead import ChecksumAhead
 
 TOOL = "inspect"
 _CTX = struct.Struct("!Q")
@@ -192,14 +195,25 @@ class Inspector:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``sttun inspect`` with the parsed ``args``; returns the exit status."""
+    from sttun.tools.checksum_ahead import verifier_for
+
+    ports = getattr(args, "port", None) or [7471]
+    verify = bool(getattr(args, "verify_checksum", True))
+    jobs = getattr(args, "jobs", None)
+    with verifier_for(args.input, ports, verify=verify, jobs=jobs) as ahead:
+        return _run(args, ports, verify, ahead)
+
+
+def _run(
+    args: argparse.Namespace, ports: list[int], verify: bool, ahead: ChecksumAhead | None
+) -> int:
+    """Read, inspect and report (``main`` after the verifier is started)."""
     from sttun.core.drops import DropCounters
     from sttun.errors import CaptureError
     from sttun.io.pcap import CaptureReader
     from sttun.tools.capture_scan import scan
     from sttun.tools.progress import open_input
 
-    ports = getattr(args, "port", None) or [7471]
-    verify = bool(getattr(args, "verify_checksum", True))
     try:
         infile = open_input(args.input, label="inspect")
     except OSError as e:
@@ -219,6 +233,7 @@ def main(args: argparse.Namespace) -> int:
                 ports=ports,
                 verify=verify,
                 on_segment=insp.on_segment,
+                ahead=ahead,
             )
         except CaptureError as e:
             return fail(TOOL, str(e))
