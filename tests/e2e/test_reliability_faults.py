@@ -7,6 +7,7 @@ intact (sha256), then that the reassembly memory is back to zero.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -120,10 +121,20 @@ def test_reorder_and_duplicate(tmp_path: Path, window: int, dup: float) -> None:
             _memory_back_to_zero(p.a, p.b)
 
 
-def test_underlay_link_flap(tmp_path: Path) -> None:
-    """The underlay link goes down and up: traffic resumes, same daemon processes."""
-    with make_two_hosts() as h, start_pair(h.a, h.b, h.ip_a, h.ip_b, tmp_path, daemon=DAEMON) as p:
+@pytest.mark.parametrize("tso", [True, False], ids=["sendmsg", "tx-ring"])
+def test_underlay_link_flap(tmp_path: Path, tso: bool) -> None:
+    """The underlay link goes down and up: traffic resumes, same daemon processes.
+
+    Without TSO on A's underlay, A sends GSO frames through its transmit ring
+    (``tx_ring = "auto"``), which must recover from the link's absence too."""
+    with contextlib.ExitStack() as stack:
+        h = stack.enter_context(make_two_hosts())
+        if not tso:
+            h.a.run(["ethtool", "-K", h.dev_a, "tso", "off"])
+        p = stack.enter_context(start_pair(h.a, h.b, h.ip_a, h.ip_b, tmp_path, daemon=DAEMON))
+        assert ("sending through a TX ring" in p.a.log_text()) is not tso
         ping(h.a, OVERLAY_B)
+        tcp_transfer(h.a, h.b, OVERLAY_B, 5 * MiB)  # GSO frames: through the ring if any
         pids = (p.a.show()["pid"], p.b.show()["pid"])
         h.a.run(["ip", "link", "set", h.dev_a, "down"])
         # the route to B goes with the link: A's daemon marks the tunnel down
