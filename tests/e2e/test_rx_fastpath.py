@@ -9,6 +9,7 @@ leaves to Python must not reach the VM, and the program's counters must say why.
 from __future__ import annotations
 
 import collections
+import contextlib
 import select
 import shutil
 import signal
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,6 @@ from tests.e2e.fastpath_env import (
 from tests.netns import TwoHosts, need_fastpath
 
 pytestmark = pytest.mark.netns
-
-
-def _skip_unless_supported() -> None:
-    need_fastpath()
 
 
 def tunnels(h: FastPathHosts, tap_ifindex: int) -> list[FastPathTunnel]:
@@ -135,25 +132,17 @@ def expected_passes(all_cases: list[Case]) -> dict[str, int]:
 
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
 def test_fast_path_delivers_whole_frames_and_passes_the_rest(tmp_path: Path) -> None:
-    _skip_unless_supported()
-    with fastpath_hosts() as h:
-        with h.b.entered():
-            tap = TapDevice(h.tap, mtu=1500)
-        with tap:
-            bridge_tap(h, h.tap)
-            with h.b.entered():
-                fp = RxFastPath.attach(h.dev_b)
-            with fp:
-                assert fp.mode == "tcx"
-                fp.set_tunnels(tunnels(h, _ifindex(h, h.tap)))
-                all_cases = cases(h)
-                fast = [c for c in all_cases if c.expect == "fast"]
-                pcap = tmp_path / "vm.pcap"
-                with vm_capture(h, pcap) as cap:
-                    send_cases(h, all_cases)
-                    frames = wait_for_frames(pcap, sum(c.frames for c in fast))
-                frames = read_pcap(pcap)
-                counters = fp.counters()
+    with attached() as (h, fp, tap_ifindex):
+        assert fp.mode == "tcx"
+        fp.set_tunnels(tunnels(h, tap_ifindex))
+        all_cases = cases(h)
+        fast = [c for c in all_cases if c.expect == "fast"]
+        pcap = tmp_path / "vm.pcap"
+        with vm_capture(h, pcap) as cap:
+            send_cases(h, all_cases)
+            frames = wait_for_frames(pcap, sum(c.frames for c in fast))
+        frames = read_pcap(pcap)
+        counters = fp.counters()
         assert cap.dropped == 0, f"tcpdump lost {cap.dropped} frames"
         check_far_side(frames, fast)
         bad = [(p, v) for p, v in tshark_checksums(pcap) if v != "good"]
@@ -192,13 +181,29 @@ def receive_all(sock: PacketSocket) -> list[bytes]:
     return out
 
 
+@contextlib.contextmanager
+def attached() -> Iterator[tuple[FastPathHosts, RxFastPath, int]]:
+    """Hosts with B's TAP bridged to its VM and the program attached (TCX) to B's
+    underlay; yields them with the TAP's ifindex.  Skips where it cannot load."""
+    need_fastpath()
+    with fastpath_hosts() as h:
+        with h.b.entered():
+            tap = TapDevice(h.tap, mtu=1500)
+        with tap:
+            bridge_tap(h, h.tap)
+            with h.b.entered():
+                fp = RxFastPath.attach(h.dev_b)
+            with fp:
+                yield h, fp, _ifindex(h, h.tap)
+
+
 def _ifindex(h: FastPathHosts, dev: str) -> int:
     with h.b.entered():
         return socket.if_nametoindex(dev)
 
 
 def test_tc_fallback_attaches_delivers_and_detaches(tmp_path: Path) -> None:
-    _skip_unless_supported()
+    need_fastpath()
     with fastpath_hosts() as h:
         with h.b.entered():
             tap = TapDevice(h.tap, mtu=1500)
@@ -232,7 +237,7 @@ def test_tc_fallback_attaches_delivers_and_detaches(tmp_path: Path) -> None:
 
 
 def test_verifier_rejection_is_a_clear_error(two_hosts: TwoHosts) -> None:
-    _skip_unless_supported()
+    need_fastpath()
     h = two_hosts
     with h.b.entered():
         with pytest.raises(FastPathError) as err:
@@ -245,14 +250,14 @@ def test_verifier_rejection_is_a_clear_error(two_hosts: TwoHosts) -> None:
 def test_forced_rejection_by_environment(
     two_hosts: TwoHosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _skip_unless_supported()
+    need_fastpath()
     monkeypatch.setenv(FORCE_INVALID_ENV, "1")
     with two_hosts.b.entered(), pytest.raises(FastPathError, match="verifier rejected"):
         RxFastPath.attach(two_hosts.dev_b)
 
 
 def test_sigkill_leaves_no_program_attached(two_hosts: TwoHosts) -> None:
-    _skip_unless_supported()
+    need_fastpath()
     h = two_hosts
     script = (
         "import sys\n"
@@ -281,36 +286,26 @@ def test_sigkill_leaves_no_program_attached(two_hosts: TwoHosts) -> None:
 
 
 def test_set_tunnels_reload_keeps_and_resets_counters(tmp_path: Path) -> None:
-    _skip_unless_supported()
-    with fastpath_hosts() as h:
-        with h.b.entered():
-            tap = TapDevice(h.tap, mtu=1500)
-        with tap:
-            bridge_tap(h, h.tap)
-            with h.b.entered():
-                fp = RxFastPath.attach(h.dev_b)
-            with fp:
-                t4, t6 = tunnels(h, _ifindex(h, h.tap))
-                fp.set_tunnels([t4, t6])
-                fast = [c for c in cases(h) if c.expect == "fast"]
-                some4 = [c for c in fast if c.outer == 4][:3]
-                some6 = [c for c in fast if c.outer == 6][:3]
-                send_cases(h, some4 + some6)
-                got = settled(fp, lambda c: c["tunnels"]["t6"]["frames"] == 3)["tunnels"]
-                assert (got["t4"]["frames"], got["t6"]["frames"]) == (3, 3)
-                # t4 removed: its frames go to Python, t6 keeps its count
-                fp.set_tunnels([t6])
-                send_cases(h, some4 + some6)
-                c = settled(fp, lambda c: c["tunnels"]["t6"]["frames"] == 6)
-                assert list(c["tunnels"]) == ["t6"] and c["tunnels"]["t6"]["frames"] == 6
-                assert c["passed"]["unknown_tunnel"]["packets"] == 3
-                # t4 back (under a new name): counted from zero
-                fp.set_tunnels(
-                    [t6, FastPathTunnel("t4b", t4.local, t4.remote, KEY, t4.tap_ifindex)]
-                )
-                send_cases(h, some4)
-                c = settled(fp, lambda c: c["tunnels"]["t4b"]["frames"] == 3)
-                assert c["tunnels"]["t4b"]["frames"] == 3 and c["tunnels"]["t6"]["frames"] == 6
+    with attached() as (h, fp, tap_ifindex):
+        t4, t6 = tunnels(h, tap_ifindex)
+        fp.set_tunnels([t4, t6])
+        fast = [c for c in cases(h) if c.expect == "fast"]
+        some4 = [c for c in fast if c.outer == 4][:3]
+        some6 = [c for c in fast if c.outer == 6][:3]
+        send_cases(h, some4 + some6)
+        got = settled(fp, lambda c: c["tunnels"]["t6"]["frames"] == 3)["tunnels"]
+        assert (got["t4"]["frames"], got["t6"]["frames"]) == (3, 3)
+        # t4 removed: its frames go to Python, t6 keeps its count
+        fp.set_tunnels([t6])
+        send_cases(h, some4 + some6)
+        c = settled(fp, lambda c: c["tunnels"]["t6"]["frames"] == 6)
+        assert list(c["tunnels"]) == ["t6"] and c["tunnels"]["t6"]["frames"] == 6
+        assert c["passed"]["unknown_tunnel"]["packets"] == 3
+        # t4 back (under a new name): counted from zero
+        fp.set_tunnels([t6, FastPathTunnel("t4b", t4.local, t4.remote, KEY, t4.tap_ifindex)])
+        send_cases(h, some4)
+        c = settled(fp, lambda c: c["tunnels"]["t4b"]["frames"] == 3)
+        assert c["tunnels"]["t4b"]["frames"] == 3 and c["tunnels"]["t6"]["frames"] == 6
 
 
 def test_missing_interface_is_a_fast_path_error() -> None:
