@@ -10,6 +10,7 @@ refuses raises :class:`VerifierError` carrying the verifier's log.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import struct
@@ -112,18 +113,28 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
     bpf(BPF_MAP_UPDATE_ELEM, attr)
 
 
-def map_delete(fd: int, key: bytes) -> bool:
-    """Delete ``key``; False if it was not there."""
-    k = ctypes.create_string_buffer(key, len(key))
+def _map_elem(
+    cmd: int,
+    fd: int,
+    key: ctypes.Array[ctypes.c_char] | None,
+    out: ctypes.Array[ctypes.c_char] | None = None,
+) -> bool:
+    """One map command on ``key`` (``out``: the value or next key it fills);
+    False when the key is not there (``ENOENT``), other errors raise."""
     attr = _attr()
-    struct.pack_into("<IxxxxQ", attr, 0, fd, _addr(k))
+    struct.pack_into("<IxxxxQQ", attr, 0, fd, _addr(key), _addr(out))
     try:
-        bpf(BPF_MAP_DELETE_ELEM, attr)
+        bpf(cmd, attr)
     except OSError as e:
-        if e.errno == 2:  # ENOENT
+        if e.errno == errno.ENOENT:
             return False
         raise
     return True
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """Delete ``key``; False if it was not there."""
+    return _map_elem(BPF_MAP_DELETE_ELEM, fd, ctypes.create_string_buffer(key, len(key)))
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
@@ -131,15 +142,7 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     8-byte-aligned slot per possible CPU), or None."""
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value_size)
-    attr = _attr()
-    struct.pack_into("<IxxxxQQ", attr, 0, fd, _addr(k), _addr(v))
-    try:
-        bpf(BPF_MAP_LOOKUP_ELEM, attr)
-    except OSError as e:
-        if e.errno == 2:
-            return None
-        raise
-    return v.raw
+    return v.raw if _map_elem(BPF_MAP_LOOKUP_ELEM, fd, k, v) else None
 
 
 def map_keys(fd: int, key_size: int) -> list[bytes]:
@@ -148,14 +151,8 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
     cur: ctypes.Array[ctypes.c_char] | None = None
     while True:
         nxt = ctypes.create_string_buffer(key_size)
-        attr = _attr()
-        struct.pack_into("<IxxxxQQ", attr, 0, fd, _addr(cur), _addr(nxt))
-        try:
-            bpf(BPF_MAP_GET_NEXT_KEY, attr)
-        except OSError as e:
-            if e.errno == 2:
-                return keys
-            raise
+        if not _map_elem(BPF_MAP_GET_NEXT_KEY, fd, cur, nxt):
+            return keys
         keys.append(nxt.raw)
         cur = nxt
 
