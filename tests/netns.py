@@ -134,6 +134,16 @@ def need_fastpath() -> None:
         pytest.skip(f"the fast path cannot run here: {why}")
 
 
+def need_ovs() -> None:
+    """Skip the calling test unless we are root and Open vSwitch can run here."""
+    need_root()
+    from sttun.tools.ovs_host import check_support
+
+    reason = check_support()
+    if reason:
+        pytest.skip(reason)
+
+
 def need_tools(*tools: str) -> None:
     """Skip the calling test unless every named program is on PATH."""
     missing = [t for t in tools if shutil.which(t) is None]

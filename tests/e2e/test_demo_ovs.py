@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sttun.tools.ovs_host import check_support
-from tests.netns import need_root, need_tools
+from tests.netns import need_ovs, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -42,11 +41,8 @@ def _orphan_ovs_processes() -> set[int]:
 
 
 def test_demo_ovs_passes_and_cleans_up() -> None:
-    need_root()
+    need_ovs()
     need_tools("ethtool", "ping", "iperf3")
-    reason = check_support()
-    if reason:
-        pytest.skip(reason)
     before, orphans = _demo_namespaces(), _orphan_ovs_processes()
     res = subprocess.run(
         [sys.executable, "-m", "sttun", "demo", "--ovs"],
@@ -65,9 +61,7 @@ def test_demo_ovs_passes_and_cleans_up() -> None:
 
 
 def test_demo_ovs_refuses_keep() -> None:
-    need_root()
-    if check_support():
-        pytest.skip("no Open vSwitch")
+    need_ovs()
     res = subprocess.run(
         [sys.executable, "-m", "sttun", "demo", "--ovs", "--keep"],
         capture_output=True,

@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 
 from sttun.errors import SetupError
-from sttun.tools.ovs_host import OvsHost, check_support, process_running
-from tests.netns import Netns, need_root
+from sttun.tools.ovs_host import OvsHost, process_running
+from tests.netns import Netns, need_ovs
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture(autouse=True)
 def _ovs() -> None:
-    need_root()
-    reason = check_support()
-    if reason:
-        pytest.skip(reason)
+    need_ovs()
 
 
 def test_two_isolated_instances_start_forward_and_stop(netns_factory: object) -> None:

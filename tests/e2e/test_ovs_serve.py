@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from sttun.daemon.ovsdb import INSTALL_HINT
-from sttun.tools.ovs_host import check_support
 from tests.e2e.ovs_hosts import (
     BRIDGE,
     STT_PORT_NAME,
@@ -35,7 +34,7 @@ from tests.e2e.sttun_hosts import (
     wait_for,
 )
 from tests.e2e.test_ovs_traffic import KEY, ovs_sttun, start_ovs_sttun
-from tests.netns import Netns, need_root, need_tools
+from tests.netns import Netns, need_ovs, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -45,11 +44,8 @@ UNRESOLVED = ("up", "down")
 
 @pytest.fixture(autouse=True)
 def _ovs() -> None:
-    need_root()
+    need_ovs()
     need_tools("ethtool", "ping", "iperf3", "tshark")
-    reason = check_support()
-    if reason:
-        pytest.skip(reason)
 
 
 def no_ping(hv: Hypervisor, addr: str) -> bool:

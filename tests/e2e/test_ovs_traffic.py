@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from sttun.tools.ovs_host import check_support
 from tests.e2e.ovs_hosts import (
     BRIDGE,
     STT_PORT_NAME,
@@ -32,7 +31,7 @@ from tests.e2e.ovs_hosts import (
 )
 from tests.e2e.sttun_hosts import Endpoint, ping, start_endpoint, tcp_transfer, wait_for
 from tests.e2e.test_pcap_tools_interop import TsharkCapture
-from tests.netns import need_root, need_tools
+from tests.netns import need_ovs, need_tools
 
 pytestmark = pytest.mark.netns
 
@@ -42,11 +41,8 @@ TAP = "sttap0"
 
 @pytest.fixture(autouse=True)
 def _ovs() -> None:
-    need_root()
+    need_ovs()
     need_tools("ethtool", "ping", "iperf3", "tshark")
-    reason = check_support()
-    if reason:
-        pytest.skip(reason)
 
 
 def start_ovs_sttun(hv: Hypervisor, tmp: Path, *extra: str) -> Endpoint:

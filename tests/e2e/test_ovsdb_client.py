@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from sttun.daemon.ovsdb import INSTALL_HINT, OvsdbClient, OvsEvent
-from sttun.tools.ovs_host import OvsHost, check_support
+from sttun.tools.ovs_host import OvsHost
 from tests.e2e.ovs_hosts import interface_row
-from tests.netns import Netns, need_root
+from tests.netns import Netns, need_ovs
 
 pytestmark = pytest.mark.netns
 
@@ -35,10 +35,7 @@ OLD_COMMAND = (
 
 @pytest.fixture(autouse=True)
 def _ovs() -> None:
-    need_root()
-    reason = check_support()
-    if reason:
-        pytest.skip(reason)
+    need_ovs()
 
 
 class Pump:
