@@ -22,6 +22,15 @@ from sttun.errors import ConfigError, SetupError
 
 
 def sample() -> ShowData:
+    # stt0 and stt2 have the same peer: its reassembly numbers appear in both rows
+    peer_b = {
+        "peer": "198.18.0.2",
+        "entries": 2,
+        "bytes": 3000,
+        "peak_bytes": 65000,
+        "evictions": 4,
+        "timeouts": 5,
+    }
     return {
         "pid": 4242,
         "instance": "sttun",
@@ -40,14 +49,7 @@ def sample() -> ShowData:
                 "tx": {"frames": 10, "bytes": 15000, "segments": 12},
                 "rx": {"frames": 7, "bytes": 9000, "segments": 9},
                 "drops": {"bad_tcp_checksum": 3, "late_segment": 1},
-                "peer_reassembly": {
-                    "peer": "198.18.0.2",
-                    "entries": 2,
-                    "bytes": 3000,
-                    "peak_bytes": 65000,
-                    "evictions": 4,
-                    "timeouts": 5,
-                },
+                "peer_reassembly": dict(peer_b),
             },
             {
                 "name": "stt1",
@@ -77,14 +79,7 @@ def sample() -> ShowData:
                 "tx": empty_traffic(),
                 "rx": empty_traffic(),
                 "drops": {},
-                "peer_reassembly": {
-                    "peer": "198.18.0.2",
-                    "entries": 2,
-                    "bytes": 3000,
-                    "peak_bytes": 65000,
-                    "evictions": 4,
-                    "timeouts": 5,
-                },
+                "peer_reassembly": dict(peer_b),
             },
         ],
         "drops": {"wrong_port": 6, "unknown_source": 2},
