@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+from sttun.io.ethtool import tso_enabled
 from sttun.io.packet_socket import RECV_SIZE, PacketSocket
-from sttun.io.tx_ring import tso_enabled
 from sttun.tools.topology import TwoHosts
 from tests.e2e.test_io_packet_socket import (
     MSS,

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from sttun.errors import SetupError
+from sttun.io.ethtool import get_feature
 from sttun.io.veth_port import (
     GRO_FLUSH_TIMEOUT_NS,
     VethPort,
-    get_feature,
     get_gro_flush_timeout,
     sttun_ports,
 )

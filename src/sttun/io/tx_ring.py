@@ -39,9 +39,7 @@ returns **0 when no slot is free** (poll for writability with
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import mmap
 import select
 import socket
@@ -91,24 +89,6 @@ _KICK_RETRY = (errno.EAGAIN, errno.ENOBUFS)  # frames stay queued and go at the 
 #: How long :meth:`TxRing.wait_writable` naps when poll says writable (send buffer
 #: room) but the next slot is still held by an skb in flight.
 _SLOT_NAP = 0.0002
-
-
-SIOCETHTOOL = 0x8946
-ETHTOOL_GTSO = 0x1E  # <linux/ethtool.h>: struct ethtool_value {u32 cmd; u32 data}
-
-
-def tso_enabled(ifname: str) -> bool | None:
-    """Whether ``ifname`` (in this network namespace) has TCP segmentation offload on;
-    None if the kernel does not say.  Without it, the kernel's software GSO cuts every
-    GSO frame sent on it: where a TX ring makes the difference (module docstring)."""
-    value = ctypes.create_string_buffer(struct.pack("=II", ETHTOOL_GTSO, 0), 8)
-    ifreq = struct.pack("16sP16x", ifname.encode()[:15], ctypes.addressof(value))
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
-    except OSError:
-        return None
-    return bool(struct.unpack_from("=II", value.raw)[1])
 
 
 class TxRing:

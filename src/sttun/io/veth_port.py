@@ -40,10 +40,7 @@ header first; 0 when the socket buffer is full), ``set_mtu``, ``close(remove=)``
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
 import socket
-import struct
 import subprocess
 import zlib
 from collections.abc import Sequence
@@ -51,30 +48,9 @@ from pathlib import Path
 from typing import Any
 
 from sttun.errors import SetupError
+from sttun.io.ethtool import get_feature, set_feature
 from sttun.io.packet_socket import PacketSocket
 from sttun.io.tap import MTU_MAX, MTU_MIN, validate_ifname
-
-# <linux/sockios.h>, <linux/ethtool.h>: the single-feature ("legacy") commands.
-SIOCETHTOOL = 0x8946
-ETHTOOL_GTXCSUM = 0x16
-ETHTOOL_STXCSUM = 0x17
-ETHTOOL_GSG = 0x18
-ETHTOOL_SSG = 0x19
-ETHTOOL_GTSO = 0x1E
-ETHTOOL_STSO = 0x1F
-ETHTOOL_GGRO = 0x2B
-ETHTOOL_SGRO = 0x2C
-_ETHTOOL_VALUE = struct.Struct("=II")
-_IFREQ_PTR = struct.Struct("16sP8x")
-
-FEATURES: dict[str, tuple[int, int]] = {
-    # name (as ethtool -k shows it)   (get, set)
-    "tx-checksumming": (ETHTOOL_GTXCSUM, ETHTOOL_STXCSUM),
-    "scatter-gather": (ETHTOOL_GSG, ETHTOOL_SSG),
-    "tcp-segmentation-offload": (ETHTOOL_GTSO, ETHTOOL_STSO),
-    "generic-receive-offload": (ETHTOOL_GGRO, ETHTOOL_SGRO),
-}
-"""The device features a :class:`VethPort` reads and sets, by ethtool's names."""
 
 GRO_FLUSH_TIMEOUT_NS = 50_000
 """How long GRO on sttun's end holds a flow's segments for more (``gro_flush_timeout``).
@@ -100,37 +76,6 @@ def peer_name(name: str) -> str:
     if len(name) + len(PEER_SUFFIX) <= 15:
         return name + PEER_SUFFIX
     return f"s-{zlib.crc32(name.encode()):08x}"
-
-
-def _ethtool(ifname: str, cmd: int, value: int = 0) -> int:
-    buf = ctypes.create_string_buffer(_ETHTOOL_VALUE.pack(cmd, value), _ETHTOOL_VALUE.size)
-    req = _IFREQ_PTR.pack(ifname.encode(), ctypes.addressof(buf))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        fcntl.ioctl(s.fileno(), SIOCETHTOOL, req)
-    return int(_ETHTOOL_VALUE.unpack(buf.raw)[1])
-
-
-def get_feature(ifname: str, feature: str) -> bool:
-    """Whether ``feature`` (a key of :data:`FEATURES`) is on for ``ifname``."""
-    try:
-        return bool(_ethtool(ifname, FEATURES[feature][0]))
-    except OSError as e:
-        raise SetupError(f"{ifname}: cannot read {feature}: {e.strerror}") from e
-
-
-def set_feature(ifname: str, feature: str, on: bool) -> None:
-    """Turn ``feature`` (a key of :data:`FEATURES`) on or off for ``ifname``.
-
-    Raises :class:`SetupError` if the kernel refuses or the feature did not change
-    (a device may not support turning it on).
-    """
-    try:
-        _ethtool(ifname, FEATURES[feature][1], int(on))
-    except OSError as e:
-        state = "on" if on else "off"
-        raise SetupError(f"{ifname}: cannot set {feature} {state}: {e.strerror}") from e
-    if get_feature(ifname, feature) != on:
-        raise SetupError(f"{ifname}: {feature} stays {'off' if on else 'on'}")
 
 
 def set_gro_flush_timeout(ifname: str, nanoseconds: int) -> None:
