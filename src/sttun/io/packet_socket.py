@@ -42,13 +42,16 @@ from __future__ import annotations
 import select
 import socket
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from sttun.errors import SetupError
 from sttun.io.bpf import attach_filter, stt_filter
-from sttun.io.tx_ring import TxRing
 from sttun.wire.ether import ETH_HLEN, VLAN_HLEN
 from sttun.wire.stt import STT_PORT
 from sttun.wire.vnet import VNET_HDR_LEN
+
+if TYPE_CHECKING:
+    from sttun.io.tx_ring import TxRing
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -67,7 +70,9 @@ DEFAULT_SNDBUF = 4 * 1024 * 1024
 """Send buffer: room for ~60 queued 64 KB GSO frames."""
 
 
-def _set_buf(sock: socket.socket, force_opt: int, opt: int, size: int) -> None:
+def set_buffer(sock: socket.socket, force_opt: int, opt: int, size: int) -> None:
+    """Set a socket buffer size with ``force_opt`` (beyond ``[rw]mem_max``, as root),
+    or with ``opt`` where that is refused."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, force_opt, size)  # ignores rmem_max (root)
     except OSError:
@@ -129,11 +134,13 @@ class PacketSocket:
                 sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             if ignore_outgoing:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-            _set_buf(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf)
-            _set_buf(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf)
+            set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf)
+            set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf)
             sock.bind((ifname, protocol))
             sock.setblocking(False)
             if tx_ring:
+                from sttun.io.tx_ring import TxRing  # it builds on this module
+
                 try:
                     self.tx_ring = TxRing(ifname, sndbuf=sndbuf)
                 except OSError as e:

@@ -49,11 +49,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from sttun.io.packet_socket import PACKET_VNET_HDR, SO_SNDBUFFORCE, SOL_PACKET, set_buffer
 from sttun.wire.vnet import VNET_HDR_LEN
 
-SOL_PACKET = 263
-PACKET_VNET_HDR = 15
-SO_SNDBUFFORCE = 32
 PACKET_VERSION = 10
 PACKET_TX_RING = 13
 PACKET_LOSS = 14
@@ -113,10 +111,7 @@ class TxRing:
             sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
             sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)
             if sndbuf:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, sndbuf)
-                except OSError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+                set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf)
             req = _TPACKET_REQ.pack(BLOCK_SIZE, blocks, FRAME_SIZE, self.frames)
             sock.setsockopt(SOL_PACKET, PACKET_TX_RING, req)
             sock.bind((ifname, 0))
