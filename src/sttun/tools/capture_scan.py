@@ -470,9 +470,12 @@ def locate_segment(linktype: int, data: Buffer) -> tuple[int, Segment | DropReas
     """The IP header offset of a captured packet and :func:`parse_segment`'s verdict.
 
     None when the packet is not IPv4 or IPv6 (after the link layer and any VLAN
-    tags, :func:`sttun.io.pcap.l3_offset`).  The scan tries plain Ethernet + IPv4
-    at offset 14 itself first; this is everything else.
+    tags, :func:`sttun.io.pcap.l3_offset`).  Plain Ethernet + IPv4 is looked at
+    first, at offset 14; the scan's loop makes that case's call itself, inline, and
+    comes here for everything else.
     """
+    if linktype == LINKTYPE_ETHERNET and len(data) > 14 and data[12] == 8 and not data[13]:
+        return 14, parse_segment(data, 14)
     found = l3_offset(linktype, data)
     if found is None or found[0] not in (ETH_P_IP, ETH_P_IPV6):
         return None

@@ -184,12 +184,11 @@ def _verify(path: str, ports: frozenset[int], wfd: int) -> None:
     """The verifier process: check the file's STT segments, report the failed ones."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from sttun.core.outer import parse_segment, tcp_checksum_ok
+    from sttun.core.outer import tcp_checksum_ok
     from sttun.errors import CaptureError
-    from sttun.io.pcap import LINKTYPE_ETHERNET, CaptureReader
+    from sttun.io.pcap import CaptureReader
     from sttun.tools.capture_scan import locate_segment
 
-    eth = LINKTYPE_ETHERNET
     own = PERIOD - 1
     failed: list[int] = []
     record = 0
@@ -206,16 +205,8 @@ def _verify(path: str, ports: frozenset[int], wfd: int) -> None:
         try:
             for _ts, linktype, data, _orig in CaptureReader(f):
                 record += 1
-                if record & own:
-                    # the scan's fast path, then its classifier for everything else
-                    l3 = 14
-                    seg = parse_segment(data, 14) if linktype == eth else None
-                    if type(seg) is not tuple or data[12] != 8 or data[13]:
-                        found = locate_segment(linktype, data)
-                        if found is None:
-                            seg = None
-                        else:
-                            l3, seg = found
+                if record & own and (found := locate_segment(linktype, data)) is not None:
+                    l3, seg = found
                     if (
                         type(seg) is tuple
                         and seg[4] in ports
