@@ -375,6 +375,50 @@ class Encapsulator:
         self.segments += 1
         return [self._vnet_one, buf, frame]
 
+    def header_template(self) -> bytes:
+        """The outer headers :meth:`encap_gso` writes, with every per-frame field zero.
+
+        Outer Ethernet (:attr:`l2`, which must be set) + IP + TCP-like + STT header:
+        addresses, DF, protocol, destination port, data offset, TCP flags, window and
+        context id filled in; TOS, TTL, lengths, IPv4 ID and header checksum, source
+        port, SEQ, ACK (frame id), the TCP checksum and the STT flags/offset/MSS/TCI
+        zero.  The kernel transmit fast path fills those in per frame
+        (:mod:`sttun.io.ebpf.tx_program`), with :attr:`outer_tos_table` and
+        :attr:`outer_ttl_table`.
+        """
+        if len(self.l2) != ETH_HLEN:
+            raise EncodeError("header template: the outer Ethernet header is not known yet")
+        buf = bytearray(ETH_HLEN + self.ip_hlen + TCP_HEADER_LEN + STT_HEADER_LEN)
+        buf[:ETH_HLEN] = self.l2
+        if self.ipv6:
+            _SUPER6.pack_into(
+                buf, ETH_HLEN, 6 << 28, 0, IPPROTO_TCP, 0, self.local, self.remote, 0,
+                self.dst_port, 0, 0, TCP_DOFF_BYTE, TX_TCP_FLAGS, self.window, 0, 0,
+                STT_VERSION, 0, 0, 0, 0, 0, self.context_id, 0,
+            )  # fmt: skip
+        else:
+            _SUPER4.pack_into(
+                buf, ETH_HLEN, 0x45, 0, 0, 0, self._df_bits, 0, IPPROTO_TCP, 0, self.local,
+                self.remote, 0, self.dst_port, 0, 0, TCP_DOFF_BYTE, TX_TCP_FLAGS, self.window,
+                0, 0, STT_VERSION, 0, 0, 0, 0, 0, self.context_id, 0,
+            )  # fmt: skip
+        return bytes(buf)
+
+    @property
+    def outer_tos_table(self) -> bytes:
+        """The outer TOS byte for each inner TOS byte (256 entries)."""
+        return self._outer_tos
+
+    @property
+    def outer_ttl_table(self) -> bytes:
+        """The outer TTL for each inner TTL (256 entries; 0 means no inner IP header)."""
+        return self._outer_ttl
+
+    @property
+    def max_single_inner(self) -> int:
+        """The largest inner frame whose STT frame fits one outer segment."""
+        return self.segment_payload - STT_HEADER_LEN
+
     def encap(
         self, frame: Buffer, vnet: VnetHdr | None = None, *, gso: bool = True
     ) -> list[Packet]:

@@ -165,6 +165,7 @@ class DaemonConfig:
     firewall: bool = True
     fastpath: str = "auto"  # "auto" | "on" | "off": the kernel receive fast path
     tx_ring: str = "auto"  # "auto" | "on" | "off": underlay sends through a PACKET_TX_RING
+    tx_fastpath: str = "auto"  # "auto" | "on" | "off": the kernel transmit fast path
     reassembly_timeout: float = DEFAULT_TIMEOUT
     reassembly_high_water: int = DEFAULT_HIGH_WATER
     reassembly_low_water: int = DEFAULT_LOW_WATER

@@ -50,6 +50,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 FASTPATH_SETTINGS = ("auto", "on", "off")  # the kernel receive fast path (eBPF)
 TX_RING_SETTINGS = ("auto", "on", "off")  # underlay sends through a PACKET_TX_RING
+TX_FASTPATH_SETTINGS = ("auto", "on", "off")  # the kernel transmit fast path (eBPF)
 DEFAULT_INSTANCE = "sttun"
 RUN_DIR = "/run/sttun"
 
@@ -465,6 +466,11 @@ CONFIG_KEYS: tuple[ConfigKey, ...] = (
        help="send GSO frames on the underlay through a PACKET_TX_RING (they reach a GRO "
        "receiver whole after software GSO): auto = on underlays without TSO, on = on "
        "every underlay or refuse to start, off = sendmsg (default: auto)"),
+    _d("tx_fastpath", choice(TX_FASTPATH_SETTINGS), "--tx-fastpath",
+       choices=TX_FASTPATH_SETTINGS,
+       help="kernel transmit fast path (eBPF at each TAP's tc egress encapsulates "
+       "frames that need no GSO: ACKs, pings, small packets): auto = use it when it "
+       "loads, on = refuse to start without it, off = never (default: auto)"),
     _d("ovsdb", ovsdb_remote, "--ovsdb", metavar="REMOTE",
        help="serve Open vSwitch's type=stt interfaces of this OVSDB "
        "(e.g. unix:/var/run/openvswitch/db.sock)"),

@@ -56,6 +56,7 @@ from sttun.daemon.config import (
 )
 from sttun.daemon.datapath import Datapath, TunnelRuntime, Underlay, UnderlayPort
 from sttun.daemon.fastpath import FastPaths
+from sttun.daemon.tx_fastpath import TxFastPaths
 from sttun.daemon.logsetup import setup_logging, tunnel_logger
 from sttun.errors import ConfigError, SetupError, SttError
 from sttun.io import netlink
@@ -63,6 +64,7 @@ from sttun.io.ethtool import tso_enabled
 from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import PacketSocket
 from sttun.io.rx_fastpath import FastPathTunnel
+from sttun.io.tx_fastpath import TxTunnel
 from sttun.io.tap import TapDevice
 from sttun.io.veth_port import VethPort
 from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
@@ -93,6 +95,7 @@ class Daemon:
         self.underlays: dict[str, Underlay] = {}
         self.datapath = Datapath(self.core, self._runtime_of, log=log)
         self.fastpaths = FastPaths(config.fastpath, log)
+        self.tx_fastpath = TxFastPaths(config.tx_fastpath, log)
         #: ``[daemon] tx_ring`` as started with (a reload changes it at the next start).
         self.tx_ring_setting = config.tx_ring
         self.epoll = select.epoll()
@@ -119,6 +122,7 @@ class Daemon:
             ControlServer.check_existing(self.config.control_socket)
             self._install_firewall()
             self.fastpaths.check()
+            self.tx_fastpath.check()
             for cfg in self.config.tunnels:
                 self._add_tunnel(cfg)
             self._start_control()
@@ -247,6 +251,7 @@ class Daemon:
         else:
             self._refresh_l2(rt)
             rt.state = "up"
+        self._sync_tx_fastpath()
         tlog.info(
             "tunnel up: dev %s, %s -> %s via %s, key %s, underlay MTU %d, offload %s",
             cfg.dev,
@@ -261,6 +266,7 @@ class Daemon:
     def _remove_tunnel(self, name: str, keep_tap: bool = False) -> Device:
         rt = self.tunnels.pop(name)
         self._sync_fastpath()  # before the TAP goes: the program stops redirecting to it
+        self._sync_tx_fastpath()  # and the transmit program leaves the TAP
         self._unregister(rt.tap.fileno())
         if rt.underlay is not None:
             rt.underlay.tunnels.remove(rt)
@@ -290,6 +296,7 @@ class Daemon:
                 rt.log.info("next hop %s resolved (%s)", rt.nexthop, mac)
             encap.l2 = l2
         self.datapath.flush_pending(rt)
+        self._sync_tx_fastpath()
 
     def _start_control(self) -> None:
         from sttun.daemon.control import ControlServer
@@ -439,6 +446,7 @@ class Daemon:
             rt.blocked = DropReason.TX_NO_ROUTE
             rt.state = "down"
             encap.l2 = b""
+            self._sync_tx_fastpath()
             return
         if rt.blocked is DropReason.TX_NO_ROUTE:
             if rt.log:
@@ -467,6 +475,7 @@ class Daemon:
             encap.underlay_mtu = route.mtu
         self._refresh_l2(rt)
         rt.state = "up" if encap.l2 else "down"
+        self._sync_tx_fastpath()
 
     def _block_small_mtu(self, rt: TunnelRuntime, mtu: int) -> None:
         """The route's MTU is too small for STT: the tunnel is down (its frames are
@@ -481,11 +490,13 @@ class Daemon:
         rt.blocked = DropReason.TX_UNDERLAY_MTU
         rt.state = "down"
         rt.pending.clear()
+        self._sync_tx_fastpath()
 
     def _housekeeping(self) -> None:
         for rt in self.tunnels.values():
             if not rt.tunnel.encapsulator.l2 or rt.blocked is not None:
                 self._refresh_route(rt)
+        self._sync_tx_fastpath()  # also follows link state the data path changed
         if self.ovs is not None:
             self.ovs.housekeeping()
         if self.snapshot is not None:
@@ -599,6 +610,51 @@ class Daemon:
             self.fastpaths.close()
             log.info("fast path detached")
 
+    def _tx_tunnel(self, rt: TunnelRuntime, tap_ifindex: int) -> TxTunnel | None:
+        """The transmit program's entry for a tunnel that can send now, else None (its
+        frames then go to Python, which queues, resolves and counts drops)."""
+        encap = rt.tunnel.encapsulator
+        u = rt.underlay
+        if (
+            not rt.config.offload
+            or rt.blocked is not None
+            or rt.state != "up"
+            or not encap.l2
+            or u is None
+        ):
+            return None
+        return TxTunnel(
+            rt.config.name,
+            tap_ifindex,
+            u.ifindex,
+            encap.header_template(),
+            encap.outer_tos_table,
+            encap.outer_ttl_table,
+            encap.max_single_inner,
+            encap.ipv6,
+            encap.fixed_sport,
+        )
+
+    def _sync_tx_fastpath(self) -> None:
+        """Attach the transmit program to every tunnel TAP and write the entries of the
+        tunnels that can send (cheap when nothing changed: entries are compared)."""
+        if self.tx_fastpath.program is None:
+            return
+        taps: dict[int, str] = {}
+        wanted: dict[int, TxTunnel] = {}
+        for name, rt in self.tunnels.items():
+            if not isinstance(rt.tap, TapDevice):
+                continue  # a veth port (OVS, port_offload = false): Python sends
+            try:
+                ifindex = rt.tap.ifindex
+            except OSError:
+                continue
+            taps[ifindex] = name
+            entry = self._tx_tunnel(rt, ifindex)
+            if entry is not None:
+                wanted[ifindex] = entry
+        self.tx_fastpath.sync(taps, wanted)
+
     def _fastpath_show(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the programs' counters by interface, the per-tunnel fast-path totals)."""
         counters = self.fastpaths.counters()
@@ -626,12 +682,16 @@ class Daemon:
         core = self.core.stats()
         reasm = core["reassembly"]
         fp_counters, fp_tunnels = self._fastpath_show()
+        tx_counters = self.tx_fastpath.counters()
+        tx_fast_tunnels = tx_counters.get("tunnels") or {}
         tunnels = []
         for name, rt in self.tunnels.items():
             t = core["tunnels"].get(name, {})
             cfg = rt.config
             rx_python = t.get("rx") or {"frames": 0, "bytes": 0, "segments": 0}
             rx_fast = fp_tunnels.get(name, {"frames": 0, "bytes": 0})
+            tx_python = t.get("tx") or {"frames": 0, "bytes": 0, "segments": 0}
+            tx_fast = tx_fast_tunnels.get(name, {"frames": 0, "bytes": 0})
             tunnels.append(
                 {
                     "name": name,
@@ -645,8 +705,10 @@ class Daemon:
                     "offload": cfg.offload,
                     "underlay": rt.underlay.ifname if rt.underlay else None,
                     "underlay_mtu": rt.tunnel.encapsulator.underlay_mtu,
-                    "tx": t.get("tx"),
-                    "rx": _rx_total(rx_python, rx_fast),
+                    "tx": _path_total(tx_python, tx_fast),
+                    "tx_python": tx_python,
+                    "tx_fastpath": tx_fast,
+                    "rx": _path_total(rx_python, rx_fast),
                     "rx_python": rx_python,
                     "rx_fastpath": rx_fast,
                     "drops": t.get("drops", {}),
@@ -676,6 +738,7 @@ class Daemon:
                 "unsupported": self.fastpaths.unsupported,
             },
             "underlays": self._underlays_show(fp_counters),
+            "tx_fastpath": self.tx_fastpath.status(tx_counters),
         }
         if self.ovs is not None:
             self.ovs.annotate(data)
@@ -704,6 +767,7 @@ class Daemon:
                 self.ovs.close()
             self.ovs = None
         self._detach_fastpaths()
+        self.tx_fastpath.close()
         for name in list(self.tunnels):
             with contextlib.suppress(Exception):
                 self._remove_tunnel(name)
@@ -743,9 +807,9 @@ def _socket(port: UnderlayPort) -> PacketSocket:
     return cast(PacketSocket, port)
 
 
-def _rx_total(python: dict[str, int], fast: dict[str, int]) -> dict[str, int]:
-    """A tunnel's receive totals over both paths.  A fast-path frame is one packet on
-    the underlay (a GSO skb or one segment), so it counts as one segment."""
+def _path_total(python: dict[str, int], fast: dict[str, int]) -> dict[str, int]:
+    """A tunnel's receive (or send) totals over both paths.  A fast-path frame is one
+    packet on the underlay (a GSO skb or one segment), so it counts as one segment."""
     return {
         "frames": python.get("frames", 0) + fast.get("frames", 0),
         "bytes": python.get("bytes", 0) + fast.get("bytes", 0),

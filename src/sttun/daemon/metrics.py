@@ -25,6 +25,10 @@ context id as :func:`~sttun.core.keys.format_key` writes it, ``0x1234``, or
     sttun_fastpath_attached{underlay}                  1 if the fast path runs there
     sttun_fastpath_passed_{packets,bytes}_total{underlay,reason}  left to Python, by reason
     sttun_fastpath_errors_total{underlay}              dropped by the program mid-change
+    sttun_tx_fastpath_{frames,bytes}_total{tunnel,key} counter, sent by the transmit program
+    sttun_tx_fastpath_attached                         TAPs the transmit program runs on
+    sttun_tx_fastpath_passed_{packets,bytes}_total{reason}  left to Python, by reason
+    sttun_tx_fastpath_errors_total                     dropped by it mid-change
 
 ``sttun_tunnel_rx_*`` count both receive paths; the Python path's share is
 ``sttun_tunnel_rx_frames_total - sttun_fastpath_frames_total``.
@@ -104,6 +108,8 @@ class TunnelStats(TypedDict):
     state: str
     offload: bool
     tx: TrafficStats
+    tx_python: NotRequired[TrafficStats]
+    tx_fastpath: NotRequired[FastPathTraffic]
     rx: TrafficStats
     rx_python: TrafficStats
     rx_fastpath: FastPathTraffic
@@ -164,6 +170,22 @@ class FastPathSetting(TypedDict):
     unsupported: str | None
 
 
+class TxFastPathStatus(TypedDict):
+    """The transmit fast path: ``setting``; ``state`` ``"on"``/``"off"`` and why off;
+    the program, how many TAPs it is attached to, TAPs it could not attach to (by
+    tunnel, why), and what it left to Python by reason (``gso``, ``no_tunnel``,
+    ``checksum``, ...) or dropped after changing it (``errors``)."""
+
+    setting: str
+    state: str
+    reason: str | None
+    program_id: int | None
+    taps: int
+    not_attached: dict[str, str]
+    passed: dict[str, PacketCount]
+    errors: PacketCount
+
+
 class ShowData(TypedDict):
     """What ``sttun show`` prints and the metrics export: a running endpoint's state.
 
@@ -180,6 +202,7 @@ class ShowData(TypedDict):
     reassembly: ReassemblyStats
     fastpath: FastPathSetting
     underlays: list[UnderlayStats]
+    tx_fastpath: NotRequired[TxFastPathStatus]
     ovsdb: NotRequired[OvsdbStats]
 
 
@@ -294,10 +317,19 @@ class SttunCollector:
             )
             for f in ("frames", "bytes")
         }
+        tx_fast = {
+            f: CounterMetricFamily(
+                f"sttun_tx_fastpath_{f}", f"inner {f} the kernel transmit fast path sent", labels=tl
+            )
+            for f in ("frames", "bytes")
+        }
         peers: set[str] = set()
         for t in data["tunnels"]:
             labels = [t["name"], format_key(t["in_key"], t["out_key"])]
             fp_traffic: Mapping[str, Any] = t.get("rx_fastpath") or {}
+            tx_traffic: Mapping[str, Any] = t.get("tx_fastpath") or {}
+            for f, tfam in tx_fast.items():
+                tfam.add_metric(labels, tx_traffic.get(f, 0))
             for f, ffam in fast.items():
                 ffam.add_metric(labels, fp_traffic.get(f, 0))
             states: tuple[str, ...] = TUNNEL_STATES
@@ -323,6 +355,7 @@ class SttunCollector:
         yield state
         yield from traffic.values()
         yield from fast.values()
+        yield from tx_fast.values()
         yield drops
         yield from reasm_g.values()
         yield from reasm_c.values()
@@ -339,6 +372,32 @@ class SttunCollector:
         for f, text in _REASM_COUNTERS:
             yield CounterMetricFamily(f"sttun_reassembly_{f}", text, value=greasm.get(f, 0))
         yield from _fastpath_underlay_metrics(data.get("underlays") or [])
+        yield from _tx_fastpath_metrics(data.get("tx_fastpath") or {})
+
+
+def _tx_fastpath_metrics(tx: Mapping[str, Any]) -> Iterator[Metric]:
+    """Whether the transmit fast path runs, what it left to Python, its errors."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield GaugeMetricFamily(
+        "sttun_tx_fastpath_attached",
+        "number of tunnel TAPs the kernel transmit fast path runs on",
+        value=tx.get("taps", 0) if tx.get("state") == "on" else 0,
+    )
+    for f in ("packets", "bytes"):
+        fam = CounterMetricFamily(
+            f"sttun_tx_fastpath_passed_{f}",
+            f"{f} the transmit fast path left to the Python path, by reason",
+            labels=["reason"],
+        )
+        for reason, counts in sorted((tx.get("passed") or {}).items()):
+            fam.add_metric([reason], counts.get(f, 0))
+        yield fam
+    yield CounterMetricFamily(
+        "sttun_tx_fastpath_errors",
+        "frames the transmit fast path dropped after changing them (a helper failed)",
+        value=(tx.get("errors") or {}).get("packets", 0),
+    )
 
 
 def _fastpath_underlay_metrics(underlays: list[Any]) -> Iterator[Metric]:

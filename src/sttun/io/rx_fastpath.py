@@ -175,11 +175,11 @@ class RxFastPath:
             fds.append(prog_fd)
             attachment = _attach(prog_fd, ifindex, mode)
         except FastPathError:
-            _close_all(fds)
+            close_fds(fds)
             raise
         except OSError as e:
-            _close_all(fds)
-            raise FastPathError(f"fast path on {ifname}: {_why(e)}") from e
+            close_fds(fds)
+            raise FastPathError(f"fast path on {ifname}: {explain_oserror(e)}") from e
         fp = cls(ifname, ifindex, maps, prog_fd, attachment)
         log.info(
             "fast path attached to %s (%s, program id %d)", ifname, attachment.mode, fp.prog_id
@@ -198,7 +198,7 @@ class RxFastPath:
         self._attachment.detach()
         self._attachment = None
         m = self._maps
-        _close_all([self._prog_fd, m.tunnels, m.ports, m.reasons, m.tunnel_stats, m.scratch])
+        close_fds([self._prog_fd, m.tunnels, m.ports, m.reasons, m.tunnel_stats, m.scratch])
 
     def __enter__(self) -> RxFastPath:
         return self
@@ -339,13 +339,15 @@ def _attach(prog_fd: int, ifindex: int, mode: str) -> TcxLink | TcFilter:
     return attach_tc(prog_fd, ifindex)
 
 
-def _why(e: OSError) -> str:
+def explain_oserror(e: OSError) -> str:
+    """One line for the log: why a ``bpf()`` or attach call failed."""
     if e.errno in (1, 13):  # EPERM, EACCES
         return "not permitted (needs root: CAP_BPF and CAP_NET_ADMIN)"
     return e.strerror or str(e)
 
 
-def _close_all(fds: Iterable[int]) -> None:
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every descriptor, ignoring errors (clean-up after a failed set-up)."""
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -365,7 +367,7 @@ def fastpath_support() -> str | None:
     except bpf.VerifierError as e:
         return f"the verifier rejected the program: {e.summary}"
     except OSError as e:
-        return _why(e)
+        return explain_oserror(e)
     finally:
-        _close_all(fds)
+        close_fds(fds)
     return None

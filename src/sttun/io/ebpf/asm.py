@@ -183,6 +183,11 @@ class Asm:
         the rest of ``dst`` is cleared."""
         self.raw(BPF_ALU | BPF_END | BPF_TO_BE, dst.n, 0, 0, 16)
 
+    def be32(self, dst: Reg) -> None:
+        """Convert the low 32 bits between host (little-endian) and network order;
+        the rest of ``dst`` is cleared."""
+        self.raw(BPF_ALU | BPF_END | BPF_TO_BE, dst.n, 0, 0, 32)
+
     # -- memory -------------------------------------------------------------------------
     def ldx(self, size: str, dst: Reg, src: Reg, off: int) -> None:
         """``dst = *(size *)(src + off)`` (``size``: b, h, w, dw)."""

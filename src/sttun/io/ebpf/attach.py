@@ -1,6 +1,8 @@
-"""Attaching a tc program at an interface's ingress: a TCX link, or a clsact filter.
+"""Attaching a tc program at an interface's ingress or egress: a TCX link, or a
+clsact filter.
 
-* :func:`attach_tcx` (Linux >= 6.6): ``BPF_LINK_CREATE`` with ``BPF_TCX_INGRESS``.
+* :func:`attach_tcx` (Linux >= 6.6): ``BPF_LINK_CREATE`` with ``BPF_TCX_INGRESS``
+  (``BPF_TCX_EGRESS`` with ``egress=True``).
   The link is owned by its file descriptor: closing it, or the process dying, takes
   the program off the interface.
 * :func:`attach_tc` (older kernels): a clsact qdisc and a direct-action ``bpf``
@@ -15,14 +17,16 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 
-from sttun.io.ebpf.syscall import BPF_TCX_INGRESS, link_create, prog_query
+from sttun.io.ebpf.syscall import BPF_TCX_EGRESS, BPF_TCX_INGRESS, link_create, prog_query
 
 #: tc filter priority and handle of sttun's ingress filter (an arbitrary pair; one
 #: sttun program per interface).
 TC_PRIO = 0x5354  # "ST"
 TC_HANDLE = 1
 TC_NAME = "sttun_rx"
+TC_NAME_EGRESS = "sttun_tx"
 _INGRESS_PARENT = 0xFFFFFFF2  # TC_H_CLSACT:TC_H_MIN_INGRESS
+_EGRESS_PARENT = 0xFFFFFFF3  # TC_H_CLSACT:TC_H_MIN_EGRESS
 _ETH_P_ALL = 0x0003
 
 
@@ -43,9 +47,10 @@ class TcxLink:
 
 @dataclass
 class TcFilter:
-    """A program attached as a clsact ingress ``bpf`` filter."""
+    """A program attached as a clsact ingress (or egress) ``bpf`` filter."""
 
     ifindex: int
+    egress: bool = False
     mode: str = field(default="tc", init=False)
     attached: bool = True
 
@@ -62,19 +67,22 @@ class TcFilter:
                 "bpf",
                 self.ifindex,
                 TC_HANDLE,
-                parent=_INGRESS_PARENT,
+                parent=_EGRESS_PARENT if self.egress else _INGRESS_PARENT,
                 prio=TC_PRIO,
                 protocol=_ETH_P_ALL,
             )
 
 
-def attach_tcx(prog_fd: int, ifindex: int) -> TcxLink:
-    """Attach at ``ifindex``'s ingress with a TCX link (OSError if the kernel cannot)."""
-    return TcxLink(ifindex, link_create(prog_fd, ifindex, BPF_TCX_INGRESS))
+def attach_tcx(prog_fd: int, ifindex: int, *, egress: bool = False) -> TcxLink:
+    """Attach at ``ifindex``'s ingress (egress) with a TCX link (OSError if the kernel
+    cannot)."""
+    kind = BPF_TCX_EGRESS if egress else BPF_TCX_INGRESS
+    return TcxLink(ifindex, link_create(prog_fd, ifindex, kind))
 
 
-def attach_tc(prog_fd: int, ifindex: int) -> TcFilter:
-    """Attach as a direct-action clsact filter (replaces an earlier sttun filter).
+def attach_tc(prog_fd: int, ifindex: int, *, egress: bool = False) -> TcFilter:
+    """Attach as a direct-action clsact filter at the ingress (egress), replacing an
+    earlier sttun filter there.
 
     Raises OSError (or pyroute2's NetlinkError, an OSError) when tc refuses.
     """
@@ -93,19 +101,24 @@ def attach_tc(prog_fd: int, ifindex: int) -> TcFilter:
             ifindex,
             TC_HANDLE,
             fd=prog_fd,
-            name=TC_NAME,
-            parent=_INGRESS_PARENT,
+            name=TC_NAME_EGRESS if egress else TC_NAME,
+            parent=_EGRESS_PARENT if egress else _INGRESS_PARENT,
             prio=TC_PRIO,
             protocol=_ETH_P_ALL,
             classid=1,
             direct_action=True,
         )
-    return TcFilter(ifindex)
+    return TcFilter(ifindex, egress)
 
 
 def tcx_ingress_programs(ifindex: int) -> list[int]:
     """IDs of the programs attached to ``ifindex``'s TCX ingress (empty if none)."""
     return prog_query(ifindex, BPF_TCX_INGRESS)
+
+
+def tcx_egress_programs(ifindex: int) -> list[int]:
+    """IDs of the programs attached to ``ifindex``'s TCX egress (empty if none)."""
+    return prog_query(ifindex, BPF_TCX_EGRESS)
 
 
 def tc_ingress_filter_names(ifindex: int) -> list[str]:

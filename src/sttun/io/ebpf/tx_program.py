@@ -1,0 +1,704 @@
+"""The tc egress program of the transmit fast path, generated as eBPF bytecode.
+
+Attached at the egress of every tunnel TAP (TCX or clsact): the overlay stack's
+frames pass through it on their way to sttun's TAP reader.  A frame that fits one
+outer segment and needs no offload STT would have to describe (no GSO) is
+encapsulated here, in the kernel, exactly as the Python send path would build it
+(:meth:`sttun.core.encap.Encapsulator.encap_gso`), and redirected to the underlay
+interface's egress (``bpf_redirect(ifindex, 0)``).  That takes the ACKs of a bulk
+transfer, pings, and small request/response traffic past user space in both
+directions.  Everything else goes on to the TAP (``TC_ACT_UNSPEC``) and Python, which
+keeps every send-side rule, resolution and drop count; the program counts why it
+passed a frame on (:class:`TxPassReason`).
+
+What the program takes (anything else is passed on):
+
+* a TAP with an entry in the tunnel map (the daemon writes one while the tunnel is
+  up with its next hop resolved and offloads on, and deletes it otherwise);
+* no GSO (``gso_size`` 0), no VLAN tag in the skb, ``skb->protocol`` the outer
+  family's (IPv4 inner over an IPv4 underlay, IPv6 over IPv6), and an inner frame
+  of at most :data:`TX_MAX_INNER` bytes whose outer packet fits the underlay MTU;
+* inner IPv4 (not a fragment, length exactly the frame) carrying TCP, UDP or ICMP,
+  or IPv6 whose next header is directly TCP, UDP or ICMPv6;
+* an inner L4 checksum that is either complete (it verifies; UDP over IPv4 may
+  carry 0) or, for TCP and UDP, the pseudo-header sum Linux leaves in the field of a
+  ``CHECKSUM_PARTIAL`` skb.  Anything else (a bad checksum, another seed
+  convention) goes to Python, which knows the skb's checksum state from the vnet
+  header.
+
+The checksum state cannot be changed from tc (no helper moves ``csum_start``), so
+the outer TCP checksum is computed as if the inner checksum were final: for a
+partial inner the program computes the final value ``F`` in its scratch copy only.
+The skb keeps ``CHECKSUM_PARTIAL`` at the inner L4 header; a NIC or
+``skb_checksum_help`` writes ``F`` and every byte on the wire is consistent (STT
+flags 0: the inner checksum is complete).  Over veth nobody writes it: the peer gets
+a ``CHECKSUM_PARTIAL`` skb whose inner field still holds the seed, which the
+receive program and the Python receive path complete (docs/architecture.md,
+"Transmit fast path").
+
+The outer headers come from a per-tunnel template the daemon writes from the
+tunnel's :class:`~sttun.core.encap.Encapsulator` (outer Ethernet, addresses, DF,
+port, window, TCP flags, context id), with its outer TOS and TTL tables; per frame
+the program fills in TOS, TTL, lengths, the IPv4 ID, the source port (the same
+CRC-32 flow hash as :func:`~sttun.core.encap.flow_source_port`), SEQ (frame length,
+offset 0), the frame id (ACK) and the checksums.  Frame ids have the top bit set
+(``0x80000000 | cpu << 24 | per-CPU counter``); Python's never do, so the two
+senders of one tunnel never repeat each other's ids.
+
+Helper numbers, ``__sk_buff`` offsets and flag values are from
+``include/uapi/linux/bpf.h``.
+"""
+
+from __future__ import annotations
+
+import enum
+import zlib
+from dataclasses import dataclass
+
+from sttun.io.ebpf.asm import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm, Reg
+
+# Helpers (enum bpf_func_id).
+MAP_LOOKUP_ELEM = 1
+GET_SMP_PROCESSOR_ID = 8
+SKB_STORE_BYTES = 9
+REDIRECT = 23
+SKB_LOAD_BYTES = 26
+SKB_ADJUST_ROOM = 50
+CSUM_LEVEL = 135
+BPF_ADJ_ROOM_MAC = 1
+CSUM_LEVEL_QUERY = 0
+TC_ACT_UNSPEC = -1
+TC_ACT_SHOT = 2
+# struct __sk_buff offsets.
+SKB_LEN = 0
+SKB_PROTOCOL = 16
+SKB_VLAN_PRESENT = 20
+SKB_IFINDEX = 40
+SKB_GSO_SIZE = 176
+
+#: Largest inner frame the program encapsulates (an inner MTU of ~2000 bytes);
+#: longer frames (jumbo underlays) go through Python.
+TX_MAX_INNER = 2048
+#: Outer headers before the inner frame: Ethernet + IP + TCP-like + STT.
+HDR_V4 = 14 + 20 + 20 + 18
+HDR_V6 = 14 + 40 + 20 + 18
+#: Scratch buffer per CPU: the outer packet is assembled at offset 0 (headers, then
+#: a copy of the inner frame), 8 zero bytes after it for the summing loop, then the
+#: CPU's frame counter (u64) at :data:`SCRATCH_COUNTER`.
+SCRATCH_COUNTER = HDR_V6 + TX_MAX_INNER + 8
+SCRATCH_SIZE = SCRATCH_COUNTER + 8
+
+#: The tunnel map: TAP ifindex (u32) -> this value.
+TX_KEY_SIZE = 4
+TPL_SIZE = 96  # the header template, HDR_V4 or HDR_V6 bytes used
+VAL_IFINDEX = 96  # u32 underlay interface
+VAL_SLOT = 100  # u32 counter slot
+VAL_MAX_INNER = 104  # u32 largest inner frame whose outer packet fits the MTU
+VAL_FLAGS = 108  # u32 TX_FLAG_*
+VAL_SPORT = 112  # u16 fixed source port (host order), with TX_FLAG_FIXED_SPORT
+VAL_TOS = 120  # u8[256] outer TOS byte by inner TOS byte
+VAL_TTL = 376  # u8[256] outer TTL by inner TTL
+TX_VALUE_SIZE = 632
+TX_FLAG_FIXED_SPORT = 1
+TX_FLAG_IPV6 = 2
+COUNTER_VALUE_SIZE = 16  # packets u64, bytes u64 (per CPU)
+CRC_TABLE_SIZE = 1024
+
+_SPORT_BASE = 0x8000
+_SPORT_MASK = 0x7FFF
+_FRAME_ID_TOP = 0x80000000
+
+# skb->protocol as the program reads it (a __be16 loaded little-endian).
+_ETH_P_IP_RAW = 0x0008
+_ETH_P_IPV6_RAW = 0xDD86
+
+# Stack slots (offsets from the frame pointer).
+_S_KEY = -8
+_S_L4OFF = -16
+_S_L4LEN = -24
+_S_CSUMOFF = -32
+_S_PROTO = -40
+_S_ITOS = -48
+_S_ITTL = -56
+_S_SPORT = -64
+_S_STATKEY = -72
+_S_FIELD = -80
+_S_PSEUDO = -88
+_S_CRCTBL = -96
+_S_ZERO = -104
+_STACK_LOW = _S_ZERO
+
+
+class TxPassReason(enum.IntEnum):
+    """Why the transmit program left a frame to Python (index of the per-CPU counter)."""
+
+    NO_TUNNEL = 0  # the TAP has no entry: tunnel down, next hop unresolved, offload off
+    GSO = 1  # a GSO frame (Python sends it as one STT frame the kernel segments)
+    NOT_IP = 2  # not IP of the underlay's family (ARP, VLAN, the other family)
+    TOO_BIG = 3  # the outer packet would not fit one segment, or > TX_MAX_INNER
+    L4 = 4  # not TCP/UDP/ICMP, a fragment, extension headers, lengths that disagree
+    CHECKSUM = 5  # the inner checksum is neither complete nor a Linux partial seed
+    ERROR = 6  # a helper failed after the frame was changed: dropped (TC_ACT_SHOT)
+
+
+@dataclass(frozen=True)
+class TxMapFds:
+    """File descriptors of the transmit program's maps."""
+
+    tunnels: int  # HASH TAP ifindex -> TX value
+    reasons: int  # PERCPU_ARRAY TxPassReason -> counter
+    tunnel_stats: int  # PERCPU_ARRAY counter slot -> counter
+    scratch: int  # PERCPU_ARRAY [0] -> SCRATCH_SIZE bytes
+    crc_table: int  # ARRAY [0] -> the CRC-32 table (256 x u32)
+
+
+def crc_table_bytes() -> bytes:
+    """zlib's CRC-32 table (reflected polynomial 0xEDB88320) as 256 little-endian u32."""
+    out = bytearray()
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0xEDB88320 if c & 1 else c >> 1
+        out += c.to_bytes(4, "little")
+    # the table must give zlib's answer (checked once, cheaply)
+    assert _crc_with(bytes(out), b"sttun") == zlib.crc32(b"sttun")
+    return bytes(out)
+
+
+def _crc_with(table: bytes, data: bytes) -> int:
+    c = 0xFFFFFFFF
+    for b in data:
+        i = (c ^ b) & 0xFF
+        c = int.from_bytes(table[4 * i : 4 * i + 4], "little") ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class _Family:
+    version: int
+    ip_len: int
+
+    @property
+    def hdr(self) -> int:
+        return 14 + self.ip_len + 20 + 18
+
+    @property
+    def tcp(self) -> int:
+        return 14 + self.ip_len
+
+    @property
+    def stt(self) -> int:
+        return self.tcp + 20
+
+
+_V4 = _Family(4, 20)
+_V6 = _Family(6, 40)
+
+
+def build(maps: TxMapFds, *, invalid: bool = False) -> bytes:
+    """The program's bytecode for these maps (``invalid``: one the verifier refuses)."""
+    a = Asm()
+    if invalid:
+        a.exit()  # R0 never written
+        return a.assemble()
+    _Builder(a, maps).emit()
+    return a.assemble()
+
+
+class _Builder:
+    def __init__(self, a: Asm, maps: TxMapFds) -> None:
+        self.a = a
+        self.maps = maps
+
+    def lookup(self, fd: int, key_slot: int) -> None:
+        """R0 = map_lookup_elem(fd, fp + key_slot)."""
+        a = self.a
+        a.ld_map_fd(R1, fd)
+        a.mov(R2, FP)
+        a.add(R2, key_slot)
+        a.call(MAP_LOOKUP_ELEM)
+
+    def fold(self, reg: Reg, tmp: Reg) -> None:
+        """Fold a (64-bit) one's complement sum in ``reg`` to 16 bits."""
+        a = self.a
+        a.mov(tmp, reg)
+        a.rsh(tmp, 32)
+        a.alu32("mov", reg, reg)
+        a.add(reg, tmp)
+        for _ in range(3):
+            a.mov(tmp, reg)
+            a.rsh(tmp, 16)
+            a.and_(reg, 0xFFFF)
+            a.add(reg, tmp)
+
+    def sum_range(self, end_max: int) -> None:
+        """R2 = sum of the 16-bit lanes of scratch[R1, R1 + roundup(R3, 8)) (64-bit,
+        not folded); the caller has zeroed the bytes past the data.  Clobbers R1-R5.
+        ``end_max`` bounds R1 + R3 for the verifier (checked, else "internal")."""
+        a = self.a
+        loop = a.fresh("sum_loop")
+        done = a.fresh("sum_done")
+        a.add(R3, 7)
+        a.and_(R3, -8)
+        a.add(R3, R1)
+        a.jgt(R3, end_max, "internal")
+        a.mov(R2, 0)
+        a.label(loop)
+        a.jge(R1, R3, done)
+        a.mov(R4, R9)
+        a.add(R4, R1)
+        a.ldx("dw", R5, R4, 0)
+        a.mov(R4, R5)
+        a.rsh(R4, 32)
+        a.add(R2, R4)
+        a.alu32("mov", R5, R5)
+        a.add(R2, R5)
+        a.add(R1, 8)
+        a.ja(loop)
+        a.label(done)
+
+    def crc_range(self, end_max: int) -> None:
+        """Run the CRC-32 state in R2 over scratch[R1, R3) (table pointer in R0).
+        Clobbers R1, R4, R5."""
+        a = self.a
+        loop = a.fresh("crc_loop")
+        done = a.fresh("crc_done")
+        a.jgt(R3, end_max, "internal")
+        a.label(loop)
+        a.jge(R1, R3, done)
+        a.mov(R4, R9)
+        a.add(R4, R1)
+        a.ldx("b", R5, R4, 0)
+        a.xor(R5, R2)
+        a.and_(R5, 0xFF)
+        a.lsh(R5, 2)
+        a.mov(R4, R0)
+        a.add(R4, R5)
+        a.ldx("w", R4, R4, 0)
+        a.alu32("rsh", R2, 8)
+        a.alu32("xor", R2, R4)
+        a.add(R1, 1)
+        a.ja(loop)
+        a.label(done)
+
+    # -- the program ------------------------------------------------------------------
+    def emit(self) -> None:
+        a = self.a
+        a.mov(R6, R1)
+        for off in range(_STACK_LOW, 0, 8):
+            a.st("dw", FP, off, 0)
+        a.ldx("w", R1, R6, SKB_GSO_SIZE)
+        a.jne(R1, 0, "gso")
+        a.ldx("w", R1, R6, SKB_IFINDEX)
+        a.stx("w", FP, _S_KEY, R1)
+        self.lookup(self.maps.tunnels, _S_KEY)
+        a.jeq(R0, 0, "no_tunnel")
+        a.mov(R7, R0)
+        a.ldx("w", R1, R6, SKB_VLAN_PRESENT)
+        a.jne(R1, 0, "not_ip")
+        self.lookup(self.maps.scratch, _S_ZERO)
+        a.jeq(R0, 0, "not_ip")
+        a.mov(R9, R0)
+        a.ldx("w", R8, R6, SKB_LEN)
+        a.ldx("w", R2, R7, VAL_MAX_INNER)
+        a.jgt(R8, R2, "too_big")
+        a.jgt(R8, TX_MAX_INNER, "too_big")
+        a.ldx("w", R1, R7, VAL_FLAGS)
+        a.ldx("w", R2, R6, SKB_PROTOCOL)
+        v6 = a.fresh("tunnel_v6")
+        a.jset(R1, TX_FLAG_IPV6, v6)
+        a.jne(R2, _ETH_P_IP_RAW, "not_ip")
+        self.family(_V4)
+        a.label(v6)
+        a.jne(R2, _ETH_P_IPV6_RAW, "not_ip")
+        self.family(_V6)
+        self.exits()
+
+    def family(self, f: _Family) -> None:
+        a = self.a
+        h = f.hdr
+        v4 = f.version == 4
+        ip = h + 14  # the inner IP header in the scratch buffer
+        a.jlt(R8, 14 + f.ip_len + 8, "l4")
+        # -- the inner frame into the scratch buffer, 8 zero bytes after it ----------
+        a.mov(R1, R6)
+        a.mov(R2, 0)
+        a.mov(R3, R9)
+        a.add(R3, h)
+        a.mov(R4, R8)
+        a.call(SKB_LOAD_BYTES)
+        a.jne(R0, 0, "not_ip")
+        a.mov(R1, R9)
+        a.add(R1, R8)
+        a.st("dw", R1, h, 0)
+        # -- inner IP header: L4 offset, protocol, TOS, TTL, the pseudo-header sum -----
+        if v4:
+            a.ldx("b", R1, R9, ip)
+            a.mov(R2, R1)
+            a.rsh(R2, 4)
+            a.jne(R2, 4, "l4")
+            a.and_(R1, 0x0F)
+            a.lsh(R1, 2)
+            a.jlt(R1, 20, "l4")
+            a.add(R1, 14)
+            a.stx("dw", FP, _S_L4OFF, R1)
+            a.ldx("h", R2, R9, ip + 6)
+            a.and_(R2, 0xFF3F)  # MF | fragment offset
+            a.jne(R2, 0, "l4")
+            a.ldx("h", R2, R9, ip + 2)
+            a.be16(R2)
+            a.add(R2, 14)
+            a.jne(R2, R8, "l4")  # the frame is exactly the IP packet
+            a.ldx("b", R2, R9, ip + 1)
+            a.stx("dw", FP, _S_ITOS, R2)
+            a.ldx("b", R2, R9, ip + 8)
+            a.stx("dw", FP, _S_ITTL, R2)
+            a.ldx("b", R2, R9, ip + 9)
+            a.stx("dw", FP, _S_PROTO, R2)
+            addrs = range(ip + 12, ip + 20, 2)
+        else:
+            a.ldx("b", R1, R9, ip)
+            a.rsh(R1, 4)
+            a.jne(R1, 6, "l4")
+            a.mov(R1, 14 + 40)
+            a.stx("dw", FP, _S_L4OFF, R1)
+            a.ldx("h", R2, R9, ip + 4)
+            a.be16(R2)
+            a.add(R2, 14 + 40)
+            a.jne(R2, R8, "l4")
+            a.ldx("b", R2, R9, ip)
+            a.and_(R2, 0x0F)
+            a.lsh(R2, 4)
+            a.ldx("b", R3, R9, ip + 1)
+            a.rsh(R3, 4)
+            a.or_(R2, R3)
+            a.stx("dw", FP, _S_ITOS, R2)
+            a.ldx("b", R2, R9, ip + 7)
+            a.stx("dw", FP, _S_ITTL, R2)
+            a.ldx("b", R2, R9, ip + 6)
+            a.stx("dw", FP, _S_PROTO, R2)
+            addrs = range(ip + 8, ip + 40, 2)
+        # L4 length; the checksum field's offset by protocol
+        a.mov(R3, R8)
+        a.sub(R3, R1)
+        a.stx("dw", FP, _S_L4LEN, R3)
+        tcp = a.fresh("p_tcp")
+        udp = a.fresh("p_udp")
+        icmp = a.fresh("p_icmp")
+        known = a.fresh("p_known")
+        a.ldx("dw", R2, FP, _S_PROTO)
+        a.jeq(R2, 6, tcp)
+        a.jeq(R2, 17, udp)
+        a.jeq(R2, 1 if v4 else 58, icmp)
+        a.ja("l4")
+        a.label(tcp)
+        a.jlt(R3, 20, "l4")
+        a.mov(R4, 16)
+        a.ja(known)
+        a.label(udp)
+        a.jlt(R3, 8, "l4")
+        a.mov(R4, 6)
+        a.ja(known)
+        a.label(icmp)
+        a.jlt(R3, 8, "l4")
+        a.mov(R4, 2)
+        a.label(known)
+        a.stx("dw", FP, _S_CSUMOFF, R4)
+        # the field as it is, and the pseudo-header sum (LE lanes, like the loads)
+        a.ldx("dw", R1, FP, _S_L4OFF)
+        a.jgt(R1, 14 + 60, "internal")
+        a.add(R1, R4)
+        a.add(R1, R9)
+        a.ldx("h", R5, R1, h)
+        a.stx("dw", FP, _S_FIELD, R5)
+        a.mov(R1, 0)
+        if v4:
+            nopseudo = a.fresh("no_pseudo")
+            a.ldx("dw", R2, FP, _S_PROTO)
+            a.jeq(R2, 1, nopseudo)  # ICMP sums no pseudo header
+        for off in addrs:
+            a.ldx("h", R2, R9, off)
+            a.add(R1, R2)
+        a.ldx("dw", R2, FP, _S_PROTO)
+        a.lsh(R2, 8)
+        a.add(R1, R2)
+        a.ldx("dw", R2, FP, _S_L4LEN)
+        a.be16(R2)
+        a.add(R1, R2)
+        self.fold(R1, R2)
+        if v4:
+            a.label(nopseudo)
+        a.stx("dw", FP, _S_PSEUDO, R1)
+        # -- the inner checksum: complete, or a partial seed to finish ----------------
+        a.ldx("dw", R1, FP, _S_L4OFF)
+        a.add(R1, h)
+        a.ldx("dw", R3, FP, _S_L4LEN)
+        self.sum_range(h + TX_MAX_INNER)
+        a.mov(R3, R2)  # S: the L4 segment as it is (field included)
+        a.ldx("dw", R1, FP, _S_PSEUDO)
+        a.add(R2, R1)
+        self.fold(R2, R4)
+        complete = a.fresh("complete")
+        a.jeq(R2, 0xFFFF, complete)
+        if v4:
+            not_udp0 = a.fresh("not_udp0")
+            a.ldx("dw", R1, FP, _S_PROTO)
+            a.jne(R1, 17, not_udp0)
+            a.ldx("dw", R1, FP, _S_FIELD)
+            a.jeq(R1, 0, complete)  # UDP over IPv4 without a checksum
+            a.label(not_udp0)
+        # not complete: only a TCP/UDP field holding the pseudo-header sum will do
+        seeded = a.fresh("seeded")
+        a.ldx("dw", R1, FP, _S_PROTO)
+        a.jeq(R1, 6, seeded)
+        a.jeq(R1, 17, seeded)
+        a.ja("checksum")
+        a.label(seeded)
+        a.ldx("dw", R1, FP, _S_FIELD)
+        a.ldx("dw", R2, FP, _S_PSEUDO)
+        a.jne(R1, R2, "checksum")
+        # the final value a NIC / skb_checksum_help will write, in the scratch copy
+        self.fold(R3, R4)
+        a.xor(R3, 0xFFFF)
+        a.ldx("dw", R1, FP, _S_L4OFF)
+        a.jgt(R1, 14 + 60, "internal")
+        a.ldx("dw", R2, FP, _S_CSUMOFF)
+        a.jgt(R2, 16, "internal")
+        a.add(R1, R2)
+        a.add(R1, R9)
+        a.stx("h", R1, h, R3)
+        a.label(complete)
+        self.outer(f)
+
+    def outer(self, f: _Family) -> None:
+        """Fill in the outer headers, grow the skb, write them, count, redirect."""
+        a = self.a
+        h, tcp, stt = f.hdr, f.tcp, f.stt
+        v4 = f.version == 4
+        # -- the template ---------------------------------------------------------------
+        for off in range(0, h - h % 8, 8):
+            a.ldx("dw", R1, R7, off)
+            a.stx("dw", R9, off, R1)
+        if h % 8:
+            a.ldx("w", R1, R7, h - 4)
+            a.stx("w", R9, h - 4, R1)
+        # -- TOS and TTL from the tunnel's tables ---------------------------------------
+        a.ldx("dw", R1, FP, _S_ITOS)
+        a.and_(R1, 0xFF)
+        a.add(R1, R7)
+        a.ldx("b", R3, R1, VAL_TOS)
+        a.ldx("dw", R1, FP, _S_ITTL)
+        a.and_(R1, 0xFF)
+        a.add(R1, R7)
+        a.ldx("b", R4, R1, VAL_TTL)
+        if v4:
+            a.stx("b", R9, 15, R3)
+            a.stx("b", R9, 22, R4)
+            a.mov(R1, R8)
+            a.add(R1, 20 + 20 + 18)
+            a.be16(R1)
+            a.stx("h", R9, 16, R1)
+        else:
+            a.mov(R1, R3)
+            a.rsh(R1, 4)
+            a.or_(R1, 0x60)
+            a.stx("b", R9, 14, R1)
+            a.mov(R1, R3)
+            a.and_(R1, 0x0F)
+            a.lsh(R1, 4)
+            a.stx("b", R9, 15, R1)
+            a.stx("b", R9, 21, R4)
+            a.mov(R1, R8)
+            a.add(R1, 20 + 18)
+            a.be16(R1)
+            a.stx("h", R9, 18, R1)
+        # -- frame id (ACK) and IPv4 ID from this CPU's counter ---------------------------
+        a.ldx("dw", R1, R9, SCRATCH_COUNTER)
+        a.stx("dw", FP, _S_FIELD, R1)
+        a.add(R1, 1)
+        a.stx("dw", R9, SCRATCH_COUNTER, R1)
+        a.call(GET_SMP_PROCESSOR_ID)
+        a.ldx("dw", R1, FP, _S_FIELD)
+        if v4:
+            a.mov(R2, R0)
+            a.lsh(R2, 12)
+            a.add(R2, R1)
+            a.be16(R2)
+            a.stx("h", R9, 18, R2)
+        a.alu32("and", R0, 0x7F)
+        a.alu32("lsh", R0, 24)
+        a.alu32("and", R1, 0xFFFFFF)
+        a.alu32("or", R0, R1)
+        a.alu32("or", R0, _FRAME_ID_TOP)
+        a.be32(R0)
+        a.stx("w", R9, tcp + 8, R0)
+        # -- SEQ: frame length << 16, offset 0 ----------------------------------------
+        a.mov(R1, R8)
+        a.add(R1, 18)
+        a.lsh(R1, 16)
+        a.be32(R1)
+        a.stx("w", R9, tcp + 4, R1)
+        # -- source port: fixed, or the CRC-32 flow hash of flow_source_port() ----------
+        fixed = a.fresh("sport_fixed")
+        have = a.fresh("sport_have")
+        a.ldx("w", R1, R7, VAL_FLAGS)
+        a.jset(R1, TX_FLAG_FIXED_SPORT, fixed)
+        self.sport_hash(f)
+        a.ja(have)
+        a.label(fixed)
+        a.ldx("h", R1, R7, VAL_SPORT)
+        a.label(have)
+        a.be16(R1)
+        a.stx("h", R9, tcp, R1)
+        # -- C: the inner skb was CHECKSUM_UNNECESSARY (Python: vnet DATA_VALID) -------
+        no_c = a.fresh("no_c")
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_QUERY)
+        a.call(CSUM_LEVEL)
+        a.jslt(R0, 0, no_c)
+        a.st("b", R9, stt + 1, 1)
+        a.label(no_c)
+        # -- IPv4 header checksum ---------------------------------------------------------
+        if v4:
+            a.mov(R1, 0)
+            for off in range(14, 34, 2):
+                if off != 24:
+                    a.ldx("h", R2, R9, off)
+                    a.add(R1, R2)
+            self.fold(R1, R2)
+            a.xor(R1, 0xFFFF)
+            a.stx("h", R9, 24, R1)
+        # -- outer TCP checksum over TCP + STT + the inner frame (final values) --------
+        a.mov(R1, tcp)
+        a.mov(R3, R8)
+        a.add(R3, 20 + 18)
+        self.sum_range(f.hdr + TX_MAX_INNER + 8)
+        addrs = range(26, 34, 2) if v4 else range(22, 54, 2)
+        for off in addrs:
+            a.ldx("h", R1, R9, off)
+            a.add(R2, R1)
+        a.add(R2, 0x0600)
+        a.mov(R1, R8)
+        a.add(R1, 20 + 18)
+        a.be16(R1)
+        a.add(R2, R1)
+        self.fold(R2, R1)
+        a.xor(R2, 0xFFFF)
+        a.stx("h", R9, tcp + 16, R2)
+        # -- room for the outer headers after the Ethernet header, then write them ------
+        a.mov(R1, R6)
+        a.mov(R2, h)
+        a.mov(R3, BPF_ADJ_ROOM_MAC)
+        a.mov(R4, 0)
+        a.call(SKB_ADJUST_ROOM)
+        a.jne(R0, 0, "internal")  # the skb is unchanged when growing fails
+        a.mov(R1, R6)
+        a.mov(R2, 0)
+        a.mov(R3, R9)
+        a.mov(R4, h + 14)  # outer headers + the inner Ethernet header
+        a.mov(R5, 0)
+        a.call(SKB_STORE_BYTES)
+        a.jne(R0, 0, "error")
+        # -- count, redirect --------------------------------------------------------------
+        a.ldx("w", R1, R7, VAL_SLOT)
+        a.stx("w", FP, _S_STATKEY, R1)
+        self.count(self.maps.tunnel_stats)
+        a.ldx("w", R1, R7, VAL_IFINDEX)
+        a.mov(R2, 0)
+        a.call(REDIRECT)
+        a.exit()
+
+    def sport_hash(self, f: _Family) -> None:
+        """R1 = flow_source_port() of the inner frame: CRC-32 over the inner addresses
+        and, for TCP/UDP, the ports (the same bytes Python hashes)."""
+        a = self.a
+        base = f.hdr
+        end_max = base + 14 + 60 + 8
+        self.lookup(self.maps.crc_table, _S_ZERO)
+        a.jeq(R0, 0, "internal")
+        a.alu32("mov", R2, -1)
+
+        def crc(start: int, end: int) -> None:
+            a.mov(R1, base + start)
+            a.mov(R3, base + end)
+            self.crc_range(end_max)
+
+        done = a.fresh("crc_all")
+        if f.version == 4:
+            opts = a.fresh("crc_opts")
+            a.ldx("dw", R1, FP, _S_PROTO)
+            icmp = a.fresh("crc_icmp")
+            a.jeq(R1, 1, icmp)
+            a.ldx("dw", R1, FP, _S_L4OFF)
+            a.jne(R1, 34, opts)
+            crc(26, 38)
+            a.ja(done)
+            a.label(opts)  # addresses, then the ports after the options
+            crc(26, 34)
+            a.ldx("dw", R1, FP, _S_L4OFF)
+            a.jgt(R1, 14 + 60, "internal")
+            a.add(R1, base)
+            a.mov(R3, R1)
+            a.add(R3, 4)
+            self.crc_range(end_max)
+            a.ja(done)
+            a.label(icmp)
+            crc(26, 34)
+        else:
+            icmp6 = a.fresh("crc_icmp6")
+            a.ldx("dw", R1, FP, _S_PROTO)
+            a.jeq(R1, 58, icmp6)
+            crc(22, 58)
+            a.ja(done)
+            a.label(icmp6)
+            crc(22, 54)
+        a.label(done)
+        a.alu32("xor", R2, -1)
+        a.mov(R1, R2)
+        a.alu32("rsh", R1, 15)
+        a.alu32("xor", R1, R2)
+        a.and_(R1, _SPORT_MASK)
+        a.or_(R1, _SPORT_BASE)
+
+    def count(self, fd: int) -> None:
+        """Add one packet and R8 bytes to ``fd``'s per-CPU slot at _S_STATKEY."""
+        a = self.a
+        skip = a.fresh("count_skip")
+        self.lookup(fd, _S_STATKEY)
+        a.jeq(R0, 0, skip)
+        a.ldx("dw", R1, R0, 0)
+        a.add(R1, 1)
+        a.stx("dw", R0, 0, R1)
+        a.ldx("dw", R1, R0, 8)
+        a.add(R1, R8)
+        a.stx("dw", R0, 8, R1)
+        a.label(skip)
+
+    def exits(self) -> None:
+        a = self.a
+        labels = {
+            "no_tunnel": TxPassReason.NO_TUNNEL,
+            "gso": TxPassReason.GSO,
+            "not_ip": TxPassReason.NOT_IP,
+            "too_big": TxPassReason.TOO_BIG,
+            "l4": TxPassReason.L4,
+            "checksum": TxPassReason.CHECKSUM,
+            "internal": TxPassReason.ERROR,
+        }
+        for name, reason in labels.items():
+            a.label(name)
+            a.mov(R0, int(reason))
+            a.ja("pass")
+        a.label("pass")
+        a.stx("w", FP, _S_STATKEY, R0)
+        a.ldx("w", R8, R6, SKB_LEN)
+        self.count(self.maps.reasons)
+        a.mov(R0, TC_ACT_UNSPEC)
+        a.exit()
+        a.label("error")
+        a.mov(R0, int(TxPassReason.ERROR))
+        a.stx("w", FP, _S_STATKEY, R0)
+        a.ldx("w", R8, R6, SKB_LEN)
+        self.count(self.maps.reasons)
+        a.mov(R0, TC_ACT_SHOT)
+        a.exit()

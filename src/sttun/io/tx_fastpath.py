@@ -1,0 +1,290 @@
+"""The kernel transmit fast path: one program, attached at the egress of each TAP.
+
+    tx = TxFastPath.load()                        # FastPathError(reason) if not
+    tx.attach(tap_ifindex)
+    tx.set_tunnel(TxTunnel("t1", tap_ifindex, underlay_ifindex, template, ...))
+    tx.set_tunnel(None-equivalent: tx.remove_tunnel(tap_ifindex))
+    tx.counters()   # {"tunnels": {"t1": {...}}, "passed": {...}, "errors": {...}}
+    tx.close()
+
+The program (:mod:`sttun.io.ebpf.tx_program`) encapsulates the non-GSO frames a TAP
+transmits for a tunnel with an entry in its map and redirects them to the underlay;
+the rest goes on to sttun's TAP reader.  The daemon writes a tunnel's entry while
+the tunnel can send (up, next hop resolved, offloads on) and removes it otherwise,
+so everything the Python send path decides first (queueing while a neighbour
+resolves, the drop counters) stays in Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sttun.io.ebpf import syscall as bpf
+from sttun.io.ebpf import tx_program as txp
+from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_tc, attach_tcx
+from sttun.io.rx_fastpath import FORCE_INVALID_ENV, FastPathError, close_fds, explain_oserror
+
+log = logging.getLogger(__name__)
+
+#: Tunnels (TAPs) one program serves.
+MAX_TUNNELS = 1024
+_COUNTER = struct.Struct("<QQ")
+_U32 = struct.Struct("<I")
+_VALUE_TAIL = struct.Struct("<IIIIH6x")  # ifindex, slot, max inner, flags, sport
+
+
+@dataclass(frozen=True)
+class TxTunnel:
+    """One tunnel as the transmit program sees it.
+
+    ``template``: the outer headers as :meth:`~sttun.core.encap.Encapsulator.
+    header_template` builds them (Ethernet + IP + TCP-like + STT, per-frame fields
+    zero); ``tos_table``/``ttl_table``: the outer TOS and TTL for each inner value;
+    ``max_inner``: the largest inner frame whose outer packet fits the underlay MTU;
+    ``fixed_sport``: a fixed outer source port, or None for the flow hash.
+    """
+
+    name: str
+    tap_ifindex: int
+    underlay_ifindex: int
+    template: bytes
+    tos_table: bytes
+    ttl_table: bytes
+    max_inner: int
+    ipv6: bool
+    fixed_sport: int | None = None
+
+    def value(self, slot: int) -> bytes:
+        """The program's map value for this tunnel, counting into ``slot``."""
+        want = txp.HDR_V6 if self.ipv6 else txp.HDR_V4
+        if len(self.template) != want:
+            raise ValueError(f"tunnel {self.name!r}: header template of {len(self.template)} bytes")
+        if len(self.tos_table) != 256 or len(self.ttl_table) != 256:
+            raise ValueError(f"tunnel {self.name!r}: TOS/TTL tables must have 256 entries")
+        flags = txp.TX_FLAG_IPV6 if self.ipv6 else 0
+        sport = 0
+        if self.fixed_sport is not None:
+            flags |= txp.TX_FLAG_FIXED_SPORT
+            sport = self.fixed_sport
+        tail = _VALUE_TAIL.pack(
+            self.underlay_ifindex, slot, max(0, min(self.max_inner, 0xFFFFFFFF)), flags, sport
+        )
+        value = self.template.ljust(txp.TPL_SIZE, b"\0") + tail
+        assert len(value) == txp.VAL_TOS
+        value += self.tos_table + self.ttl_table
+        assert len(value) == txp.TX_VALUE_SIZE
+        return value
+
+
+class TxFastPath:
+    """The transmit program of one daemon, attached to its TAPs (see the module doc)."""
+
+    def __init__(self, maps: txp.TxMapFds, prog_fd: int) -> None:
+        self._maps = maps
+        self._prog_fd: int | None = prog_fd
+        self._ncpus = bpf.possible_cpus()
+        self._links: dict[int, TcxLink | TcFilter] = {}
+        self._slots: dict[str, int] = {}
+        self._entries: dict[int, tuple[str, bytes]] = {}  # tap ifindex -> (name, value)
+        #: The kernel's id of the loaded program.
+        self.prog_id = bpf.prog_id(prog_fd)
+
+    # -- life cycle -------------------------------------------------------------------
+    @classmethod
+    def load(cls, *, invalid_program: bool | None = None) -> TxFastPath:
+        """Create the maps and load the program (nothing attached yet).
+
+        Raises :class:`FastPathError` with the reason when anything fails.
+        """
+        if invalid_program is None:
+            invalid_program = os.environ.get(FORCE_INVALID_ENV, "") not in ("", "0")
+        fds: list[int] = []
+        try:
+            maps = _create_maps(fds)
+            code = txp.build(maps, invalid=invalid_program)
+            try:
+                prog_fd = bpf.prog_load(bpf.BPF_PROG_TYPE_SCHED_CLS, code, name="sttun_tx")
+            except bpf.VerifierError as e:
+                why = f"transmit fast path: the verifier rejected the program: {e.summary}"
+                raise FastPathError(why) from e
+        except FastPathError:
+            close_fds(fds)
+            raise
+        except OSError as e:
+            close_fds(fds)
+            raise FastPathError(f"transmit fast path: {explain_oserror(e)}") from e
+        return cls(maps, prog_fd)
+
+    @property
+    def loaded(self) -> bool:
+        """False once closed."""
+        return self._prog_fd is not None
+
+    def attach(self, tap_ifindex: int, *, mode: str = "auto") -> str:
+        """Attach at the TAP's egress (idempotent); returns ``"tcx"`` or ``"tc"``.
+
+        Raises :class:`FastPathError` when the kernel refuses.
+        """
+        if self._prog_fd is None:
+            raise FastPathError("transmit fast path: closed")
+        link = self._links.get(tap_ifindex)
+        if link is not None:
+            return link.mode
+        try:
+            link = _attach_egress(self._prog_fd, tap_ifindex, mode)
+        except OSError as e:
+            raise FastPathError(f"transmit fast path: {explain_oserror(e)}") from e
+        self._links[tap_ifindex] = link
+        return link.mode
+
+    def detach(self, tap_ifindex: int) -> None:
+        """Take the program off a TAP and forget its tunnel (idempotent)."""
+        self.remove_tunnel(tap_ifindex)
+        link = self._links.pop(tap_ifindex, None)
+        if link is not None:
+            link.detach()
+
+    def attached(self) -> list[int]:
+        """The TAP ifindexes the program is attached to."""
+        return list(self._links)
+
+    def close(self) -> None:
+        """Detach from every TAP and free program and maps (idempotent)."""
+        if self._prog_fd is None:
+            return
+        for link in self._links.values():
+            with contextlib.suppress(Exception):
+                link.detach()
+        self._links.clear()
+        m = self._maps
+        close_fds([self._prog_fd, m.tunnels, m.reasons, m.tunnel_stats, m.scratch, m.crc_table])
+        self._prog_fd = None
+
+    def __enter__(self) -> TxFastPath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- tunnels ----------------------------------------------------------------------
+    def set_tunnel(self, tunnel: TxTunnel) -> None:
+        """Write ``tunnel``'s entry (only when it changed).  A name keeps its counters."""
+        slot = self._slots.get(tunnel.name)
+        if slot is None:
+            used = set(self._slots.values())
+            free = next((i for i in range(MAX_TUNNELS) if i not in used), None)
+            if free is None:
+                raise ValueError(f"transmit fast path: at most {MAX_TUNNELS} tunnels")
+            slot = self._slots[tunnel.name] = free
+            zero = bytes(_COUNTER.size * self._ncpus)
+            bpf.map_update(self._maps.tunnel_stats, _U32.pack(slot), zero)
+        value = tunnel.value(slot)
+        if self._entries.get(tunnel.tap_ifindex) == (tunnel.name, value):
+            return
+        bpf.map_update(self._maps.tunnels, _U32.pack(tunnel.tap_ifindex), value)
+        self._entries[tunnel.tap_ifindex] = (tunnel.name, value)
+
+    def remove_tunnel(self, tap_ifindex: int) -> None:
+        """Remove the entry of a TAP: its frames go to Python (idempotent)."""
+        if self._entries.pop(tap_ifindex, None) is not None:
+            bpf.map_delete(self._maps.tunnels, _U32.pack(tap_ifindex))
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop the counters of tunnels that are gone (their slots are reused)."""
+        for name in names:
+            self._slots.pop(name, None)
+
+    # -- counters ---------------------------------------------------------------------
+    def _percpu(self, fd: int, index: int) -> tuple[int, int]:
+        raw = bpf.map_lookup(fd, _U32.pack(index), _COUNTER.size * self._ncpus)
+        if raw is None:
+            return 0, 0
+        packets = octets = 0
+        for p, b in _COUNTER.iter_unpack(raw):
+            packets += p
+            octets += b
+        return packets, octets
+
+    def counters(self) -> dict[str, Any]:
+        """Counters summed over CPUs, JSON-ready::
+
+            {"program_id": 98, "taps": 2,
+             "tunnels": {name: {"frames": n, "bytes": n}},   # sent by the program
+             "passed": {reason: {"packets": n, "bytes": n}}, # left to Python
+             "errors": {"packets": n, "bytes": n}}           # failed helpers
+
+        ``bytes`` count inner frames (as the Python path's tx bytes do).
+        """
+        if self._prog_fd is None:
+            return {"program_id": None, "taps": 0, "tunnels": {}, "passed": {}, "errors": {}}
+        tunnels = {}
+        for name, slot in self._slots.items():
+            frames, octets = self._percpu(self._maps.tunnel_stats, slot)
+            tunnels[name] = {"frames": frames, "bytes": octets}
+        passed = {}
+        for reason in txp.TxPassReason:
+            if reason is txp.TxPassReason.ERROR:
+                continue
+            packets, octets = self._percpu(self._maps.reasons, reason)
+            passed[reason.name.lower()] = {"packets": packets, "bytes": octets}
+        packets, octets = self._percpu(self._maps.reasons, txp.TxPassReason.ERROR)
+        return {
+            "program_id": self.prog_id,
+            "taps": len(self._links),
+            "tunnels": tunnels,
+            "passed": passed,
+            "errors": {"packets": packets, "bytes": octets},
+        }
+
+
+def _create_maps(fds: list[int]) -> txp.TxMapFds:
+    def make(kind: int, key: int, value: int, entries: int, name: str) -> int:
+        fd = bpf.map_create(kind, key, value, entries, name)
+        fds.append(fd)
+        return fd
+
+    maps = txp.TxMapFds(
+        tunnels=make(
+            bpf.BPF_MAP_TYPE_HASH, txp.TX_KEY_SIZE, txp.TX_VALUE_SIZE, MAX_TUNNELS, "sttun_txtun"
+        ),
+        reasons=make(
+            bpf.BPF_MAP_TYPE_PERCPU_ARRAY,
+            4,
+            txp.COUNTER_VALUE_SIZE,
+            len(txp.TxPassReason),
+            "sttun_txreason",
+        ),
+        tunnel_stats=make(
+            bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, txp.COUNTER_VALUE_SIZE, MAX_TUNNELS, "sttun_txstats"
+        ),
+        scratch=make(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, txp.SCRATCH_SIZE, 1, "sttun_txscratch"),
+        crc_table=make(bpf.BPF_MAP_TYPE_ARRAY, 4, txp.CRC_TABLE_SIZE, 1, "sttun_crc32"),
+    )
+    bpf.map_update(maps.crc_table, _U32.pack(0), txp.crc_table_bytes())
+    return maps
+
+
+def _attach_egress(prog_fd: int, ifindex: int, mode: str) -> TcxLink | TcFilter:
+    if mode in ("auto", "tcx"):
+        try:
+            return attach_tcx(prog_fd, ifindex, egress=True)
+        except OSError as e:
+            if mode == "tcx" or e.errno not in (22, 95, 524):
+                raise
+            log.info("TCX not available (%s): attaching with a tc filter", e.strerror)
+    return attach_tc(prog_fd, ifindex, egress=True)
+
+
+def tx_fastpath_support() -> str | None:
+    """None if the transmit program loads here, else why not (one line)."""
+    try:
+        TxFastPath.load(invalid_program=False).close()
+    except FastPathError as e:
+        return e.reason
+    return None
