@@ -6,9 +6,12 @@ and on top of it one of four overlays:
 * ``veth``       — no tunnel, the overlay address on the veth itself (the ceiling);
 * ``vxlan``      — the kernel's VXLAN device (dstport 4789, MTU 1450);
 * ``sttun``      — sttun endpoints, TAP offloads on (TAP MTU 1500), the pure-Python
-  receive path (``--fastpath off``);
-* ``sttun-fast`` — the same with the kernel receive fast path (``--fastpath on``: the
-  eBPF program decapsulates whole frames into the TAP);
+  receive path (``--fastpath off``) and send path (``--tx-fastpath off``);
+* ``sttun-fast`` — the same with the kernel fast paths: receive (``--fastpath on``: the
+  eBPF program decapsulates whole frames into the TAP) and transmit (the default
+  ``--tx-fastpath auto``: a program at the TAP's egress encapsulates non-GSO frames);
+* ``sttun-rx-fast`` — ``sttun-fast`` without the transmit program
+  (``--tx-fastpath off``; not in the default set of modes);
 * ``sttun-fast-ring`` — ``sttun-fast`` sending through a ``PACKET_TX_RING`` on every
   underlay (``--tx-ring on``; not in the default set of modes; the other sttun
   modes run with the default ``--tx-ring auto``: the ring where the sender's
@@ -70,13 +73,17 @@ from sttun.tools.topology import ROUTER_DEV_B, Endpoint, TwoHosts, check_support
 
 MODES = ("veth", "vxlan", "sttun", "sttun-fast", "sttun-soft", "null-tunnel")
 #: Modes run only when named with ``--modes``.
-EXTRA_MODES = ("sttun-fast-ring",)
+EXTRA_MODES = ("sttun-fast-ring", "sttun-rx-fast")
 NULL_TUNNEL = Path(__file__).resolve().parent / "null_tunnel.py"
 NULL_DEV = "nul0"
 OVERLAY_MTU = {"veth": 1500, "vxlan": 1450, "sttun": 1500, "sttun-fast": 1500,
-               "sttun-fast-ring": 1500, "sttun-soft": 1500, "null-tunnel": 1500}  # fmt: skip
+               "sttun-fast-ring": 1500, "sttun-rx-fast": 1500, "sttun-soft": 1500,
+               "null-tunnel": 1500}  # fmt: skip
 #: ``--fastpath`` of each sttun mode.
-FASTPATH = {"sttun": "off", "sttun-fast": "on", "sttun-fast-ring": "on", "sttun-soft": "off"}
+FASTPATH = {"sttun": "off", "sttun-fast": "on", "sttun-fast-ring": "on", "sttun-rx-fast": "on",
+            "sttun-soft": "off"}  # fmt: skip
+#: ``--tx-fastpath`` of each sttun mode (the others: the default, ``auto``).
+TX_FASTPATH = {"sttun": "off", "sttun-rx-fast": "off", "sttun-soft": "off"}
 #: ``--tx-ring`` of each sttun mode (the others: the default, ``auto``).
 TX_RING = {"sttun-fast-ring": "on"}
 #: Seconds the null tunnel gets to create its TAP.
@@ -133,6 +140,7 @@ class Point:
                     extra=[
                         *("--fastpath", FASTPATH[self.mode]),
                         *("--tx-ring", TX_RING.get(self.mode, "auto")),
+                        *("--tx-fastpath", TX_FASTPATH.get(self.mode, "auto")),
                     ],
                 )
             self.server = h.b.popen(
@@ -272,13 +280,32 @@ def fastpath_share(point: Point) -> dict[str, Any]:
     total = (t.get("rx") or {}).get("frames", 0)
     fast_bytes = (t.get("rx_fastpath") or {}).get("bytes", 0)
     total_bytes = (t.get("rx") or {}).get("bytes", 0)
+    tx_fast = sum(
+        ((ep_t.get("tx_fastpath") or {}).get("frames", 0) for ep_t in _both_tunnels(point)), 0
+    )
+    tx_total = sum(((ep_t.get("tx") or {}).get("frames", 0) for ep_t in _both_tunnels(point)), 0)
     return {
+        "tx_frames_fastpath": tx_fast,
+        "tx_frames_total": tx_total,
+        "tx_fastpath_share": tx_fast / tx_total if tx_total else None,
         "rx_frames_fastpath": fast,
         "rx_frames_total": total,
         "fastpath_share": fast / total if total else None,
         # bytes: the TCP data's share (the frames' is mostly the UDP test's)
         "fastpath_byte_share": fast_bytes / total_bytes if total_bytes else None,
     }
+
+
+def _both_tunnels(point: Point) -> list[dict[str, Any]]:
+    """The tunnel of each endpoint as ``sttun show`` reports it (empty on failure)."""
+    out = []
+    for ep in point.endpoints:
+        try:
+            (t,) = ep.show()["tunnels"]
+        except (SttError, OSError, ValueError):
+            continue
+        out.append(t)
+    return out
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
@@ -310,7 +337,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
                     f"ping p50 {fmt(result['ping_p50_ms'], 3)} ms, "
                     f"retransmits {result.get('tcp1_retransmits')}"
                     + (
-                        f", fast path share {fmt(result['fastpath_share'])}"
+                        f", fast path share rx {fmt(result['fastpath_share'])}"
+                        f" tx {fmt(result.get('tx_fastpath_share'))}"
                         if result.get("fastpath_share") is not None
                         else ""
                     )

@@ -56,16 +56,16 @@ from sttun.daemon.config import (
 )
 from sttun.daemon.datapath import Datapath, TunnelRuntime, Underlay, UnderlayPort
 from sttun.daemon.fastpath import FastPaths
-from sttun.daemon.tx_fastpath import TxFastPaths
 from sttun.daemon.logsetup import setup_logging, tunnel_logger
+from sttun.daemon.tx_fastpath import TxFastPaths
 from sttun.errors import ConfigError, SetupError, SttError
 from sttun.io import netlink
 from sttun.io.ethtool import tso_enabled
 from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import PacketSocket
 from sttun.io.rx_fastpath import FastPathTunnel
-from sttun.io.tx_fastpath import TxTunnel
 from sttun.io.tap import TapDevice
+from sttun.io.tx_fastpath import TxTunnel
 from sttun.io.veth_port import VethPort
 from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
 from sttun.wire.stt import STT_PORT

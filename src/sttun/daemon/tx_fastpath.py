@@ -91,8 +91,10 @@ class TxFastPaths:
                 else:
                     prog.set_tunnel(tunnel)
             except (ValueError, OSError) as exc:
-                self.log.error("transmit fast path: cannot update tunnel %s: %s", self._taps[ifindex], exc)
-        prog.forget(set(prog.counters()["tunnels"]) - set(taps.values()))
+                self.log.error(
+                    "transmit fast path: cannot update tunnel %s: %s", self._taps[ifindex], exc
+                )
+        prog.forget(prog.tunnel_names() - set(taps.values()))
 
     def close(self) -> None:
         """Detach from every TAP and unload (idempotent)."""

@@ -195,6 +195,10 @@ class TxFastPath:
         if self._entries.pop(tap_ifindex, None) is not None:
             bpf.map_delete(self._maps.tunnels, _U32.pack(tap_ifindex))
 
+    def tunnel_names(self) -> set[str]:
+        """The names that have counters."""
+        return set(self._slots)
+
     def forget(self, names: Iterable[str]) -> None:
         """Drop the counters of tunnels that are gone (their slots are reused)."""
         for name in names:

@@ -182,6 +182,33 @@ def _fastpath_lines(data: ShowData, tunnels: list[Mapping[str, Any]]) -> list[st
                 f"{_count(fast.get('frames', 0), fast.get('bytes', 0))}, Python path "
                 f"{_count(py.get('frames', 0), py.get('bytes', 0))}"
             )
+    lines.extend(_tx_fastpath_lines(data.get("tx_fastpath"), tunnels))
+    return lines
+
+
+def _tx_fastpath_lines(tx: Mapping[str, Any] | None, tunnels: list[Mapping[str, Any]]) -> list[str]:
+    """The transmit fast path's state; per tunnel: sent frames by path."""
+    if not tx:
+        return []
+    if tx.get("state") != "on":
+        return [f"transmit fast path off: {tx.get('reason') or 'not loaded'}"]
+    passed = {r: c.get("packets", 0) for r, c in (tx.get("passed") or {}).items()}
+    left = _drop_list({r: n for r, n in passed.items() if n}) or "nothing"
+    errors = (tx.get("errors") or {}).get("packets", 0)
+    lines = [
+        f"transmit fast path on (program {tx.get('program_id', '?')}, {tx.get('taps', 0)} "
+        f"TAP(s)), left to Python: {left}" + (f", errors {errors}" if errors else "")
+    ]
+    for name, why in sorted((tx.get("not_attached") or {}).items()):
+        lines.append(f"transmit fast path not on the TAP of {name}: {why}")
+    for t in tunnels:
+        fast: Mapping[str, Any] = t.get("tx_fastpath") or {}
+        py: Mapping[str, Any] = t.get("tx_python") or {}
+        lines.append(
+            f"tx {t.get('name', '?')}: fast path "
+            f"{_count(fast.get('frames', 0), fast.get('bytes', 0))}, Python path "
+            f"{_count(py.get('frames', 0), py.get('bytes', 0))}"
+        )
     return lines
 
 
