@@ -13,10 +13,14 @@ from __future__ import annotations
 import struct
 
 from sttun.wire.checksum import checksum
-from sttun.wire.ip import IPPROTO_TCP, IPV4_DF, IPV4_HEADER, IPV4_HLEN, IPV6_HEADER
+from sttun.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPV4_DF, IPV4_HEADER, IPV4_HLEN, IPV6_HEADER
 from sttun.wire.stt import MAX_FRAME_LEN, TCP_HEADER, TcpFlag
+from tests.reference import naive_sum
 
-__all__ = ["build_ipv4", "build_ipv6", "pack_tcp"]
+#: Ethernet addresses of :func:`inner_l4_frame` (destination, source).
+INNER_MACS = bytes.fromhex("020000000002020000000001")
+
+__all__ = ["build_ipv4", "build_ipv6", "inner_l4_frame", "pack_tcp"]
 
 
 def build_ipv4(
@@ -89,3 +93,28 @@ def pack_tcp(
         checksum,
         urgent,
     )
+
+
+def inner_l4_frame(src: bytes, dst: bytes, proto: int, payload: bytes, *, seeded: bool) -> bytes:
+    """An inner Ethernet + IPv4/IPv6 (by the address length) + TCP or UDP frame.
+
+    ``seeded``: the L4 checksum field holds the folded pseudo-header sum, as Linux
+    leaves it in a ``CHECKSUM_PARTIAL`` packet; else the complete checksum (UDP: 0
+    sent as 0xFFFF).  Summed with :func:`tests.reference.naive_sum`.
+    """
+    if proto == IPPROTO_TCP:
+        l4 = bytearray(pack_tcp(40000, 5001, 0, 0, 0, TcpFlag.ACK, window=512)) + payload
+        coff = 16
+    elif proto == IPPROTO_UDP:
+        l4 = bytearray(struct.pack("!HHHH", 40000, 5001, 8 + len(payload), 0)) + payload
+        coff = 6
+    else:
+        raise ValueError(f"proto: expected TCP or UDP, got {proto}")
+    pseudo = src + dst + struct.pack("!HH", proto, len(l4))
+    if seeded:
+        struct.pack_into("!H", l4, coff, naive_sum(pseudo))
+    else:
+        struct.pack_into("!H", l4, coff, (~naive_sum(pseudo + l4) & 0xFFFF) or 0xFFFF)
+    if len(src) == 4:
+        return INNER_MACS + b"\x08\x00" + build_ipv4(src, dst, len(l4), proto=proto) + l4
+    return INNER_MACS + b"\x86\xdd" + build_ipv6(src, dst, len(l4), next_header=proto) + l4

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tests.reference import naive_sum
 
-from sttun.core.encap import Encapsulator, flow_source_port
+from sttun.core.encap import FRAME_ID_MASK, Encapsulator, flow_source_port
 from sttun.core.endpoint import Delivered, Endpoint, TunnelSpec
 from sttun.core.reassembly import Pending
 from sttun.wire.ip import ip_bytes
@@ -151,7 +151,7 @@ def test_software_segments(
         _hl, tcp, payload = check_segment(pkt, local, remote)
         sport, dport, seq, ack, doff, flags, _win, _c, urg = struct.unpack("!HHIIBBHHH", tcp)
         sports.add(sport)
-        assert dport == 7471 and ack == fid and doff == 0x50 and urg == 0
+        assert dport == 7471 and ack == fid & FRAME_ID_MASK and doff == 0x50 and urg == 0
         assert seq == (frame_len << 16) | offset
         assert flags == (ACK | PSH if i == len(pkts) - 1 else ACK)
         assert payload
@@ -412,7 +412,8 @@ def reference_super_packet(cfg: dict[str, object], inner: bytes, stt: bytes) -> 
     frame_len = 18 + len(inner)
     tcp_len = 20 + frame_len
     seed = naive_sum(pseudo(local, remote, tcp_len))
-    tcp = struct.pack("!HHIIBBHHH", sport, 7471, frame_len << 16, cfg["first_frame_id"], 0x50,
+    fid = cfg["first_frame_id"] & FRAME_ID_MASK  # type: ignore[operator]
+    tcp = struct.pack("!HHIIBBHHH", sport, 7471, frame_len << 16, fid, 0x50,
                       ACK | PSH, 0, seed, 0)  # fmt: skip
     if v4:
         df = 0x4000 if cfg["df"] else 0

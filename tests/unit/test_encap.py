@@ -11,7 +11,7 @@ from tests.reference import naive_sum
 
 from sttun.core.api import encapsulate
 from sttun.core.drops import DropReason
-from sttun.core.encap import Encapsulator, flow_source_port
+from sttun.core.encap import FRAME_ID_MASK, Encapsulator, flow_source_port
 from sttun.errors import EncodeError
 from sttun.wire.ip import ip_bytes
 from sttun.wire.stt import SttHeader
@@ -322,7 +322,7 @@ def test_edge43_non_tcp_udp_inner_flags0(inner: bytes) -> None:
 
 
 def test_edge44_frame_ids_differ_and_do_not_repeat() -> None:
-    enc = Encapsulator(L4, R4, 5, first_frame_id=0xFFFFFFF0)
+    enc = Encapsulator(L4, R4, 5, first_frame_id=0x7FFFFFF0)
     inner = ipv4_tcp(2000)
     ids = []
     for _ in range(40):
@@ -332,11 +332,37 @@ def test_edge44_frame_ids_differ_and_do_not_repeat() -> None:
         (sp,) = enc.encap(inner, None, gso=True)
         ids.append(struct.unpack_from("!I", bytes(sp[1]), 28)[0])
     assert len(set(ids)) == len(ids) == 80
-    assert all((b - a) & 0xFFFFFFFF == 1 for a, b in itertools.pairwise(ids))
+    assert all((b - a) & FRAME_ID_MASK == 1 for a, b in itertools.pairwise(ids))
     # default start is random per tunnel, then a counter
     e1 = Encapsulator(L4, R4, 5)
     a = [parse_seg(frames_of(e1.encap(inner, None, gso=False))[0]).ack for _ in range(3)]
-    assert a[1] == (a[0] + 1) & 0xFFFFFFFF and a[2] == (a[0] + 2) & 0xFFFFFFFF
+    assert a[1] == (a[0] + 1) & FRAME_ID_MASK and a[2] == (a[0] + 2) & FRAME_ID_MASK
+
+
+@pytest.mark.parametrize("first", [0x7FFFFFFC, 0xFFFFFFFC], ids=["top-clear", "top-set"])
+def test_frame_ids_wrap_within_31_bits(first: int) -> None:
+    """The top bit is the kernel transmit program's: Python's ids never set it, they
+    wrap from 0x7FFFFFFF to 0 (a start with the top bit set is taken modulo 2**31)."""
+    enc = Encapsulator(L4, R4, 5, first_frame_id=first)
+    inner = ipv4_tcp(100)
+    ids = []
+    for i in range(8):
+        if i % 2:
+            (pkt,) = enc.encap(inner, None, gso=True)
+            ids.append(struct.unpack_from("!I", bytes(pkt[1]), 28)[0])
+        else:
+            ids.append(parse_seg(frames_of(enc.encap(inner, None, gso=False))[0]).ack)
+    assert ids == [0x7FFFFFFC, 0x7FFFFFFD, 0x7FFFFFFE, 0x7FFFFFFF, 0, 1, 2, 3]
+
+
+def test_random_first_frame_ids_have_the_top_bit_clear() -> None:
+    inner = ipv4_tcp(100)
+    firsts = [
+        parse_seg(frames_of(Encapsulator(L4, R4, 5).encap(inner, None, gso=False))[0]).ack
+        for _ in range(64)
+    ]
+    assert all(f <= FRAME_ID_MASK for f in firsts)
+    assert len(set(firsts)) > 1  # still random
 
 
 @pytest.mark.parametrize("local,remote", [(L4, R4), (L6, R6)])

@@ -25,6 +25,9 @@ class DropReason(enum.Enum):
     WRONG_PORT = "wrong_port"  # TCP destination port is not an STT port
     BAD_TCP_CHECKSUM = "bad_tcp_checksum"  # outer TCP checksum wrong
     BAD_DATA_OFFSET = "bad_data_offset"  # TCP data offset is not 5 (protocol.md #28)
+    # vnet NEEDS_CSUM inside the STT frame that cannot be finished: csum_start before the
+    # inner frame, the segment not the whole frame, or the field past the packet's end
+    BAD_PARTIAL_CHECKSUM = "bad_partial_checksum"
     UNKNOWN_SOURCE = "unknown_source"  # outer source address names no tunnel
     # --- reassembly (per segment) ---
     EMPTY_SEGMENT = "empty_segment"  # zero-length payload (#18)

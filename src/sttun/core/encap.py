@@ -77,6 +77,11 @@ SPORT_MASK = 0x7FFF
 TX_TCP_FLAGS = TcpFlag.ACK | TcpFlag.PSH  # GSO clears PSH on all but the last segment
 TX_TCP_FLAGS_MID = int(TcpFlag.ACK)
 TX_WINDOW = 0  # draft §3.2: SHOULD be 0 (OVS sends 0xFFFF; receivers ignore it)
+#: Frame ids (the TCP ACK field) taken here stay in 0..2**31-1 and wrap there: the
+#: kernel transmit program of the same tunnel takes its ids with the top bit set, so
+#: the two senders never repeat each other's ids (a receiver drops a whole frame
+#: with a recently seen (source, destination, frame id) as a late duplicate).
+FRAME_ID_MASK = 0x7FFFFFFF
 
 _IP4_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _IP6_TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
@@ -134,6 +139,8 @@ class Encapsulator:
     hop limit or None to inherit the inner one.  ECN is always inherited (an inner
     CE becomes ECT(0) outside, as Open vSwitch does).  ``l2`` is the outer
     Ethernet header (14 bytes) or ``b""`` when the sink takes IP packets.
+    Frame ids count up from ``first_frame_id`` (default: random) within
+    0..2**31-1 (:data:`FRAME_ID_MASK`; a larger start is taken modulo 2**31).
 
     Every output is built by one method, :meth:`encap_gso`, which the daemon calls
     directly for the frames it can take as they are; :meth:`encap` first moves an
@@ -182,9 +189,10 @@ class Encapsulator:
             MAX_FRAME_LEN - self.ip_hlen - TCP_HEADER_LEN - STT_HEADER_LEN, MAX_OFFLOAD_INNER_LEN
         )
         self.drops = drops if drops is not None else DropCounters()
+        # A random start, or the one asked for, in the Python half (FRAME_ID_MASK).
         self._frame_id = (
             first_frame_id if first_frame_id is not None else int.from_bytes(os.urandom(4))
-        ) & 0xFFFFFFFF
+        ) & FRAME_ID_MASK
         self._ip_ident = first_ip_ident & 0xFFFF
         self.window = window
         # Pseudo-header sum without the length: src + dst + protocol.
@@ -339,7 +347,7 @@ class Encapsulator:
         tos = self._outer_tos[itos]
         ttl = self._outer_ttl[ittl]
         fid = self._frame_id
-        self._frame_id = (fid + 1) & 0xFFFFFFFF
+        self._frame_id = (fid + 1) & FRAME_ID_MASK  # top bit clear: FRAME_ID_MASK
         sport = self.fixed_sport
         if sport is None:
             sport = flow_source_port(frame, et)

@@ -27,6 +27,7 @@ from typing import Protocol
 from sttun.core.drops import DropReason
 from sttun.core.endpoint import Delivered, Endpoint, Tunnel
 from sttun.core.reassembly import Pending
+from sttun.core.rx_partial import OUTER_L4_AT, finish_inner_checksum
 from sttun.daemon.config import TunnelConfig
 from sttun.io.packet_socket import RECV_SIZE
 from sttun.io.tap import TAP_READ_SIZE
@@ -48,6 +49,7 @@ SEND_WAIT = 0.01
 RX_SPARES = 4
 #: vnet flags saying the kernel checked (DATA_VALID) or will compute (NEEDS_CSUM) the sum.
 _CSUM_TRUSTED = int(VnetFlag.NEEDS_CSUM | VnetFlag.DATA_VALID)
+_NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
 #: Where the outer IP header starts in a receive buffer (after vnet + Ethernet).
 _IP_OFFSET = VNET_HDR_LEN + ETH_HLEN
 _IP_ETHERTYPES = (ETH_P_IP, ETH_P_IPV6)
@@ -305,8 +307,17 @@ class Datapath:
                 _IP_ETHERTYPES
             ):
                 continue  # the BPF filter lets only IP through; a VLAN'd frame, skip
+            flags = buf[0]
+            # A partial checksum that is not the outer TCP one (vnet csum_start, bytes
+            # 6-7, little-endian) lies inside the STT frame: finish it first.
+            if (
+                flags & _NEEDS_CSUM
+                and buf[6] | buf[7] << 8 != OUTER_L4_AT[buf[_IP_OFFSET]]
+                and not self._finish_inner_checksum(buf, mv, n)
+            ):
+                continue
             result = receive(
-                mv[_IP_OFFSET:n], clock(), csum_ok=bool(buf[0] & _CSUM_TRUSTED),
+                mv[_IP_OFFSET:n], clock(), csum_ok=bool(flags & _CSUM_TRUSTED),
                 room=(buf, _IP_OFFSET),
             )  # fmt: skip
             if result is kept:
@@ -315,6 +326,19 @@ class Datapath:
                 mv = self._rx_mv = memoryview(buf)
             elif type(result) is Delivered:
                 self._deliver(result)
+
+    def _finish_inner_checksum(self, buf: bytearray, mv: memoryview, n: int) -> bool:
+        """The received packet in ``buf[:n]`` (vnet header + Ethernet) has a partial
+        checksum inside its STT frame (a sender that encapsulated in the kernel and
+        left the inner checksum to a NIC): finish it in place
+        (:func:`~sttun.core.rx_partial.finish_inner_checksum`).  False if it cannot
+        be finished: the packet is then counted as dropped."""
+        cstart, coff = VNET_HDR.unpack_from(buf)[4:]
+        reason = finish_inner_checksum(mv[VNET_HDR_LEN:n], cstart, coff)
+        if reason is None:
+            return True
+        self.core.drops.count(reason, n - _IP_OFFSET)
+        return False
 
     def _deliver(self, result: Delivered) -> None:
         """Write a delivered frame to its tunnel's TAP; count a refused or short write."""
