@@ -74,6 +74,19 @@ class TapPort(Protocol):
         ...
 
 
+class TxOrder(Protocol):
+    """What the TAP reader tells the transmit program (see
+    :class:`~sttun.io.tx_fastpath.OrderCounter`)."""
+
+    def done(self) -> None:
+        """One frame read from the TAP has been sent or dropped."""
+        ...
+
+    def drained(self) -> None:
+        """The TAP had nothing more to read."""
+        ...
+
+
 class UnderlayPort(Protocol):
     """What the data path needs of an underlay socket
     (:class:`~sttun.io.packet_socket.PacketSocket` with a vnet header)."""
@@ -139,6 +152,9 @@ class TunnelRuntime:
     blocked: DropReason | None = None
     #: Frames (vnet header + frame, copied) read while the next hop was unresolved.
     pending: collections.deque[bytes] = field(default_factory=collections.deque)
+    #: With the kernel transmit fast path on the TAP: the ordering counters the TAP
+    #: reader updates (:class:`~sttun.io.tx_fastpath.OrderCounter`), else None.
+    tx_order: TxOrder | None = None
     #: The IP version of the outer addresses: picks the underlay socket that sends.
     version: int = field(init=False)
 
@@ -193,6 +209,17 @@ class Datapath:
         mv = self._tap_mv
         unpack = VNET_HDR.unpack_from
         transmit = self.transmit
+        order = rt.tx_order
+        if order is not None:
+            for _ in range(BATCH):
+                n = tap.read_into(buf)
+                if not n:
+                    order.drained()
+                    return
+                if n > VNET_HDR_LEN:
+                    transmit(rt, u, mv[VNET_HDR_LEN:n], *unpack(buf))
+                order.done()
+            return
         for _ in range(BATCH):
             n = tap.read_into(buf)
             if not n:
@@ -207,10 +234,15 @@ class Datapath:
         buf = self._tap_buf
         drops = rt.tunnel.encapsulator.drops
         blocked = rt.blocked if rt.underlay is not None else DropReason.TX_NO_ROUTE
+        order = rt.tx_order
         for _ in range(BATCH):
             n = tap.read_into(buf)
             if not n:
+                if order is not None:
+                    order.drained()
                 return
+            if order is not None:
+                order.done()  # dropped or held: the program does not send either way
             if blocked is not None:
                 drops.count(blocked, n - VNET_HDR_LEN)
             elif len(rt.pending) < PENDING_MAX:

@@ -654,6 +654,8 @@ class Daemon:
             if entry is not None:
                 wanted[ifindex] = entry
         self.tx_fastpath.sync(taps, wanted)
+        for rt in self.tunnels.values():
+            rt.tx_order = self.tx_fastpath.order_counter(rt.config.name)
 
     def _fastpath_show(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the programs' counters by interface, the per-tunnel fast-path totals)."""
@@ -767,6 +769,8 @@ class Daemon:
                 self.ovs.close()
             self.ovs = None
         self._detach_fastpaths()
+        for rt in self.tunnels.values():
+            rt.tx_order = None
         self.tx_fastpath.close()
         for name in list(self.tunnels):
             with contextlib.suppress(Exception):

@@ -18,7 +18,7 @@ from typing import Any
 
 from sttun.errors import SetupError
 from sttun.io.rx_fastpath import FastPathError
-from sttun.io.tx_fastpath import TxFastPath, TxTunnel
+from sttun.io.tx_fastpath import OrderCounter, TxFastPath, TxTunnel
 
 #: Why the transmit fast path is off when the configuration says so.
 OFF_BY_SETTING = "tx_fastpath = off in the configuration"
@@ -83,11 +83,11 @@ class TxFastPaths:
             self._taps[ifindex] = name
             self.why_not.pop(name, None)
             self.log.debug("transmit fast path on the TAP of tunnel %s (%s)", name, mode)
-        for ifindex in self._taps:
+        for ifindex, name in self._taps.items():
             tunnel = wanted.get(ifindex)
             try:
                 if tunnel is None:
-                    prog.remove_tunnel(ifindex)
+                    prog.disable(ifindex, name)
                 else:
                     prog.set_tunnel(tunnel)
             except (ValueError, OSError) as exc:
@@ -95,6 +95,12 @@ class TxFastPaths:
                     "transmit fast path: cannot update tunnel %s: %s", self._taps[ifindex], exc
                 )
         prog.forget(prog.tunnel_names() - set(taps.values()))
+
+    def order_counter(self, name: str) -> OrderCounter | None:
+        """The ordering counters of a tunnel whose TAP has the program, else None."""
+        if self.program is None or name not in self._taps.values():
+            return None
+        return self.program.order_counter(name)
 
     def close(self) -> None:
         """Detach from every TAP and unload (idempotent)."""

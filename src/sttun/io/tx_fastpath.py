@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import struct
 from collections.abc import Iterable
@@ -67,7 +68,7 @@ class TxTunnel:
             raise ValueError(f"tunnel {self.name!r}: header template of {len(self.template)} bytes")
         if len(self.tos_table) != 256 or len(self.ttl_table) != 256:
             raise ValueError(f"tunnel {self.name!r}: TOS/TTL tables must have 256 entries")
-        flags = txp.TX_FLAG_IPV6 if self.ipv6 else 0
+        flags = txp.TX_FLAG_ENABLED | (txp.TX_FLAG_IPV6 if self.ipv6 else 0)
         sport = 0
         if self.fixed_sport is not None:
             flags |= txp.TX_FLAG_FIXED_SPORT
@@ -82,6 +83,38 @@ class TxTunnel:
         return value
 
 
+class OrderCounter:
+    """One tunnel's pair of ordering counters, shared with the program.
+
+    The program counts every frame of the tunnel's TAP it leaves to Python
+    (``passed``) and takes a frame itself only while Python has sent all of them
+    (``consumed == passed``), so no frame overtakes one that is still queued for
+    the TAP reader.  The TAP reader calls :meth:`done` after each frame it read has
+    been sent (or dropped) and :meth:`drained` when the TAP had nothing more to read
+    (which also forgets frames the TAP dropped, or that were queued before the
+    program was attached).
+    """
+
+    __slots__ = ("_consumed", "_mv", "_passed")
+
+    def __init__(self, view: memoryview, slot: int) -> None:
+        self._mv = view
+        self._passed = 2 * slot
+        self._consumed = 2 * slot + 1
+
+    def done(self) -> None:
+        """One more frame read from the TAP has left (or been dropped)."""
+        self._mv[self._consumed] += 1
+
+    def drained(self) -> None:
+        """The TAP is empty: everything the program passed on has been read."""
+        self._mv[self._consumed] = self._mv[self._passed]
+
+    def counts(self) -> tuple[int, int]:
+        """(passed, consumed)."""
+        return self._mv[self._passed], self._mv[self._consumed]
+
+
 class TxFastPath:
     """The transmit program of one daemon, attached to its TAPs (see the module doc)."""
 
@@ -92,6 +125,11 @@ class TxFastPath:
         self._links: dict[int, TcxLink | TcFilter] = {}
         self._slots: dict[str, int] = {}
         self._entries: dict[int, tuple[str, bytes]] = {}  # tap ifindex -> (name, value)
+        size = MAX_TUNNELS * txp.ORDER_VALUE_SIZE
+        self._order_mmap = mmap.mmap(
+            maps.order, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self._order = memoryview(self._order_mmap).cast("Q")
         #: The kernel's id of the loaded program.
         self.prog_id = bpf.prog_id(prog_fd)
 
@@ -163,7 +201,12 @@ class TxFastPath:
                 link.detach()
         self._links.clear()
         m = self._maps
-        close_fds([self._prog_fd, m.tunnels, m.reasons, m.tunnel_stats, m.scratch, m.crc_table])
+        self._order.release()
+        with contextlib.suppress(BufferError):
+            self._order_mmap.close()  # an OrderCounter still held keeps the mapping
+        close_fds(
+            [self._prog_fd, m.tunnels, m.reasons, m.tunnel_stats, m.scratch, m.crc_table, m.order]
+        )
         self._prog_fd = None
 
     def __enter__(self) -> TxFastPath:
@@ -173,27 +216,44 @@ class TxFastPath:
         self.close()
 
     # -- tunnels ----------------------------------------------------------------------
-    def set_tunnel(self, tunnel: TxTunnel) -> None:
-        """Write ``tunnel``'s entry (only when it changed).  A name keeps its counters."""
-        slot = self._slots.get(tunnel.name)
+    def _slot(self, name: str) -> int:
+        slot = self._slots.get(name)
         if slot is None:
             used = set(self._slots.values())
             free = next((i for i in range(MAX_TUNNELS) if i not in used), None)
             if free is None:
                 raise ValueError(f"transmit fast path: at most {MAX_TUNNELS} tunnels")
-            slot = self._slots[tunnel.name] = free
+            slot = self._slots[name] = free
             zero = bytes(_COUNTER.size * self._ncpus)
             bpf.map_update(self._maps.tunnel_stats, _U32.pack(slot), zero)
-        value = tunnel.value(slot)
-        if self._entries.get(tunnel.tap_ifindex) == (tunnel.name, value):
+            self._order[2 * slot] = self._order[2 * slot + 1] = 0
+        return slot
+
+    def _write(self, tap_ifindex: int, name: str, value: bytes) -> None:
+        if self._entries.get(tap_ifindex) == (name, value):
             return
-        bpf.map_update(self._maps.tunnels, _U32.pack(tunnel.tap_ifindex), value)
-        self._entries[tunnel.tap_ifindex] = (tunnel.name, value)
+        bpf.map_update(self._maps.tunnels, _U32.pack(tap_ifindex), value)
+        self._entries[tap_ifindex] = (name, value)
+
+    def set_tunnel(self, tunnel: TxTunnel) -> None:
+        """Write ``tunnel``'s entry, enabled (only when it changed).  A name keeps its
+        counters."""
+        self._write(tunnel.tap_ifindex, tunnel.name, tunnel.value(self._slot(tunnel.name)))
+
+    def disable(self, tap_ifindex: int, name: str) -> None:
+        """Keep the TAP's entry but send every frame to Python (the tunnel cannot
+        send now); its frames are still counted for ordering."""
+        value = bytes(txp.VAL_IFINDEX) + _VALUE_TAIL.pack(0, self._slot(name), 0, 0, 0)
+        self._write(tap_ifindex, name, value.ljust(txp.TX_VALUE_SIZE, b"\0"))
 
     def remove_tunnel(self, tap_ifindex: int) -> None:
-        """Remove the entry of a TAP: its frames go to Python (idempotent)."""
+        """Remove the entry of a TAP (idempotent)."""
         if self._entries.pop(tap_ifindex, None) is not None:
             bpf.map_delete(self._maps.tunnels, _U32.pack(tap_ifindex))
+
+    def order_counter(self, name: str) -> OrderCounter:
+        """The ordering counters of tunnel ``name`` (for its TAP reader)."""
+        return OrderCounter(self._order, self._slot(name))
 
     def tunnel_names(self) -> set[str]:
         """The names that have counters."""
@@ -248,8 +308,8 @@ class TxFastPath:
 
 
 def _create_maps(fds: list[int]) -> txp.TxMapFds:
-    def make(kind: int, key: int, value: int, entries: int, name: str) -> int:
-        fd = bpf.map_create(kind, key, value, entries, name)
+    def make(kind: int, key: int, value: int, entries: int, name: str, flags: int = 0) -> int:
+        fd = bpf.map_create(kind, key, value, entries, name, flags)
         fds.append(fd)
         return fd
 
@@ -269,6 +329,14 @@ def _create_maps(fds: list[int]) -> txp.TxMapFds:
         ),
         scratch=make(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, txp.SCRATCH_SIZE, 1, "sttun_txscratch"),
         crc_table=make(bpf.BPF_MAP_TYPE_ARRAY, 4, txp.CRC_TABLE_SIZE, 1, "sttun_crc32"),
+        order=make(
+            bpf.BPF_MAP_TYPE_ARRAY,
+            4,
+            txp.ORDER_VALUE_SIZE,
+            MAX_TUNNELS,
+            "sttun_txorder",
+            bpf.BPF_F_MMAPABLE,
+        ),
     )
     bpf.map_update(maps.crc_table, _U32.pack(0), txp.crc_table_bytes())
     return maps

@@ -33,6 +33,7 @@ BPF_ALU64 = 0x07
 SIZES = {"b": 0x10, "h": 0x08, "w": 0x00, "dw": 0x18}
 BPF_IMM = 0x00
 BPF_MEM = 0x60
+BPF_ATOMIC = 0xC0
 # Source operand (ALU/JMP classes).
 BPF_K = 0x00
 BPF_X = 0x08
@@ -200,6 +201,10 @@ class Asm:
     def st(self, size: str, dst: Reg, off: int, imm: int) -> None:
         """``*(size *)(dst + off) = imm``."""
         self.raw(BPF_ST | BPF_MEM | SIZES[size], dst.n, 0, _off16(off), _imm32(imm))
+
+    def atomic_add(self, size: str, dst: Reg, off: int, src: Reg) -> None:
+        """``lock *(size *)(dst + off) += src`` (``size``: w or dw)."""
+        self.raw(BPF_STX | BPF_ATOMIC | SIZES[size], dst.n, src.n, _off16(off), 0)
 
     def ld_imm64(self, dst: Reg, imm: int, src: int = 0) -> None:
         """``dst = imm`` (64-bit immediate, two instruction slots)."""

@@ -29,6 +29,8 @@ BPF_LINK_CREATE = 28
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+#: ``map_flags``: an array map that user space may mmap() (Linux >= 5.5).
+BPF_F_MMAPABLE = 1 << 10
 # Program types (enum bpf_prog_type).
 BPF_PROG_TYPE_SCHED_CLS = 3
 # Attach types (enum bpf_attach_type); TCX since Linux 6.6.
@@ -96,10 +98,13 @@ def _addr(buf: ctypes.Array[ctypes.c_char] | None) -> int:
     return 0 if buf is None else ctypes.addressof(buf)
 
 
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
-    """Create a map; returns its file descriptor."""
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, name: str, flags: int = 0
+) -> int:
+    """Create a map (``flags``: ``map_flags``, e.g. :data:`BPF_F_MMAPABLE`); returns its
+    file descriptor."""
     attr = _attr()
-    struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, 0)
+    struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, flags)
     struct.pack_into("16s", attr, 28, name.encode()[:15])
     return bpf(BPF_MAP_CREATE, attr)
 

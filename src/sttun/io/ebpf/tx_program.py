@@ -101,6 +101,12 @@ VAL_TTL = 376  # u8[256] outer TTL by inner TTL
 TX_VALUE_SIZE = 632
 TX_FLAG_FIXED_SPORT = 1
 TX_FLAG_IPV6 = 2
+TX_FLAG_ENABLED = 4  # the tunnel can send now; without it every frame goes to Python
+#: The ordering map (mmap()ed by the daemon): per counter slot two u64, the frames
+#: the program passed to Python and the frames Python has sent of them.
+ORDER_PASSED = 0
+ORDER_CONSUMED = 8
+ORDER_VALUE_SIZE = 16
 COUNTER_VALUE_SIZE = 16  # packets u64, bytes u64 (per CPU)
 CRC_TABLE_SIZE = 1024
 
@@ -126,19 +132,21 @@ _S_FIELD = -80
 _S_PSEUDO = -88
 _S_CRCTBL = -96
 _S_ZERO = -104
-_STACK_LOW = _S_ZERO
+_S_ORDER = -112
+_STACK_LOW = _S_ORDER
 
 
 class TxPassReason(enum.IntEnum):
     """Why the transmit program left a frame to Python (index of the per-CPU counter)."""
 
-    NO_TUNNEL = 0  # the TAP has no entry: tunnel down, next hop unresolved, offload off
+    NO_TUNNEL = 0  # no entry, or disabled: tunnel down, next hop unresolved, offload off
     GSO = 1  # a GSO frame (Python sends it as one STT frame the kernel segments)
     NOT_IP = 2  # not IP of the underlay's family (ARP, VLAN, the other family)
     TOO_BIG = 3  # the outer packet would not fit one segment, or > TX_MAX_INNER
     L4 = 4  # not TCP/UDP/ICMP, a fragment, extension headers, lengths that disagree
     CHECKSUM = 5  # the inner checksum is neither complete nor a Linux partial seed
-    ERROR = 6  # a helper failed after the frame was changed: dropped (TC_ACT_SHOT)
+    QUEUED = 6  # frames of the tunnel wait for Python: this one must not overtake them
+    ERROR = 7  # a helper failed (after the frame was changed: dropped, TC_ACT_SHOT)
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ class TxMapFds:
     tunnel_stats: int  # PERCPU_ARRAY counter slot -> counter
     scratch: int  # PERCPU_ARRAY [0] -> SCRATCH_SIZE bytes
     crc_table: int  # ARRAY [0] -> the CRC-32 table (256 x u32)
+    order: int  # ARRAY (mmapable) counter slot -> passed u64, consumed u64
 
 
 def crc_table_bytes() -> bytes:
@@ -287,13 +296,28 @@ class _Builder:
         a.mov(R6, R1)
         for off in range(_STACK_LOW, 0, 8):
             a.st("dw", FP, off, 0)
-        a.ldx("w", R1, R6, SKB_GSO_SIZE)
-        a.jne(R1, 0, "gso")
         a.ldx("w", R1, R6, SKB_IFINDEX)
         a.stx("w", FP, _S_KEY, R1)
         self.lookup(self.maps.tunnels, _S_KEY)
         a.jeq(R0, 0, "no_tunnel")
         a.mov(R7, R0)
+        # the tunnel's ordering counters: from here on every frame passed is counted
+        a.ldx("w", R1, R7, VAL_SLOT)
+        a.stx("w", FP, _S_STATKEY, R1)
+        self.lookup(self.maps.order, _S_STATKEY)
+        a.jeq(R0, 0, "no_tunnel")
+        a.stx("dw", FP, _S_ORDER, R0)
+        a.ldx("w", R1, R7, VAL_FLAGS)
+        a.jset(R1, TX_FLAG_ENABLED, "enabled")
+        a.ja("no_tunnel")
+        a.label("enabled")
+        a.ldx("w", R1, R6, SKB_GSO_SIZE)
+        a.jne(R1, 0, "gso")
+        # frames of this tunnel wait for Python: this one must not overtake them
+        a.ldx("dw", R0, FP, _S_ORDER)
+        a.ldx("dw", R1, R0, ORDER_PASSED)
+        a.ldx("dw", R2, R0, ORDER_CONSUMED)
+        a.jne(R1, R2, "queued")
         a.ldx("w", R1, R6, SKB_VLAN_PRESENT)
         a.jne(R1, 0, "not_ip")
         self.lookup(self.maps.scratch, _S_ZERO)
@@ -683,6 +707,7 @@ class _Builder:
             "too_big": TxPassReason.TOO_BIG,
             "l4": TxPassReason.L4,
             "checksum": TxPassReason.CHECKSUM,
+            "queued": TxPassReason.QUEUED,
             "internal": TxPassReason.ERROR,
         }
         for name, reason in labels.items():
@@ -693,6 +718,12 @@ class _Builder:
         a.stx("w", FP, _S_STATKEY, R0)
         a.ldx("w", R8, R6, SKB_LEN)
         self.count(self.maps.reasons)
+        uncounted = a.fresh("uncounted")
+        a.ldx("dw", R1, FP, _S_ORDER)
+        a.jeq(R1, 0, uncounted)
+        a.mov(R2, 1)
+        a.atomic_add("dw", R1, ORDER_PASSED, R2)  # one more frame for Python to send
+        a.label(uncounted)
         a.mov(R0, TC_ACT_UNSPEC)
         a.exit()
         a.label("error")
