@@ -552,6 +552,12 @@ class Daemon:
                 new.tx_ring,
                 self.tx_ring_setting,
             )
+        if new.tx_fastpath != self.tx_fastpath.setting:
+            log.warning(
+                "tx_fastpath = %s takes effect at the next start (running with %s)",
+                new.tx_fastpath,
+                self.tx_fastpath.setting,
+            )
         if new.fastpath != self.fastpaths.setting:
             log.warning(
                 "fastpath = %s takes effect at the next start (running with %s)",
