@@ -17,10 +17,19 @@ keeps counting every drop reason; the program counts why it passed a packet on
 * (remote, local, destination port, context id) names a tunnel in the map;
 * outer ECN not CE; with the uniform DSCP model, the inner IP header already has
   the outer DSCP (so Python would not rewrite it);
-* the outer checksum was verified or will be: ``CHECKSUM_UNNECESSARY``, or a GSO
-  skb (GRO merged it after checking, or a local sender's partial checksum), or a
-  non-GSO ``CHECKSUM_PARTIAL`` skb recognised by its field holding the
-  pseudo-header sum; ``CHECKSUM_NONE`` (nobody checked) goes to Python.
+* the outer checksum was verified or will be, in this order: ``CHECKSUM_UNNECESSARY``;
+  a GSO skb (GRO merged it after checking, or a local sender's partial checksum);
+  a non-GSO ``CHECKSUM_PARTIAL`` skb whose field holds the pseudo-header sum; a
+  non-GSO skb in any other state (``CHECKSUM_NONE`` too) whose outer TCP segment,
+  at most :data:`CSUM_MAX` bytes, the program sums to 0xFFFF with its pseudo
+  header; or the **inner-partial** rule: a ``CHECKSUM_PARTIAL`` skb (not
+  ``COMPLETE``: ``bpf_csum_update`` tells) without P whose inner IPv4 (any header
+  length, not a fragment) or IPv6 (no extension header) TCP/UDP checksum field
+  holds the inner pseudo-header sum (with the L4 length, as Linux seeds it) and
+  whose outer checksum verifies with that field's final value in its place (how
+  a tc-egress encapsulator of a partial inner packet computes it).  Anything else
+  goes to Python with reason CHECKSUM (a ``CHECKSUM_NONE`` frame that does not
+  verify, for one: Python counts the drop).
 
 What the inner frame becomes (docs/architecture.md, "Kernel receive fast path"):
 
@@ -38,6 +47,12 @@ What the inner frame becomes (docs/architecture.md, "Kernel receive fast path"):
 * C: ``CHECKSUM_UNNECESSARY``; no flag: ``CHECKSUM_NONE`` (the inner checksum is
   complete and unverified, the receiver checks it).  The outer verdict is never
   carried over to the inner header.
+* inner-partial: csum_start at the inner L4 header is after the stripped headers,
+  so the skb stays ``CHECKSUM_PARTIAL`` with the seed in the field and the device
+  or ``skb_checksum_help`` fills it (a final value written here would be summed
+  over again and replaced by the seed).  Had csum_start been in the stripped
+  headers, the strip made the skb NONE: the final value (computed before the
+  strip, 0 written as 0xFFFF) is stored and the skb made UNNECESSARY.
 * a non-GSO inner packet in a GSO outer skb is linearised and its GSO state reset
   with ``bpf_skb_change_tail(skb, len, 0)``.
 
@@ -147,7 +162,7 @@ class PassReason(enum.IntEnum):
     HEADER = 3  # IP options/fragment, lengths, data offset, version, L4 offset, C+P
     VLAN = 4  # the STT header carries a VLAN TCI
     MARKING = 5  # outer CE, or the uniform DSCP model would rewrite the inner header
-    CHECKSUM = 6  # nobody verified the outer checksum (CHECKSUM_NONE, COMPLETE)
+    CHECKSUM = 6  # the outer checksum did not verify (or was too long to sum here)
     OFFLOAD = 7  # GSO/checksum combination the program does not do
     ERROR = 8  # a helper failed after the frame was changed: dropped (TC_ACT_SHOT)
 
@@ -527,7 +542,10 @@ class _Builder:
         a.stx("dw", FP, _S_MODE, R2)
 
     def checksum_state(self, f: _Family) -> None:
-        """Pass the frame on unless the outer checksum was (or will be) verified."""
+        """Pass the frame on unless the outer checksum was (or will be) verified.
+
+        Runs before flags() decides the mode: the summing loops then see few
+        distinct verifier states (the verifier walks a loop once per state)."""
         a = self.a
         trusted = a.fresh("trusted")
         not_none = a.fresh("not_none")
