@@ -14,8 +14,10 @@ MTU-sized segments.
 :func:`cases` builds the crafted frames: every flag combination (none, C, P, P
 with an MSS), TCP and UDP, IPv4/IPv6 inner and outer, several MSS values, sizes
 around the MTU, and frames the program must leave to Python (VLAN, CE, a DSCP the
-uniform model would copy, an unknown context id, pieces, an unverified outer
-checksum, GSO across IP families).
+uniform model would copy, an unknown context id, pieces, a wrong outer checksum,
+GSO across IP families); CHECKSUM_NONE frames (no offloads, the program verifies
+the outer checksum).  :func:`inner_partial_cases`: frames whose inner checksum is
+still partial, as an encapsulator at tc egress sends them.
 """
 
 from __future__ import annotations
@@ -181,33 +183,54 @@ def inner_frame(
     tos: int = 0,
     ident: int = 1,
     vlan: int | None = None,
+    ip_options: bytes = b"",
 ) -> bytes:
-    """Ethernet + IPv4/IPv6 + TCP/UDP.  ``partial``: the L4 checksum field holds the
-    pseudo-header sum (Linux CHECKSUM_PARTIAL), else the complete checksum."""
+    """Ethernet + IPv4/IPv6 + TCP/UDP/ICMP echo request (``sport``: its identifier).
+    ``partial``: the TCP/UDP checksum field holds the pseudo-header sum (Linux
+    CHECKSUM_PARTIAL), else the complete checksum.  ``ip_options``: IPv4 options
+    (a multiple of 4 bytes)."""
     src, dst = INNER4 if family == 4 else INNER6
     s = ipaddress.ip_address(src).packed
     d = ipaddress.ip_address(dst).packed
-    proto = 6 if l4 == "tcp" else 17
+    proto = {"tcp": 6, "udp": 17, "icmp": 1 if family == 4 else 58}[l4]
     if l4 == "tcp":
         hdr = bytearray(
             struct.pack("!HHIIBBHHH", sport, dport, 1000 * sport, 1, 0x50, 0x18, 65535, 0, 0)
         )
         coff = 16
-    else:
+    elif l4 == "udp":
         hdr = bytearray(struct.pack("!HHHH", sport, dport, 8 + len(payload), 0))
         coff = 6
+    else:
+        hdr = bytearray(struct.pack("!BBHHH", 8 if family == 4 else 128, 0, 0, sport, 1))
+        coff = 2
     seg = hdr + payload
     pseudo = ones_sum(s + d) + proto + len(seg)
-    if partial:
+    if l4 == "icmp":
+        c = ~_fold(ones_sum(seg, 0 if family == 4 else pseudo)) & 0xFFFF
+        struct.pack_into("!H", seg, coff, c)
+    elif partial:
         struct.pack_into("!H", seg, coff, _fold(pseudo))
     else:
         c = ~_fold(ones_sum(seg, pseudo)) & 0xFFFF
         struct.pack_into("!H", seg, coff, c or 0xFFFF)
     if family == 4:
+        ihl = 5 + len(ip_options) // 4
         ip = bytearray(
             struct.pack(
-                "!BBHHHBBH4s4s", 0x45, tos, 20 + len(seg), ident, 0x4000, 64, proto, 0, s, d
+                "!BBHHHBBH4s4s",
+                0x40 | ihl,
+                tos,
+                4 * ihl + len(seg),
+                ident,
+                0x4000,
+                64,
+                proto,
+                0,
+                s,
+                d,
             )
+            + ip_options
         )
         struct.pack_into("!H", ip, 10, ~_fold(ones_sum(ip)) & 0xFFFF)
         et = 0x0800
@@ -217,6 +240,11 @@ def inner_frame(
         et = 0x86DD
     tag = b"" if vlan is None else struct.pack("!HH", 0x8100, vlan)
     return INNER_DST_MAC + INNER_SRC_MAC + tag + struct.pack("!H", et) + bytes(ip) + bytes(seg)
+
+
+def l4_header_len(l4: str) -> int:
+    """Bytes of the TCP/UDP/ICMP echo header :func:`inner_frame` writes."""
+    return 20 if l4 == "tcp" else 8
 
 
 def inner_vnet(family: int, l4: str, flags: str, mss: int = 0) -> VnetHdr | None:
@@ -342,16 +370,19 @@ def cases(h: FastPathHosts) -> list[Case]:
             gso=False,
         )
         c.extra["count"] = len(c.packets)
-        sp = next(port)
-        add(
-            f"o{outer}-csum-none",
-            outer,
-            inner_frame(4, "udp", b"n" * 100, sport=sp, partial=False),
-            None,
-            "checksum",
-            sport=sp,
-            gso=False,
-        )
+        # CHECKSUM_NONE (no offloads) with a wrong outer checksum: Python drops it
+        for l4 in ("tcp", "udp", "icmp"):
+            sp = next(port)
+            c = add(
+                f"o{outer}-{l4}-none-bad-checksum",
+                outer,
+                inner_frame(4, l4, b"n" * 100, sport=sp, partial=False),
+                None,
+                "checksum",
+                sport=sp,
+                gso=False,
+            )
+            c.packets = [_with_bad_outer_checksum(p, outer) for p in c.packets]
         ifam = 6 if outer == 4 else 4
         sp = next(port)
         add(
@@ -415,6 +446,28 @@ def cases(h: FastPathHosts) -> list[Case]:
                     if c.packets[0][0][1] == 0:
                         # one outer segment: the program cannot make a GSO skb of it
                         c.expect = "offload"
+            # CHECKSUM_NONE (sent without offloads, every checksum complete): the
+            # program verifies the outer checksum itself
+            for l4 in ("tcp", "udp", "icmp"):
+                one = 1500 - (20 if outer == 4 else 40) - 20 - 18 - 14 - l3 - l4_header_len(l4)
+                for flags, size in (("none", 0), ("none", 100), ("C", 100), ("none", one)):
+                    sp = next(port)
+                    body = bytes((sp * 3 + i) & 0xFF for i in range(size))
+                    frame = inner_frame(ifam, l4, body, sport=sp, partial=False)
+                    # adjust_room keeps at least 40 bytes after an IPv6 header
+                    short = outer == 6 and len(frame) < 14 + 40
+                    add(
+                        f"o{outer}-i{ifam}-{l4}-csum-none-{flags}-{size}",
+                        outer,
+                        frame,
+                        inner_vnet(ifam, l4, flags),
+                        "offload" if short else "fast",
+                        sport=sp,
+                        inner_family=ifam,
+                        l4=l4,
+                        payload=size,
+                        gso=False,
+                    )
             # P with an MSS but payload within one MSS: not GSO (virtio_net_hdr_to_skb)
             sp = next(port)
             body = bytes(range(200))
@@ -433,15 +486,124 @@ def cases(h: FastPathHosts) -> list[Case]:
     return out
 
 
-def sentinel(h: FastPathHosts, outer: int) -> Case:
-    """A last frame that takes the Python path (outer checksum unverified) and that
-    Python delivers: when it shows on the far side, everything before it has."""
+def inner_partial_cases(h: FastPathHosts) -> list[Case]:
+    """Whole frames as an encapsulator at the overlay's tc egress leaves them when
+    the inner packet's checksum is still partial: STT flags 0, the inner TCP/UDP
+    checksum field holding the pseudo-header sum, the outer checksum computed as
+    if that field held its final value, and the skb CHECKSUM_PARTIAL with
+    csum_start at the inner L4 header (over veth nobody finishes it).  The
+    program takes them; the Python path does not yet (so not in :func:`cases`)."""
     mac_a = _mac(h.a, h.dev_a)
     mac_b = h.nexthop_mac
-    frame = inner_frame(4, "udp", b"sentinel", sport=SENTINEL_PORT, partial=False)
+    out: list[Case] = []
+    port = iter(range(30000, 40000))
+
+    def add(
+        name: str,
+        outer: int,
+        ifam: int,
+        l4: str,
+        size: int,
+        expect: str,
+        *,
+        start: str = "inner",
+        bad_seed: bool = False,
+        bad_outer: bool = False,
+        options: bytes = b"",
+    ) -> None:
+        sp = next(port)
+        body = bytes((sp * 5 + i) & 0xFF for i in range(size))
+        final = inner_frame(ifam, l4, body, sport=sp, partial=False, ip_options=options)
+        seeded = bytearray(inner_frame(ifam, l4, body, sport=sp, partial=True, ip_options=options))
+        l4_at = 14 + (20 + len(options) if ifam == 4 else 40)
+        coff = 16 if l4 == "tcp" else 6
+        if bad_seed:
+            seeded[l4_at + coff] ^= 0x40
+        (parts,) = _encap(h, outer, mac_b, mac_a).encap(final, None, gso=False)
+        data = bytearray(b"".join(bytes(p) for p in parts))
+        inner_at = len(data) - len(final)
+        data[inner_at:] = seeded
+        tcp = 14 + (20 if outer == 4 else 40)
+        if bad_outer:
+            data[tcp + 17] ^= 0x40
+        if outer == 6 and len(final) < 14 + 40:
+            expect = "offload"  # adjust_room keeps at least 40 bytes after IPv6
+        if start == "inner":
+            vnet = VnetHdr(VnetFlag.NEEDS_CSUM, 0, 0, 0, inner_at + l4_at, coff)
+        else:  # csum_start in the headers the program strips
+            vnet = VnetHdr(VnetFlag.NEEDS_CSUM, 0, 0, 0, tcp, 16)
+        out.append(
+            Case(
+                name,
+                outer,
+                [[vnet.pack(), bytes(data)]],
+                expect,
+                sport=sp,
+                inner_family=ifam,
+                l4=l4,
+                payload=size,
+            )
+        )
+
+    for outer in (4, 6):
+        for ifam in (4, 6):
+            l3 = 20 if ifam == 4 else 40
+            for l4 in ("tcp", "udp"):
+                one = 1500 - (20 if outer == 4 else 40) - 20 - 18 - 14 - l3 - l4_header_len(l4)
+                for size in (0, 100, one):
+                    add(
+                        f"o{outer}-i{ifam}-{l4}-inner-partial-{size}", outer, ifam, l4, size, "fast"
+                    )
+        nop3 = b"\x01\x01\x01\x00"  # NOP NOP NOP EOL
+        add(f"o{outer}-i4-tcp-inner-partial-options", outer, 4, "tcp", 100, "fast", options=nop3)
+        add(f"o{outer}-i4-udp-inner-partial-options", outer, 4, "udp", 100, "fast", options=nop3)
+        add(
+            f"o{outer}-i4-tcp-inner-partial-outer-start",
+            outer,
+            4,
+            "tcp",
+            100,
+            "fast",
+            start="outer",
+        )
+        add(
+            f"o{outer}-i6-udp-inner-partial-outer-start",
+            outer,
+            6,
+            "udp",
+            300,
+            "fast",
+            start="outer",
+        )
+        add(f"o{outer}-i4-tcp-not-seed", outer, 4, "tcp", 100, "checksum", bad_seed=True)
+        add(f"o{outer}-i6-udp-not-seed", outer, 6, "udp", 100, "checksum", bad_seed=True)
+        add(f"o{outer}-i4-udp-seed-bad-outer", outer, 4, "udp", 100, "checksum", bad_outer=True)
+        add(f"o{outer}-i6-tcp-seed-bad-outer", outer, 6, "tcp", 100, "checksum", bad_outer=True)
+    return out
+
+
+def sentinel(h: FastPathHosts, outer: int) -> Case:
+    """A last frame that takes the Python path (outer CE) and that Python delivers
+    (the inner packet is ECT(1): it gets CE): when it shows on the far side,
+    everything before it has."""
+    mac_a = _mac(h.a, h.dev_a)
+    mac_b = h.nexthop_mac
+    frame = inner_frame(4, "udp", b"sentinel", sport=SENTINEL_PORT, partial=False, tos=1)
     enc = _encap(h, outer, mac_b, mac_a)
-    packets = [[VNET_NONE, *_as_bytes(p)] for p in enc.encap(frame, None, gso=False)]
-    return Case("sentinel", outer, packets, "checksum", sport=SENTINEL_PORT, payload=8)
+    packets = [_with_outer_ce(_joined(p), outer) for p in enc.encap(frame, None, gso=False)]
+    return Case("sentinel", outer, packets, "marking", sport=SENTINEL_PORT, payload=8)
+
+
+def _joined(parts: list[object]) -> list[bytes]:
+    """A packet of finished segment parts as an all-zero vnet header and one buffer."""
+    return [VNET_NONE, b"".join(_as_bytes(parts))]
+
+
+def _with_bad_outer_checksum(packet: list[bytes], outer: int) -> list[bytes]:
+    """The packet (vnet header, then its parts) with its outer TCP checksum wrong."""
+    data = bytearray(b"".join(packet[1:]))
+    data[14 + (20 if outer == 4 else 40) + 17] ^= 0x40
+    return [packet[0], bytes(data)]
 
 
 def _with_outer_ce(packet: list[bytes], outer: int) -> list[bytes]:
@@ -513,7 +675,8 @@ def wait_for_frames(path: Path, count: int, timeout: float = 20.0) -> list[bytes
 
 
 def l4_sport(frame: bytes) -> int | None:
-    """The inner L4 source port of a captured frame (None if not IP TCP/UDP)."""
+    """The inner L4 source port of a captured frame, the identifier of an ICMP echo
+    request (None if neither)."""
     et = struct.unpack_from("!H", frame, 12)[0]
     if et == 0x0800:
         off = 14 + (frame[14] & 0x0F) * 4
@@ -522,6 +685,8 @@ def l4_sport(frame: bytes) -> int | None:
         off, proto = 54, frame[20]
     else:
         return None
+    if proto in (1, 58) and len(frame) >= off + 6 and frame[off] in (8, 128):
+        return int(struct.unpack_from("!H", frame, off + 4)[0])
     if proto not in (6, 17) or len(frame) < off + 2:
         return None
     return int(struct.unpack_from("!H", frame, off)[0])

@@ -40,6 +40,8 @@ from tests.e2e.fastpath_env import (
     bridge_tap,
     cases,
     fastpath_hosts,
+    inner_partial_cases,
+    l4_header_len,
     l4_sport,
     read_pcap,
     send_cases,
@@ -69,6 +71,10 @@ def tshark_checksums(pcap: Path) -> list[tuple[str, str]]:
         "tcp.checksum_calculated",
         "udp.srcport",
         "udp.checksum.status",
+        "icmp.ident",
+        "icmp.checksum.status",
+        "icmpv6.echo.identifier",
+        "icmpv6.checksum.status",
     ]
     argv = [
         "tshark",
@@ -90,13 +96,18 @@ def tshark_checksums(pcap: Path) -> list[tuple[str, str]]:
     res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
     out = []
     for line in res.stdout.splitlines():
-        ip_st, tsp, tst, tfield, tcalc, usp, ust = (line.split("\t") + [""] * 7)[:7]
+        ip_st, tsp, tst, tfield, tcalc, usp, ust, i4, i4st, i6, i6st = (
+            line.split("\t") + [""] * 11
+        )[:11]
         if ip_st:
-            out.append((tsp or usp, "good" if ip_st == "1" else "bad"))
+            out.append((tsp or usp or i4, "good" if ip_st == "1" else "bad"))
         if tsp:
             out.append((tsp, tshark_checksum_verdict(tst, tfield, tcalc)))
         if usp:
             out.append((usp, "good" if ust == "1" else "bad"))
+        for ident, status in ((i4, i4st), (i6, i6st)):
+            if ident:
+                out.append((str(int(ident, 0)), "good" if status == "1" else "bad"))
     return out
 
 
@@ -111,9 +122,10 @@ def check_far_side(frames: list[bytes], fast: list[Case]) -> None:
     for c in fast:
         got = by_port.pop(c.sport, [])
         assert len(got) == c.frames, f"{c.name}: {len(got)} frames, expected {c.frames}"
-        l3 = 20 if c.inner_family == 4 else 40
-        l4 = 20 if c.l4 == "tcp" else 8
-        sizes = [len(f) - 14 - l3 - l4 for f in got]
+        l4 = l4_header_len(c.l4)
+        sizes = [
+            len(f) - 14 - (4 * (f[14] & 0x0F) if c.inner_family == 4 else 40) - l4 for f in got
+        ]
         assert sum(sizes) == c.payload, f"{c.name}: {sum(sizes)} payload bytes, not {c.payload}"
         if c.mss:
             assert max(sizes) == c.mss, f"{c.name}: segments {sizes}"
@@ -135,7 +147,7 @@ def test_fast_path_delivers_whole_frames_and_passes_the_rest(tmp_path: Path) -> 
     with attached() as (h, fp, tap_ifindex):
         assert fp.mode == "tcx"
         fp.set_tunnels(tunnels(h, tap_ifindex))
-        all_cases = cases(h)
+        all_cases = cases(h) + inner_partial_cases(h)
         fast = [c for c in all_cases if c.expect == "fast"]
         pcap = tmp_path / "vm.pcap"
         with vm_capture(h, pcap) as cap:

@@ -17,10 +17,19 @@ keeps counting every drop reason; the program counts why it passed a packet on
 * (remote, local, destination port, context id) names a tunnel in the map;
 * outer ECN not CE; with the uniform DSCP model, the inner IP header already has
   the outer DSCP (so Python would not rewrite it);
-* the outer checksum was verified or will be: ``CHECKSUM_UNNECESSARY``, or a GSO
-  skb (GRO merged it after checking, or a local sender's partial checksum), or a
-  non-GSO ``CHECKSUM_PARTIAL`` skb recognised by its field holding the
-  pseudo-header sum; ``CHECKSUM_NONE`` (nobody checked) goes to Python.
+* the outer checksum was verified or will be, in this order: ``CHECKSUM_UNNECESSARY``;
+  a GSO skb (GRO merged it after checking, or a local sender's partial checksum);
+  a non-GSO ``CHECKSUM_PARTIAL`` skb whose field holds the pseudo-header sum; a
+  non-GSO skb in any other state (``CHECKSUM_NONE`` too) whose outer TCP segment,
+  at most :data:`CSUM_MAX` bytes, the program sums to 0xFFFF with its pseudo
+  header; or the **inner-partial** rule: a ``CHECKSUM_PARTIAL`` skb (not
+  ``COMPLETE``: ``bpf_csum_update`` tells) without P whose inner IPv4 (any header
+  length, not a fragment) or IPv6 (no extension header) TCP/UDP checksum field
+  holds the inner pseudo-header sum (with the L4 length, as Linux seeds it) and
+  whose outer checksum verifies with that field's final value in its place (how
+  a tc-egress encapsulator of a partial inner packet computes it).  Anything else
+  goes to Python with reason CHECKSUM (a ``CHECKSUM_NONE`` frame that does not
+  verify, for one: Python counts the drop).
 
 What the inner frame becomes (docs/architecture.md, "Kernel receive fast path"):
 
@@ -38,6 +47,12 @@ What the inner frame becomes (docs/architecture.md, "Kernel receive fast path"):
 * C: ``CHECKSUM_UNNECESSARY``; no flag: ``CHECKSUM_NONE`` (the inner checksum is
   complete and unverified, the receiver checks it).  The outer verdict is never
   carried over to the inner header.
+* inner-partial: csum_start at the inner L4 header is after the stripped headers,
+  so the skb stays ``CHECKSUM_PARTIAL`` with the seed in the field and the device
+  or ``skb_checksum_help`` fills it (a final value written here would be summed
+  over again and replaced by the seed).  Had csum_start been in the stripped
+  headers, the strip made the skb NONE: the final value (computed before the
+  strip, 0 written as 0xFFFF) is stored and the skb made UNNECESSARY.
 * a non-GSO inner packet in a GSO outer skb is linearised and its GSO state reset
   with ``bpf_skb_change_tail(skb, len, 0)``.
 
@@ -60,6 +75,7 @@ SKB_LOAD_BYTES = 26
 SKB_CHANGE_PROTO = 31
 SKB_CHANGE_TAIL = 38
 SKB_PULL_DATA = 39
+CSUM_UPDATE = 40
 SKB_ADJUST_ROOM = 50
 CSUM_LEVEL = 135
 # Helper arguments.
@@ -81,9 +97,11 @@ SKB_DATA = 76
 SKB_DATA_END = 80
 SKB_GSO_SIZE = 176
 
-#: Largest L4 segment (inner L4 header + payload) whose checksum the program
-#: completes itself; longer non-GSO frames with P go to Python.  Covers inner MTUs
-#: up to ~2000 bytes; the verifier walks the summing loop once per 8 bytes.
+#: Most bytes the program sums for one checksum: an inner L4 segment (inner L4
+#: header + payload) it completes, or an outer TCP segment (TCP header + STT frame)
+#: it verifies.  Longer ones go to Python.  Covers a 1500-byte underlay (outer
+#: segments of at most 1480 bytes) and inner MTUs up to ~2000 bytes; the verifier
+#: walks the summing loop once per 8 bytes.
 CSUM_MAX = 2048
 #: Largest |STT MSS - outer gso_size| the program adjusts (adjust_room moves at most
 #: 0xfff bytes per call, and the strip itself is up to 92).
@@ -116,7 +134,11 @@ _S_STATKEY = -168
 _S_CSUM = -176
 _S_ZERO = -184
 _S_STRIP = -192
-_STACK_LOW = _S_STRIP
+_S_NONE = -200  # 1: the skb is CHECKSUM_NONE
+_S_OSUM = -208  # the outer TCP segment's folded sum, pseudo header included
+_S_SEED = -216  # the inner pseudo-header sum (inner-partial rule)
+_IIP = -256  # 40 bytes: the inner IP header (inner-partial rule)
+_STACK_LOW = _IIP
 
 # What the program does with the inner frame's checksum/GSO state.
 _MODE_NONE = 0
@@ -124,6 +146,7 @@ _MODE_VALID = 1
 _MODE_COMPLETE = 2
 _MODE_GSO = 3
 _MODE_GSO_CROSS = 4  # GSO, inner IP family not the outer one
+_MODE_INNER_PARTIAL = 5  # no P, but the inner L4 checksum field holds its seed
 
 # skb->protocol as the program reads it (a __be16 loaded little-endian).
 _ETH_P_IP_RAW = 0x0008
@@ -139,7 +162,7 @@ class PassReason(enum.IntEnum):
     HEADER = 3  # IP options/fragment, lengths, data offset, version, L4 offset, C+P
     VLAN = 4  # the STT header carries a VLAN TCI
     MARKING = 5  # outer CE, or the uniform DSCP model would rewrite the inner header
-    CHECKSUM = 6  # nobody verified the outer checksum (CHECKSUM_NONE, COMPLETE)
+    CHECKSUM = 6  # the outer checksum did not verify (or was too long to sum here)
     OFFLOAD = 7  # GSO/checksum combination the program does not do
     ERROR = 8  # a helper failed after the frame was changed: dropped (TC_ACT_SHOT)
 
@@ -378,8 +401,9 @@ class _Builder:
         a.stx("dw", FP, _S_INDEX, R1)
         a.ldx("w", R9, R0, 8)
         self.marking(f)
-        self.flags(f)
         self.checksum_state(f)
+        self.flags(f)
+        self.strip_plan(f)
         a.ja("commit")
 
     def marking(self, f: _Family) -> None:
@@ -437,6 +461,8 @@ class _Builder:
         p_gso = a.fresh("p_gso")
         p_nogso = a.fresh("p_nogso")
         fam_ok = a.fresh("fam_ok")
+        a.ldx("dw", R2, FP, _S_MODE)  # checksum_state() may have chosen it
+        a.jeq(R2, _MODE_INNER_PARTIAL, mode_set)
         a.ldx("dw", R1, FP, _S_FLAGS)
         a.mov(R2, R1)
         a.and_(R2, 3)
@@ -516,11 +542,15 @@ class _Builder:
         a.stx("dw", FP, _S_MODE, R2)
 
     def checksum_state(self, f: _Family) -> None:
-        """Pass the frame on unless the outer checksum was (or will be) verified."""
+        """Pass the frame on unless the outer checksum was (or will be) verified.
+
+        Runs before flags() decides the mode: the summing loops then see few
+        distinct verifier states (the verifier walks a loop once per state)."""
         a = self.a
         trusted = a.fresh("trusted")
         not_none = a.fresh("not_none")
-        ip, tcp = 14, f.tcp
+        verify = a.fresh("verify")
+        unverified = a.fresh("unverified")
         a.mov(R1, R6)
         a.mov(R2, CSUM_LEVEL_QUERY)
         a.call(CSUM_LEVEL)
@@ -536,36 +566,29 @@ class _Builder:
         a.mov(R1, R6)
         a.mov(R2, CSUM_LEVEL_RESET)  # back to CHECKSUM_NONE
         a.call(CSUM_LEVEL)
-        a.ja("checksum")
+        a.st("dw", FP, _S_NONE, 1)
+        a.ja(verify)  # nobody checked: only the program's own sum counts
         a.label(not_none)
         # PARTIAL or COMPLETE.  GSO skbs are PARTIAL (GRO or a local sender).
         a.ldx("w", R1, R6, SKB_GSO_SIZE)
         a.jne(R1, 0, trusted)
         # A non-GSO PARTIAL skb's checksum field holds the pseudo-header sum.
-        self.reload()
-        self.bound(f.inner + 14, "header")
-        a.mov(R1, 0x0600)  # protocol 6, as a little-endian load of the pair 0x00 0x06
-        addrs = range(ip + 12, ip + 20, 2) if f.version == 4 else range(ip + 8, ip + 40, 2)
-        for off in addrs:
-            a.ldx("h", R2, R7, off)
-            a.add(R1, R2)
-        a.ldx("w", R3, R6, SKB_LEN)
-        a.sub(R3, tcp)  # TCP length
-        a.be16(R3)
-        a.mov(R2, R1)
-        a.add(R2, R3)
-        for reg in (R1, R2):
-            for _ in range(3):
-                a.mov(R4, reg)
-                a.rsh(R4, 16)
-                a.and_(reg, 0xFFFF)
-                a.add(reg, R4)
-        a.ldx("h", R3, R7, tcp + 16)
+        self.outer_pseudo(f)
+        a.ldx("h", R3, R7, f.tcp + 16)
         a.jeq(R3, R2, trusted)  # Linux: sum includes the TCP length
         a.jeq(R3, R1, trusted)  # Windows LSO: without it
-        a.ja("checksum")
+        a.label(verify)
+        self.verify_outer(f, unverified)
+        a.ja(trusted)
+        a.label(unverified)
+        a.ldx("dw", R1, FP, _S_NONE)
+        a.jne(R1, 0, "checksum")
+        self.inner_partial(f)
         a.label(trusted)
-        # the family decides how much is stripped: remember it in R9 for commit()
+
+    def strip_plan(self, f: _Family) -> None:
+        """R9 = the bytes commit() strips; GSO across families switches the GSO type."""
+        a = self.a
         a.mov(R9, f.strip)
         same = a.fresh("same_family")
         a.ldx("dw", R1, FP, _S_MODE)
@@ -581,6 +604,232 @@ class _Builder:
         a.st("dw", FP, _S_MODE, _MODE_GSO)
         a.mov(R9, f.strip + 20 if f.version == 4 else f.strip - 20)
         a.label(same)
+
+    def outer_pseudo(self, f: _Family) -> None:
+        """R1 = the outer pseudo-header sum without the TCP length, R2 = with it,
+        both folded to 16 bits as little-endian loads see them; R7 = data."""
+        a = self.a
+        ip = 14
+        self.reload()
+        self.bound(f.inner + 14, "header")
+        a.mov(R1, 0x0600)  # protocol 6, as a little-endian load of the pair 0x00 0x06
+        addrs = range(ip + 12, ip + 20, 2) if f.version == 4 else range(ip + 8, ip + 40, 2)
+        for off in addrs:
+            a.ldx("h", R2, R7, off)
+            a.add(R1, R2)
+        a.ldx("w", R3, R6, SKB_LEN)
+        a.sub(R3, f.tcp)  # TCP length
+        a.be16(R3)
+        a.mov(R2, R1)
+        a.add(R2, R3)
+        self.fold(R1, 3)
+        self.fold(R2, 3)
+
+    def verify_outer(self, f: _Family, mismatch: str) -> None:
+        """Sum the outer TCP segment with its pseudo header; go on if it verifies,
+        to ``mismatch`` if not (the folded sum stays at _S_OSUM), to "checksum" if
+        the segment is longer than :data:`CSUM_MAX`."""
+        a = self.a
+        self.outer_pseudo(f)
+        a.stx("dw", FP, _S_OSUM, R2)
+        a.ldx("w", R8, R6, SKB_LEN)
+        a.sub(R8, f.tcp)
+        a.mov(R7, f.tcp)
+        self.sum_skb("checksum")
+        a.ldx("dw", R1, FP, _S_OSUM)
+        a.add(R2, R1)
+        self.fold(R2, 2)
+        a.stx("dw", FP, _S_OSUM, R2)
+        a.jne(R2, 0xFFFF, mismatch)
+
+    def inner_partial(self, f: _Family) -> None:
+        """A non-GSO PARTIAL skb without P whose inner TCP/UDP checksum field holds
+        the inner pseudo-header sum (a local sender's offload with csum_start at the
+        inner L4 header), and whose outer checksum verifies with the field's final
+        value in its place: mode _MODE_INNER_PARTIAL, the final value at _S_CSUM.
+        Anything else goes to "checksum".  Needs _S_OSUM from verify_outer()."""
+        a = self.a
+        v4 = a.fresh("ip_v4")
+        addrs_done = a.fresh("ip_addrs")
+        tcp = a.fresh("ip_tcp")
+        proto_ok = a.fresh("ip_proto")
+        nonzero = a.fresh("ip_nonzero")
+        # bpf_csum_update answers (adding 0) only for CHECKSUM_COMPLETE: a NIC's skb,
+        # whose bytes crossed a wire; a seed in it is not a local offload.
+        a.mov(R1, R6)
+        a.mov(R2, 0)
+        a.call(CSUM_UPDATE)
+        a.jsge(R0, 0, "checksum")
+        a.ldx("dw", R1, FP, _S_FLAGS)
+        a.jset(R1, 2, "checksum")  # P: the sender said where its partial sum is
+        a.ldx("dw", R1, FP, _S_ET)
+        a.jeq(R1, _ETH_P_IP_RAW, v4)
+        a.jne(R1, _ETH_P_IPV6_RAW, "checksum")
+        # -- IPv6: next header TCP or UDP (no extension headers) ----------------------
+        self.load_bytes(f.inner + 14, _IIP, 40, "checksum")
+        a.ldx("b", R1, FP, _IIP)
+        a.rsh(R1, 4)
+        a.jne(R1, 6, "checksum")
+        a.ldx("b", R5, FP, _IIP + 6)
+        a.ldx("h", R8, FP, _IIP + 4)
+        a.be16(R8)  # L4 length
+        a.mov(R7, 14 + 40)  # L4 offset in the inner frame
+        a.mov(R2, 0)
+        for k in range(8, 40, 2):
+            a.ldx("h", R1, FP, _IIP + k)
+            a.add(R2, R1)
+        a.ja(addrs_done)
+        # -- IPv4: any header length, not a fragment ------------------------------------
+        a.label(v4)
+        self.load_bytes(f.inner + 14, _IIP, 20, "checksum")
+        a.ldx("b", R1, FP, _IIP)
+        a.mov(R3, R1)
+        a.rsh(R3, 4)
+        a.jne(R3, 4, "checksum")
+        a.and_(R1, 0x0F)
+        a.lsh(R1, 2)  # header length
+        a.jlt(R1, 20, "checksum")
+        a.ldx("h", R3, FP, _IIP + 6)
+        a.and_(R3, 0xFF3F)  # MF | fragment offset
+        a.jne(R3, 0, "checksum")
+        a.ldx("b", R5, FP, _IIP + 9)
+        a.ldx("h", R8, FP, _IIP + 2)
+        a.be16(R8)  # total length
+        a.jlt(R8, R1, "checksum")
+        a.sub(R8, R1)  # L4 length
+        a.mov(R7, R1)
+        a.add(R7, 14)  # L4 offset in the inner frame
+        a.mov(R2, 0)
+        for k in range(12, 20, 2):
+            a.ldx("h", R1, FP, _IIP + k)
+            a.add(R2, R1)
+        # -- R5 protocol, R7 L4 offset, R8 L4 length, R2 the addresses' sum -------------
+        a.label(addrs_done)
+        a.jeq(R5, 6, tcp)
+        a.jne(R5, 17, "checksum")
+        a.mov(R3, 6)  # UDP: checksum at 6, header 8
+        a.mov(R4, 8)
+        a.ja(proto_ok)
+        a.label(tcp)
+        a.mov(R3, 16)
+        a.mov(R4, 20)
+        a.label(proto_ok)
+        a.jlt(R8, R4, "checksum")  # the L4 header does not fit the L4 length
+        a.stx("dw", FP, _S_CSUMOFF, R3)
+        a.stx("dw", FP, _S_L4OFF, R7)
+        a.mov(R1, R7)
+        a.add(R1, R8)
+        a.ldx("dw", R4, FP, _S_INLEN)
+        a.jgt(R1, R4, "checksum")  # the IP packet is longer than the frame
+        a.lsh(R5, 8)  # the pair 0x00 protocol, loaded little-endian
+        a.add(R2, R5)
+        a.mov(R1, R8)
+        a.be16(R1)
+        a.add(R2, R1)
+        self.fold(R2, 3)
+        a.stx("dw", FP, _S_SEED, R2)
+        # -- the field holds the seed (Linux: ~csum_tcpudp_magic / ~csum_ipv6_magic) -----
+        a.mov(R1, R6)
+        a.mov(R2, R7)
+        a.add(R2, R3)
+        a.add(R2, f.inner)
+        a.mov(R3, FP)
+        a.add(R3, _S_CSUM)
+        a.mov(R4, 2)
+        a.call(SKB_LOAD_BYTES)
+        a.jne(R0, 0, "checksum")
+        a.ldx("h", R1, FP, _S_CSUM)
+        a.ldx("dw", R2, FP, _S_SEED)
+        a.jne(R1, R2, "checksum")
+        # -- the final value F = ~(sum from the L4 header to the end of the frame) --------
+        a.ldx("dw", R8, FP, _S_INLEN)
+        a.ldx("dw", R7, FP, _S_L4OFF)
+        a.sub(R8, R7)
+        a.add(R7, f.inner)
+        self.sum_skb("checksum")
+        a.xor(R2, 0xFFFF)
+        # -- the outer checksum with F in place of the seed: S - seed + F ----------------
+        a.ldx("dw", R3, FP, _S_SEED)
+        a.xor(R3, 0xFFFF)
+        a.add(R3, R2)
+        a.ldx("dw", R1, FP, _S_OSUM)
+        a.add(R3, R1)
+        self.fold(R3, 2)
+        a.jne(R3, 0xFFFF, "checksum")
+        a.jne(R2, 0, nonzero)
+        a.mov(R2, 0xFFFF)  # CSUM_MANGLED_0
+        a.label(nonzero)
+        a.stx("h", FP, _S_CSUM, R2)
+        a.st("dw", FP, _S_MODE, _MODE_INNER_PARTIAL)
+
+    def load_bytes(self, off: int, slot: int, n: int, fail: str) -> None:
+        """Copy ``n`` bytes at skb offset ``off`` to the stack at ``slot``."""
+        a = self.a
+        a.mov(R1, R6)
+        a.mov(R2, off)
+        a.mov(R3, FP)
+        a.add(R3, slot)
+        a.mov(R4, n)
+        a.call(SKB_LOAD_BYTES)
+        a.jne(R0, 0, fail)
+
+    def fold(self, reg: Reg, rounds: int) -> None:
+        """Fold ``reg`` towards 16 bits, end-around carry (uses R4)."""
+        a = self.a
+        for _ in range(rounds):
+            a.mov(R4, reg)
+            a.rsh(R4, 16)
+            a.and_(reg, 0xFFFF)
+            a.add(reg, R4)
+
+    def sum_skb(self, fail: str) -> None:
+        """R2 = the ones' complement sum of the R8 bytes at skb offset R7, folded to
+        16 bits as little-endian loads see it; ``fail`` unless 8 <= R8 <=
+        :data:`CSUM_MAX` or if the bytes cannot be read.  The bytes are copied to
+        the per-CPU scratch buffer and summed 8 at a time (an even R7 keeps the
+        16-bit words of the packet).  Clobbers R0-R5 and R9."""
+        a = self.a
+        loop = a.fresh("sum_loop")
+        done = a.fresh("sum_done")
+        a.jlt(R8, 8, fail)
+        a.jgt(R8, CSUM_MAX, fail)
+        self.lookup(self.maps.scratch, _S_ZERO)
+        a.jeq(R0, 0, fail)
+        a.mov(R9, R0)
+        # zero the 8 bytes the last partial word reads past the data
+        a.mov(R1, R8)
+        a.and_(R1, -8)
+        a.add(R1, R9)
+        a.st("dw", R1, 0, 0)
+        a.mov(R1, R6)
+        a.mov(R2, R7)
+        a.mov(R3, R9)
+        a.mov(R4, R8)
+        a.call(SKB_LOAD_BYTES)
+        a.jne(R0, 0, fail)
+        a.mov(R3, R8)
+        a.add(R3, 7)
+        a.and_(R3, -8)
+        a.mov(R1, 0)
+        a.mov(R2, 0)
+        a.label(loop)
+        a.jge(R1, R3, done)
+        a.mov(R4, R9)
+        a.add(R4, R1)
+        a.ldx("dw", R5, R4, 0)
+        a.mov(R4, R5)
+        a.rsh(R4, 32)
+        a.add(R2, R4)
+        a.alu32("mov", R4, R5)
+        a.add(R2, R4)
+        a.add(R1, 8)
+        a.ja(loop)
+        a.label(done)
+        a.mov(R4, R2)
+        a.rsh(R4, 32)
+        a.alu32("mov", R2, R2)
+        a.add(R2, R4)
+        self.fold(R2, 4)
 
     def adjust(self, diff: int | Reg, flags: int) -> None:
         """bpf_skb_adjust_room(skb, diff, MAC, flags); a failure drops the frame."""
@@ -667,6 +916,7 @@ class _Builder:
         a.jne(R0, 0, "error")
         a.ldx("dw", R1, FP, _S_MODE)
         a.jeq(R1, _MODE_NONE, "deliver")
+        a.jeq(R1, _MODE_INNER_PARTIAL, "inner_partial")
         a.jne(R1, _MODE_COMPLETE, "mark_valid")
         self.complete_checksum()
         a.label("mark_valid")
@@ -681,62 +931,40 @@ class _Builder:
         a.mov(R2, BPF_F_INGRESS)
         a.call(REDIRECT)
         a.exit()
+        # -- the inner checksum field holds its seed ---------------------------------------
+        # csum_start at the inner L4 header (a local sender's offload) is after the
+        # strip: the skb is still PARTIAL and the device or skb_checksum_help fills
+        # the field, so it keeps its seed.  Had csum_start been in the stripped
+        # headers, the strip made the skb NONE: the final value goes in here.
+        a.label("inner_partial")
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_INC)  # NONE -> UNNECESSARY; PARTIAL stays
+        a.call(CSUM_LEVEL)
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_QUERY)
+        a.call(CSUM_LEVEL)
+        a.jslt(R0, 0, "deliver")
+        self.store_l4_csum()
+        a.ja("deliver")
 
     def complete_checksum(self) -> None:
         """Sum the inner L4 segment (P: its checksum field holds the pseudo-header
         sum) and store the folded complement, 0 written as 0xFFFF."""
         a = self.a
-        self.lookup(self.maps.scratch, _S_ZERO)
-        a.jeq(R0, 0, "error")
-        a.mov(R9, R0)
         a.ldx("dw", R8, FP, _S_INLEN)
-        a.ldx("dw", R3, FP, _S_L4OFF)
-        a.sub(R8, R3)  # L4 length
-        a.jlt(R8, 8, "error")
-        a.jgt(R8, CSUM_MAX, "error")
-        # zero the 8 bytes the last partial word reads past the data
-        a.mov(R1, R8)
-        a.and_(R1, -8)
-        a.add(R1, R9)
-        a.st("dw", R1, 0, 0)
-        a.mov(R1, R6)
-        a.mov(R2, R3)
-        a.mov(R3, R9)
-        a.mov(R4, R8)
-        a.call(SKB_LOAD_BYTES)
-        a.jne(R0, 0, "error")
-        a.mov(R3, R8)
-        a.add(R3, 7)
-        a.and_(R3, -8)
-        a.mov(R1, 0)
-        a.mov(R2, 0)
-        a.label("sum_loop")
-        a.jge(R1, R3, "sum_done")
-        a.mov(R4, R9)
-        a.add(R4, R1)
-        a.ldx("dw", R5, R4, 0)
-        a.mov(R4, R5)
-        a.rsh(R4, 32)
-        a.add(R2, R4)
-        a.alu32("mov", R4, R5)
-        a.add(R2, R4)
-        a.add(R1, 8)
-        a.ja("sum_loop")
-        a.label("sum_done")
-        a.mov(R4, R2)
-        a.rsh(R4, 32)
-        a.alu32("mov", R2, R2)
-        a.add(R2, R4)
-        for _ in range(4):
-            a.mov(R4, R2)
-            a.rsh(R4, 16)
-            a.and_(R2, 0xFFFF)
-            a.add(R2, R4)
+        a.ldx("dw", R7, FP, _S_L4OFF)
+        a.sub(R8, R7)  # L4 length
+        self.sum_skb("error")
         a.xor(R2, 0xFFFF)
         a.jne(R2, 0, "csum_store")
         a.mov(R2, 0xFFFF)  # CSUM_MANGLED_0
         a.label("csum_store")
         a.stx("h", FP, _S_CSUM, R2)
+        self.store_l4_csum()
+
+    def store_l4_csum(self) -> None:
+        """Write the 2 bytes at _S_CSUM into the inner frame's L4 checksum field."""
+        a = self.a
         a.mov(R1, R6)
         a.ldx("dw", R2, FP, _S_L4OFF)
         a.ldx("dw", R3, FP, _S_CSUMOFF)
