@@ -178,6 +178,10 @@ def finish_captured_seed(packet: Buffer, l3: int, l4: int, end: int) -> bytearra
     is returned if its outer checksum now verifies: the packet is what a kernel
     transmit program sent before the NIC (or ``skb_checksum_help``) finished the
     inner checksum.  None otherwise (``packet`` is never changed).
+
+    A changed byte inside the inner TCP/UDP packet cannot be told apart here: the
+    finished checksum covers it, as the NIC's would have.  Changed bytes anywhere
+    else (outer, STT or inner Ethernet/IP header, inner addresses) still fail.
     """
     if end - l4 < TCP_HEADER_LEN + STT_HEADER_LEN + ETH_HLEN or packet[l4 + 12] >> 4 != 5:
         return None
