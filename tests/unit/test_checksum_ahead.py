@@ -2,8 +2,10 @@
 
 A capture above the verifier's size floor mixes good segments with bad checksums
 at record numbers the verifier checks and at ones the scan keeps for itself,
-offloaded packets (a sending host's partial checksums, a GSO super-packet), IPv6,
-an 802.1Q-tagged outer header and traffic that is not STT.  ``-j 1`` and ``-j 2``
+offloaded packets (a sending host's partial checksums, a GSO super-packet),
+kernel-encapsulated frames whose inner checksum is still the seed (accepted, and
+broken ones that are not), IPv6, an 802.1Q-tagged outer header and traffic that is
+not STT.  ``-j 1`` and ``-j 2``
 must give the same summary and byte-identical output; the verifier must have
 covered the file; a verifier that dies, or a file it cannot read to the end, leaves
 the rest to the scan.
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.unit.test_tools_capture_seed import broken_segments, kind_segments
 from tests.unit.test_tools_decap import (
     _bench_offline,
     inner_udp,
@@ -37,6 +40,12 @@ from sttun.tools.checksum_ahead import MIN_FILE_SIZE, PERIOD, ChecksumAhead
 #: Record numbers (1-based) whose TCP checksum is broken: some the scan checks
 #: itself (multiples of PERIOD), some the verifier checks, some in a row.
 BAD_RECORDS = (PERIOD, 2 * PERIOD, 3, 5, 6, 7, 1001, 1002, 1003, 2 * PERIOD * 100, 2501)
+
+
+#: Whole-frame segments with the inner checksum seed (accepted as ``inner_partial``)
+#: and ones that must stay bad checksums.
+SEEDED = kind_segments()[0]
+BROKEN_SEEDED = broken_segments()
 
 
 def _corrupt(packet: bytes) -> bytes:
@@ -58,6 +67,9 @@ def _extras() -> list[bytes]:
         segment(frame[:1000], length=1000, ack=105, corrupt=True, l2=vlan_l2),
         segment(b"x" * 100, length=100, ack=106, dport=80),  # not STT
         bytes(60),  # not IP
+        # kernel-encapsulated, inner checksum left partial: records either process checks
+        *SEEDED,
+        *BROKEN_SEEDED,
     ]
 
 
@@ -94,9 +106,11 @@ def test_two_processes_report_and_write_what_one_does(capture: Path, tmp_path: P
     two = _decap(capture, tmp_path / "two.pcap", 2)
     assert two == one
     assert (tmp_path / "two.pcap").read_bytes() == (tmp_path / "one.pcap").read_bytes()
-    # the capture's bad checksums were seen as such, and the offloaded ones too
-    assert one["drops"]["bad_tcp_checksum"] == len(BAD_RECORDS) + 1
+    # the capture's bad checksums were seen as such, the offloaded ones and those
+    # with the inner checksum left partial too
+    assert one["drops"]["bad_tcp_checksum"] == len(BAD_RECORDS) + 1 + len(BROKEN_SEEDED)
     assert one["checksums"]["offloaded"] == 4
+    assert one["checksums"]["inner_partial"] == len(SEEDED)
 
 
 def test_inspect_reports_the_same_with_two_processes(capture: Path) -> None:
@@ -106,7 +120,8 @@ def test_inspect_reports_the_same_with_two_processes(capture: Path) -> None:
         assert p.returncode == 0, p.stderr
         reports.append(json.loads(p.stdout))
     assert reports[1] == reports[0]
-    assert reports[0]["drops"]["bad_tcp_checksum"] == len(BAD_RECORDS) + 1
+    assert reports[0]["drops"]["bad_tcp_checksum"] == len(BAD_RECORDS) + 1 + len(BROKEN_SEEDED)
+    assert reports[0]["checksums"]["inner_partial"] == len(SEEDED)
 
 
 def _scan(cap: Path, ahead: ChecksumAhead | None) -> tuple[dict[str, object], dict[str, int]]:

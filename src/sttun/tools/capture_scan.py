@@ -33,7 +33,18 @@ checksum field holds only the pseudo-header sum (recognised exactly, see
 :func:`~sttun.core.outer.checksum_is_partial`), and GSO/GRO packets longer than
 :data:`OFFLOAD_MIN_LEN` (a 1500-byte link MTU) whose checksum does not verify are
 taken to be such offloaded packets too.  Both are accepted and counted as
-``offloaded``, not dropped.  ``verify=False`` checks nothing (``unchecked``).
+``offloaded``, not dropped.  A segment sent by a kernel transmit program (sttun's
+tc-egress fast path) and captured before the NIC finished it is one whole STT frame
+whose *inner* TCP/UDP checksum field still holds the pseudo-header seed, with an
+outer checksum computed as if that field held its final value: when finishing the
+inner checksum makes the outer one verify
+(:func:`~sttun.core.rx_partial.finish_captured_seed`), the segment is accepted,
+counted as ``inner_partial``, and its frame goes on with the inner checksum
+finished (as carried with ``keep_partial``).  Only segments whose checksum failed
+are looked at this way: the outer pseudo-header sum first, then the inner seed,
+then the length.  ``verify=False`` checks nothing (``unchecked``), and frames go on
+as carried.  The verifier process (``ahead``) only reports which checksums failed;
+these decisions are all made here, so one and two processes agree.
 
 Time: the reassembler's timeouts run on capture time (``ts_ns``), never wall time.
 """
@@ -46,6 +57,7 @@ from typing import Final
 from sttun.core.drops import DropCounters, DropReason
 from sttun.core.outer import Segment, checksum_is_partial, parse_segment, tcp_checksum_ok
 from sttun.core.reassembly import RECENT_PER_FRAME, AddResult, Completed, Reassembler
+from sttun.core.rx_partial import finish_captured_seed
 from sttun.errors import CaptureError
 from sttun.io.pcap import LINKTYPE_ETHERNET, CaptureReader, l3_offset
 from sttun.tools.checksum_ahead import PERIOD, ChecksumAhead
@@ -97,7 +109,10 @@ class ScanResult:
     ``packets``: records read.  ``segments``: STT segments (TCP to an STT port,
     dropped ones included).  ``frames``: complete STT frames handed to ``on_frame``.
     ``skipped``: packets that are not STT traffic, by kind.  ``checksums``: how the
-    segments' TCP checksums passed (bad ones are drops).  ``incomplete_at_eof``:
+    segments' TCP checksums passed (bad ones are drops): ``verified``, ``offloaded``
+    (not checkable: a partial outer checksum, a GSO/GRO packet), ``inner_partial``
+    (verified once the inner checksum the sender left partial was finished),
+    ``unchecked`` (``verify=False``).  ``incomplete_at_eof``:
     partial frames still waiting at the end.  ``truncated``: the reader's note when
     the file ends inside a record.  ``interrupted``: Ctrl-C stopped the scan.
     """
@@ -107,7 +122,12 @@ class ScanResult:
         self.segments = 0
         self.frames = 0
         self.skipped: dict[str, int] = {"not_ip": 0, "not_tcp": 0, "other_port": 0}
-        self.checksums: dict[str, int] = {"verified": 0, "offloaded": 0, "unchecked": 0}
+        self.checksums: dict[str, int] = {
+            "verified": 0,
+            "offloaded": 0,
+            "inner_partial": 0,
+            "unchecked": 0,
+        }
         self.incomplete_at_eof = 0
         self.truncated: str | None = None
         self.interrupted = False
@@ -148,6 +168,7 @@ def scan(
     on_segment: SegmentSink | None = None,
     reassembler: Reassembler | None = None,
     ahead: ChecksumAhead | None = None,
+    keep_partial: bool = False,
 ) -> ScanResult:
     """Read ``reader`` to the end, reassembling STT frames into ``on_frame``.
 
@@ -165,11 +186,17 @@ def scan(
     (:class:`~sttun.tools.checksum_ahead.ChecksumAhead`, with ``verify`` and the
     same ``ports``) that checks most segments' checksums in parallel; the caller
     closes it.
+
+    ``keep_partial``: a segment accepted as ``inner_partial`` goes on with its
+    inner checksum field as carried (the seed), not finished.
     """
     res = ScanResult()
     reasm = reassembler if reassembler is not None else make_reassembler(drops)
     try:
-        _loop(reader, on_frame, res, drops, frozenset(ports), verify, on_segment, reasm, ahead)
+        _loop(
+            reader, on_frame, res, drops, frozenset(ports), verify, on_segment, reasm, ahead,
+            keep_partial,
+        )  # fmt: skip
     except KeyboardInterrupt:
         res.interrupted = True
     except CaptureError:
@@ -191,6 +218,7 @@ def _loop(
     on_segment: SegmentSink | None,
     reasm: Reassembler,
     ahead: ChecksumAhead | None,
+    keep_partial: bool,
 ) -> None:
     """The hot loop; counters are kept in locals and stored back at the end."""
     add = reasm.add
@@ -203,7 +231,7 @@ def _loop(
     timed_out = DropReason.REASSEMBLY_TIMEOUT
     timeout_ns = int(reasm.timeout * 1e9)
     packets = not_ip = not_tcp_n = other_port = 0
-    unusable = offloaded = bad_csum_n = 0
+    unusable = offloaded = inner_partial = bad_csum_n = 0
     frame_count = [0]
     check_at = float("-inf")  # capture time of the next reassembler timeout check
     # Frames (src, dst, ack) the reassembler may know (a partial frame, or one it
@@ -339,7 +367,14 @@ def _loop(
                     else not tcp_checksum_ok(data, l3, l4, end)
                 ):
                     failed.discard(packets)
-                    if end - l3 > OFFLOAD_MIN_LEN or checksum_is_partial(data, l3, l4, end):
+                    if checksum_is_partial(data, l3, l4, end):
+                        offloaded += 1
+                    elif (fixed := finish_captured_seed(data, l3, l4, end)) is not None:
+                        # a kernel-encapsulated frame, its inner checksum unfinished
+                        inner_partial += 1
+                        if not keep_partial:
+                            data = memoryview(fixed)
+                    elif end - l3 > OFFLOAD_MIN_LEN:
                         offloaded += 1
                     else:
                         bad_csum_n += 1
@@ -460,8 +495,9 @@ def _loop(
         res.skipped["other_port"] += other_port
         if verify:
             # a segment dropped for its data offset passed the checksum check
-            res.checksums["verified"] += checked - offloaded - bad_csum_n
+            res.checksums["verified"] += checked - offloaded - inner_partial - bad_csum_n
             res.checksums["offloaded"] += offloaded
+            res.checksums["inner_partial"] += inner_partial
         else:
             res.checksums["unchecked"] += checked
 

@@ -15,10 +15,11 @@ and waits only when it catches up with the verifier.
 
 What the tools report does not change: a record the verifier has not reached when
 it stops (the file ended or turned unreadable for it, or it died) is checked by the
-scan itself; a failed check is judged by the scan exactly as before (offloaded or
-bad).  The verifier is bounded by the pipe (it blocks when the scan has not read
-its last batches), ignores Ctrl-C (the scan stops it), and ends by itself when the
-scan is gone (a write to the pipe fails).
+scan itself; a failed check is judged by the scan exactly as before (offloaded, an
+inner checksum left partial, or bad: :mod:`sttun.tools.capture_scan`).  The
+verifier is bounded by the pipe (it blocks when the scan has not read its last
+batches), ignores Ctrl-C (the scan stops it), and ends by itself when the scan is
+gone (a write to the pipe fails).
 
 Used only for regular files of at least :data:`MIN_FILE_SIZE` bytes (stdin and
 pipes cannot be read twice; for small files the fork costs more than it saves),

@@ -13,6 +13,11 @@ the timestamp of the segment that completed it:
   super-frame with an MSS) is written as one frame with its inner TCP/UDP
   checksum completed, pseudo-header recomputed from the inner headers, so
   Wireshark shows it as correct (``--keep-partial`` writes the bytes as carried);
+* a frame a kernel transmit program encapsulated, captured before the NIC
+  finished its inner checksum (the field holds the pseudo-header seed, the outer
+  checksum verifies once it is finished; counted as ``inner_partial`` under
+  ``checksums``), is written with the inner checksum finished (``--keep-partial``:
+  as carried);
 * the inner frame is otherwise written exactly as carried: no DSCP or ECN
   changes (a receiving endpoint would apply those, a capture tool does not).
 
@@ -228,7 +233,13 @@ def _run(
         sink = _Decap(writer, split_dir, contexts, keep_partial, nanosecond, drops)
         try:
             result = scan(
-                reader, sink.on_frame, drops=drops, ports=ports, verify=verify, ahead=ahead
+                reader,
+                sink.on_frame,
+                drops=drops,
+                ports=ports,
+                verify=verify,
+                ahead=ahead,
+                keep_partial=keep_partial,
             )
         except CaptureError as e:
             return fail(TOOL, str(e))

@@ -5,8 +5,9 @@ segments, errors (segments refused and frames dropped, by reason in ``--json``),
 the STT flags seen (``C`` checksum verified, ``P`` partial, ``V`` inner IPv4,
 ``T`` inner TCP, ``-`` none), MSS values, VLAN ids (``*`` marks a TCI without the V
 bit), and how the TCP source ports spread (distinct count, min–max).  Then the drops
-by reason, and notes: packets skipped as non-STT traffic, checksum results,
-incomplete frames at the end, a cut last record.
+by reason, and notes: packets skipped as non-STT traffic, checksum results (see
+:class:`~sttun.tools.capture_scan.ScanResult`: verified, offloaded, inner partial,
+unchecked), incomplete frames at the end, a cut last record.
 
 The scan is the one ``sttun decap`` does (:mod:`sttun.tools.capture_scan`), segment
 by segment: a segment is attributed to a context id through its frame id (the

@@ -46,10 +46,17 @@ def human_bytes(n: float) -> str:
 
 
 def checksum_note(ck: dict[str, int]) -> str:
-    """The summary line on outer TCP checksums, shared by decap and inspect."""
+    """The summary line on outer TCP checksums, shared by decap and inspect.
+
+    Segments verified only once their inner checksum was finished
+    (``inner_partial``) are named when there are any.
+    """
+    inner = ck.get("inner_partial", 0)
     return (
         f"TCP checksums: {ck['verified']} verified, {ck['offloaded']} offloaded "
-        f"(not checkable), {ck['unchecked']} not checked"
+        f"(not checkable), "
+        + (f"{inner} verified with the inner checksum finished (left partial), " if inner else "")
+        + f"{ck['unchecked']} not checked"
     )
 
 
