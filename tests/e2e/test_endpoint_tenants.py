@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from sttun.tools.capture import Capture
-from tests.e2e.sttun_hosts import ConfigPair, TenantSpec, config_pair, ping, tcp_transfer
+from tests.e2e.sttun_hosts import (
+    ConfigPair,
+    TenantSpec,
+    config_pair,
+    ping,
+    tcp_transfer,
+    wait_until,
+)
 from tests.netns import need_root, need_tools
 
 pytestmark = pytest.mark.netns
@@ -34,6 +41,12 @@ def _stats(p: ConfigPair) -> tuple[dict[str, Any], dict[str, Any]]:
     return a, b
 
 
+def _yields_to_capture(show: dict[str, Any], name: str) -> bool:
+    """The daemon sends ``name``'s frames through Python (or has no transmit program)."""
+    tx = show.get("tx_fastpath") or {}
+    return tx.get("state") != "on" or name in (tx.get("yielding") or {})
+
+
 def _traffic_only_on(p: ConfigPair, busy: str, idle: str, tmp: Path) -> None:
     """Ping and a transfer on ``busy``; tcpdump on both ends of ``idle`` sees none of it.
 
@@ -48,6 +61,11 @@ def _traffic_only_on(p: ConfigPair, busy: str, idle: str, tmp: Path) -> None:
     try:
         for c in caps:
             c.start()
+        # A frame the transmit fast path sends never passes the TAP's taps: each
+        # daemon lets a captured TAP's frames through Python (within a fraction of a
+        # second; `sttun show` says so), so the capture sees them all.
+        for ep in (p.a, p.b):
+            wait_until(lambda ep=ep: _yields_to_capture(ep.show(), idle), 5, what="capture seen")
         before_a, before_b = _stats(p)
         ping(h.a, PEER_B[busy], count=5)
         tcp_transfer(h.a, h.b, PEER_B[busy], 20 * MiB, port=5201 if busy == "ten1" else 5202)

@@ -65,7 +65,7 @@ from sttun.io.firewall import Firewall
 from sttun.io.packet_socket import PacketSocket
 from sttun.io.rx_fastpath import FastPathTunnel
 from sttun.io.tap import TapDevice
-from sttun.io.tx_fastpath import TxTunnel
+from sttun.io.tx_fastpath import TxTunnel, packet_capture_ifindexes
 from sttun.io.veth_port import VethPort
 from sttun.wire.ether import ETH_P_IP, ETH_P_IPV6
 from sttun.wire.stt import STT_PORT
@@ -74,6 +74,9 @@ log = logging.getLogger("sttun.daemon")
 
 #: How often the loop refreshes the published statistics and retries neighbours.
 HOUSEKEEPING_INTERVAL = 1.0
+#: How often the daemon looks for packet captures on its TAPs (``/proc/net/packet``),
+#: whose frames then go through Python, where the capture sees them.
+CAPTURE_CHECK_INTERVAL = 0.2
 #: The largest TSO frame the overlay stack may hand to a TAP: keeps every inner
 #: frame within STT's offloadable size (65477 bytes, protocol.md §1.5) so the
 #: fast path never has to re-segment in Python.
@@ -96,6 +99,8 @@ class Daemon:
         self.datapath = Datapath(self.core, self._runtime_of, log=log)
         self.fastpaths = FastPaths(config.fastpath, log)
         self.tx_fastpath = TxFastPaths(config.tx_fastpath, log)
+        #: TAP ifindexes with a packet capture open (their frames go through Python).
+        self._captured: set[int] = set()
         #: ``[daemon] tx_ring`` as started with (a reload changes it at the next start).
         self.tx_ring_setting = config.tx_ring
         self.epoll = select.epoll()
@@ -387,6 +392,7 @@ class Daemon:
     def run(self) -> None:
         """Serve until :meth:`request_stop`; handles timeouts and reloads."""
         next_housekeeping = time.monotonic()
+        next_capture_check = next_housekeeping
         poll = self.epoll.poll
         handlers = self.handlers
         core = self.core
@@ -394,6 +400,8 @@ class Daemon:
             now = time.monotonic()
             deadline = core.next_deadline()
             wait_until = next_housekeeping if deadline is None else min(deadline, next_housekeeping)
+            if self.tx_fastpath.program is not None:
+                wait_until = min(wait_until, next_capture_check)
             timeout = max(0.0, wait_until - now)
             try:
                 events = poll(timeout)
@@ -409,6 +417,9 @@ class Daemon:
             if now >= next_housekeeping:
                 self._housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
+            if now >= next_capture_check and self.tx_fastpath.program is not None:
+                self._check_captures()
+                next_capture_check = now + CAPTURE_CHECK_INTERVAL
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
@@ -641,6 +652,14 @@ class Daemon:
             encap.fixed_sport,
         )
 
+    def _check_captures(self) -> None:
+        """Follow packet captures on the TAPs: a captured TAP's frames go through
+        Python (where its taps see them) until the capture ends."""
+        captured = packet_capture_ifindexes()
+        if captured != self._captured:
+            self._captured = captured
+            self._sync_tx_fastpath()
+
     def _sync_tx_fastpath(self) -> None:
         """Attach the transmit program to every tunnel TAP and write the entries of the
         tunnels that can send (cheap when nothing changed: entries are compared)."""
@@ -648,6 +667,7 @@ class Daemon:
             return
         taps: dict[int, str] = {}
         wanted: dict[int, TxTunnel] = {}
+        yielding: dict[str, str] = {}
         for name, rt in self.tunnels.items():
             if not isinstance(rt.tap, TapDevice):
                 continue  # a veth port (OVS, port_offload = false): Python sends
@@ -656,9 +676,13 @@ class Daemon:
             except OSError:
                 continue
             taps[ifindex] = name
+            if ifindex in self._captured:
+                yielding[name] = f"a packet capture is open on {rt.config.dev}"
+                continue
             entry = self._tx_tunnel(rt, ifindex)
             if entry is not None:
                 wanted[ifindex] = entry
+        self.tx_fastpath.yielding = yielding
         self.tx_fastpath.sync(taps, wanted)
         for rt in self.tunnels.values():
             rt.tx_order = self.tx_fastpath.order_counter(rt.config.name)

@@ -173,7 +173,8 @@ class FastPathSetting(TypedDict):
 class TxFastPathStatus(TypedDict):
     """The transmit fast path: ``setting``; ``state`` ``"on"``/``"off"`` and why off;
     the program, how many TAPs it is attached to, TAPs it could not attach to (by
-    tunnel, why), and what it left to Python by reason (``gso``, ``no_tunnel``,
+    tunnel, why), tunnels it leaves to Python for now (``yielding``: a packet capture
+    is open on the TAP), and what it left to Python by reason (``gso``, ``no_tunnel``,
     ``checksum``, ...) or dropped after changing it (``errors``)."""
 
     setting: str
@@ -182,6 +183,7 @@ class TxFastPathStatus(TypedDict):
     program_id: int | None
     taps: int
     not_attached: dict[str, str]
+    yielding: dict[str, str]
     passed: dict[str, PacketCount]
     errors: PacketCount
 

@@ -37,6 +37,9 @@ class TxFastPaths:
         self.unsupported: str | None = None
         #: TAPs (by tunnel name) the program could not be attached to, and why.
         self.why_not: dict[str, str] = {}
+        #: Tunnels whose frames go through Python for now although the program could
+        #: send them, and why (a packet capture on the TAP).
+        self.yielding: dict[str, str] = {}
         self._taps: dict[int, str] = {}  # attached TAP ifindex -> tunnel name
         self._checked = False
 
@@ -132,6 +135,7 @@ class TxFastPaths:
             "program_id": self.program.prog_id if self.program is not None else None,
             "taps": len(self._taps),
             "not_attached": dict(self.why_not),
+            "yielding": dict(self.yielding) if on else {},
             "passed": dict(counters.get("passed") or {}),
             "errors": dict(counters.get("errors") or {"packets": 0, "bytes": 0}),
         }

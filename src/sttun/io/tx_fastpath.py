@@ -29,12 +29,15 @@ from typing import Any
 from sttun.io.ebpf import syscall as bpf
 from sttun.io.ebpf import tx_program as txp
 from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_tc, attach_tcx
-from sttun.io.rx_fastpath import FORCE_INVALID_ENV, FastPathError, close_fds, explain_oserror
+from sttun.io.rx_fastpath import FastPathError, close_fds, explain_oserror
 
 log = logging.getLogger(__name__)
 
 #: Tunnels (TAPs) one program serves.
 MAX_TUNNELS = 1024
+#: Environment variable that makes :meth:`TxFastPath.load` load a program the
+#: verifier refuses (to exercise the fallback; the receive program has its own).
+TX_FORCE_INVALID_ENV = "STTUN_TX_FASTPATH_FORCE_INVALID"
 _COUNTER = struct.Struct("<QQ")
 _U32 = struct.Struct("<I")
 _VALUE_TAIL = struct.Struct("<IIIIH6x")  # ifindex, slot, max inner, flags, sport
@@ -141,7 +144,7 @@ class TxFastPath:
         Raises :class:`FastPathError` with the reason when anything fails.
         """
         if invalid_program is None:
-            invalid_program = os.environ.get(FORCE_INVALID_ENV, "") not in ("", "0")
+            invalid_program = os.environ.get(TX_FORCE_INVALID_ENV, "") not in ("", "0")
         fds: list[int] = []
         try:
             maps = _create_maps(fds)
@@ -351,6 +354,27 @@ def _attach_egress(prog_fd: int, ifindex: int, mode: str) -> TcxLink | TcFilter:
                 raise
             log.info("TCX not available (%s): attaching with a tc filter", e.strerror)
     return attach_tc(prog_fd, ifindex, egress=True)
+
+
+def packet_capture_ifindexes(path: str = "/proc/net/packet") -> set[int]:
+    """The interfaces some ``AF_PACKET`` socket of this network namespace is bound to
+    (``tcpdump -i DEV`` and the like): ``/proc/net/packet``'s ``Iface`` column.
+
+    A frame the transmit program sends never reaches its TAP's packet taps (they run
+    after tc egress), so the daemon lets a captured TAP's frames through Python.
+    Empty if the file cannot be read.
+    """
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return set()
+    out = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 5 and fields[4].isdigit() and fields[4] != "0":
+            out.add(int(fields[4]))
+    return out
 
 
 def tx_fastpath_support() -> str | None:

@@ -201,6 +201,8 @@ def _tx_fastpath_lines(tx: Mapping[str, Any] | None, tunnels: list[Mapping[str, 
     ]
     for name, why in sorted((tx.get("not_attached") or {}).items()):
         lines.append(f"transmit fast path not on the TAP of {name}: {why}")
+    for name, why in sorted((tx.get("yielding") or {}).items()):
+        lines.append(f"transmit fast path: {name} sends in Python while {why}")
     for t in tunnels:
         fast: Mapping[str, Any] = t.get("tx_fastpath") or {}
         py: Mapping[str, Any] = t.get("tx_python") or {}
