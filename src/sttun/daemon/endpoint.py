@@ -134,6 +134,7 @@ class Daemon:
             self._start_metrics()
             self._start_watcher()
             self._start_ovsdb()
+            self.tx_fastpath.running = True
         except BaseException:
             self.shutdown()
             raise

@@ -42,6 +42,9 @@ class TxFastPaths:
         self.yielding: dict[str, str] = {}
         self._taps: dict[int, str] = {}  # attached TAP ifindex -> tunnel name
         self._checked = False
+        #: Set once the daemon runs: with ``"on"``, a TAP the program cannot be
+        #: attached to stops a start, but later (a reload's new tunnel) it is logged.
+        self.running = False
 
     def check(self) -> None:
         """Load the program once; with ``"on"`` raise if it cannot run."""
@@ -77,10 +80,11 @@ class TxFastPaths:
             try:
                 mode = prog.attach(ifindex)
             except FastPathError as exc:
-                if self.setting == "on":
+                if self.setting == "on" and not self.running:
                     raise SetupError(f"tx_fastpath = on, but tunnel {name}: {exc.reason}") from exc
                 if name not in self.why_not:
-                    self.log.warning("%s; tunnel %s sends in Python", exc.reason, name)
+                    level = logging.ERROR if self.setting == "on" else logging.WARNING
+                    self.log.log(level, "%s; tunnel %s sends in Python", exc.reason, name)
                 self.why_not[name] = exc.reason
                 continue
             self._taps[ifindex] = name
