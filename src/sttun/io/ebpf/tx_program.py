@@ -15,8 +15,9 @@ What the program takes (anything else is passed on):
 
 * a TAP with an entry in the tunnel map (the daemon writes one while the tunnel is
   up with its next hop resolved and offloads on, and deletes it otherwise);
-* no GSO (``gso_size`` 0), no VLAN tag in the skb, ``skb->protocol`` the outer
-  family's (IPv4 inner over an IPv4 underlay, IPv6 over IPv6), and an inner frame
+* no GSO (``gso_size`` 0), no VLAN tag in the skb, ``skb->protocol`` IPv4 or IPv6
+  (either over either underlay family: across families ``bpf_skb_change_proto``
+  makes it the outer one), and an inner frame
   of at most :data:`TX_MAX_INNER` bytes whose outer packet fits the underlay MTU;
 * inner IPv4 (not a fragment, length exactly the frame) carrying TCP, UDP or ICMP,
   or IPv6 whose next header is directly TCP, UDP or ICMPv6;
@@ -64,6 +65,7 @@ SKB_STORE_BYTES = 9
 REDIRECT = 23
 SKB_LOAD_BYTES = 26
 SKB_ADJUST_ROOM = 50
+SKB_CHANGE_PROTO = 31
 CSUM_LEVEL = 135
 BPF_ADJ_ROOM_MAC = 1
 CSUM_LEVEL_QUERY = 0
@@ -331,19 +333,25 @@ class _Builder:
         a.ldx("w", R2, R6, SKB_PROTOCOL)
         v6 = a.fresh("tunnel_v6")
         a.jset(R1, TX_FLAG_IPV6, v6)
-        a.jne(R2, _ETH_P_IP_RAW, "not_ip")
-        self.family(_V4)
-        a.label(v6)
-        a.jne(R2, _ETH_P_IPV6_RAW, "not_ip")
-        self.family(_V6)
+        for out in (_V4, _V6):
+            if out is _V6:
+                a.label(v6)
+            same = a.fresh("same_family")
+            a.jeq(R2, _ETH_P_IP_RAW if out is _V4 else _ETH_P_IPV6_RAW, same)
+            a.jne(R2, _ETH_P_IPV6_RAW if out is _V4 else _ETH_P_IP_RAW, "not_ip")
+            self.family(out, _V6 if out is _V4 else _V4)
+            a.label(same)
+            self.family(out, out)
         self.exits()
 
-    def family(self, f: _Family) -> None:
+    def family(self, out: _Family, inner: _Family) -> None:
+        """One (outer family, inner family) combination, from the inner frame's copy
+        to the redirect."""
         a = self.a
-        h = f.hdr
-        v4 = f.version == 4
+        h = out.hdr
+        v4 = inner.version == 4
         ip = h + 14  # the inner IP header in the scratch buffer
-        a.jlt(R8, 14 + f.ip_len + 8, "l4")
+        a.jlt(R8, 14 + inner.ip_len + 8, "l4")
         # -- the inner frame into the scratch buffer, 8 zero bytes after it ----------
         a.mov(R1, R6)
         a.mov(R2, 0)
@@ -457,7 +465,7 @@ class _Builder:
         a.ldx("dw", R1, FP, _S_L4OFF)
         a.add(R1, h)
         a.ldx("dw", R3, FP, _S_L4LEN)
-        self.sum_range(h + TX_MAX_INNER)
+        self.sum_range(h + TX_MAX_INNER + 8)
         a.mov(R3, R2)  # S: the L4 segment as it is (field included)
         a.ldx("dw", R1, FP, _S_PSEUDO)
         a.add(R2, R1)
@@ -492,9 +500,9 @@ class _Builder:
         a.add(R1, R9)
         a.stx("h", R1, h, R3)
         a.label(complete)
-        self.outer(f)
+        self.outer(out, inner)
 
-    def outer(self, f: _Family) -> None:
+    def outer(self, f: _Family, inner: _Family) -> None:
         """Fill in the outer headers, grow the skb, write them, count, redirect."""
         a = self.a
         h, tcp, stt = f.hdr, f.tcp, f.stt
@@ -567,7 +575,7 @@ class _Builder:
         have = a.fresh("sport_have")
         a.ldx("w", R1, R7, VAL_FLAGS)
         a.jset(R1, TX_FLAG_FIXED_SPORT, fixed)
-        self.sport_hash(f)
+        self.sport_hash(f, inner)
         a.ja(have)
         a.label(fixed)
         a.ldx("h", R1, R7, VAL_SPORT)
@@ -610,16 +618,32 @@ class _Builder:
         a.xor(R2, 0xFFFF)
         a.stx("h", R9, tcp + 16, R2)
         # -- room for the outer headers after the Ethernet header, then write them ------
+        # Across families skb->protocol must become the outer one (drivers and
+        # qdiscs read it): bpf_skb_change_proto also adds (4 -> 6) or removes (6 -> 4)
+        # 20 bytes right after the Ethernet header, which the room and the write
+        # below account for (the scratch copy has the whole inner frame).
+        grow, write = h, h + 14  # outer headers, + the inner Ethernet header
+        if inner is not f:
+            a.mov(R1, R6)
+            a.mov(R2, _ETH_P_IP_RAW if f.version == 4 else _ETH_P_IPV6_RAW)
+            a.mov(R3, 0)
+            a.call(SKB_CHANGE_PROTO)
+            a.jne(R0, 0, "error")
+            if f.version == 6:
+                grow -= 20  # 20 bytes of room are there already
+            else:
+                grow += 20  # the first 20 bytes of the inner IPv6 header went
+                write += 20
         a.mov(R1, R6)
-        a.mov(R2, h)
+        a.mov(R2, grow)
         a.mov(R3, BPF_ADJ_ROOM_MAC)
         a.mov(R4, 0)
         a.call(SKB_ADJUST_ROOM)
-        a.jne(R0, 0, "internal")  # the skb is unchanged when growing fails
+        a.jne(R0, 0, "internal" if inner is f else "error")  # unchanged if it fails
         a.mov(R1, R6)
         a.mov(R2, 0)
         a.mov(R3, R9)
-        a.mov(R4, h + 14)  # outer headers + the inner Ethernet header
+        a.mov(R4, write)
         a.mov(R5, 0)
         a.call(SKB_STORE_BYTES)
         a.jne(R0, 0, "error")
@@ -632,7 +656,7 @@ class _Builder:
         a.call(REDIRECT)
         a.exit()
 
-    def sport_hash(self, f: _Family) -> None:
+    def sport_hash(self, f: _Family, inner: _Family) -> None:
         """R1 = flow_source_port() of the inner frame: CRC-32 over the inner addresses
         and, for TCP/UDP, the ports (the same bytes Python hashes)."""
         a = self.a
@@ -648,7 +672,7 @@ class _Builder:
             self.crc_range(end_max)
 
         done = a.fresh("crc_all")
-        if f.version == 4:
+        if inner.version == 4:
             opts = a.fresh("crc_opts")
             a.ldx("dw", R1, FP, _S_PROTO)
             icmp = a.fresh("crc_icmp")
