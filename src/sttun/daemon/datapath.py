@@ -82,8 +82,12 @@ class TxOrder(Protocol):
         """One frame read from the TAP has been sent or dropped."""
         ...
 
-    def drained(self) -> None:
-        """The TAP had nothing more to read."""
+    def drained(self, now: float) -> None:
+        """The TAP had nothing more to read (at monotonic time ``now``)."""
+        ...
+
+    def lagging(self) -> bool:
+        """True while the program counts frames the reader has not accounted for."""
         ...
 
 
@@ -214,7 +218,7 @@ class Datapath:
             for _ in range(BATCH):
                 n = tap.read_into(buf)
                 if not n:
-                    order.drained()
+                    order.drained(self.clock())
                     return
                 if n > VNET_HDR_LEN:
                     transmit(rt, u, mv[VNET_HDR_LEN:n], *unpack(buf))
@@ -239,7 +243,7 @@ class Datapath:
             n = tap.read_into(buf)
             if not n:
                 if order is not None:
-                    order.drained()
+                    order.drained(self.clock())
                 return
             if order is not None:
                 order.done()  # dropped or held: the program does not send either way

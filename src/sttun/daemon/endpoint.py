@@ -655,11 +655,16 @@ class Daemon:
 
     def _check_captures(self) -> None:
         """Follow packet captures on the TAPs: a captured TAP's frames go through
-        Python (where its taps see them) until the capture ends."""
+        Python (where its taps see them) until the capture ends.  Also look at TAPs
+        whose ordering counters are apart while nothing wakes their reader, so that
+        frames their queue dropped are forgiven (``OrderCounter.drained``)."""
         captured = packet_capture_ifindexes()
         if captured != self._captured:
             self._captured = captured
             self._sync_tx_fastpath()
+        for rt in list(self.tunnels.values()):
+            if rt.tx_order is not None and rt.tx_order.lagging():
+                self.datapath.on_tap(rt)
 
     def _sync_tx_fastpath(self) -> None:
         """Attach the transmit program to every tunnel TAP and write the entries of the

@@ -86,32 +86,63 @@ class TxTunnel:
         return value
 
 
+#: How long the TAP must have stayed empty, with no frame read, before the reader
+#: forgives frames the program counted but the reader never got (dropped by a full
+#: TAP queue, or queued before the program was attached).  A frame the program has
+#: just counted can still be on its way into the TAP queue for a few microseconds;
+#: this is far longer.
+RESYNC_AFTER = 0.005
+
+
 class OrderCounter:
     """One tunnel's pair of ordering counters, shared with the program.
 
     The program counts every frame of the tunnel's TAP it leaves to Python
     (``passed``) and takes a frame itself only while Python has sent all of them
-    (``consumed == passed``), so no frame overtakes one that is still queued for
-    the TAP reader.  The TAP reader calls :meth:`done` after each frame it read has
-    been sent (or dropped) and :meth:`drained` when the TAP had nothing more to read
-    (which also forgets frames the TAP dropped, or that were queued before the
-    program was attached).
+    (``consumed == passed``), so no frame overtakes one still queued for the TAP
+    reader.  The reader calls :meth:`done` after each frame it read has been sent
+    (or dropped) and :meth:`drained` whenever the TAP had nothing more to read.
+
+    Frames the reader never gets (a full TAP queue dropped them; they were queued
+    before the program was attached) would keep the counters apart for good.  So
+    :meth:`drained` remembers ``passed`` when it first finds them apart, and sets
+    ``consumed`` to that remembered value once the TAP has been found empty again
+    :data:`RESYNC_AFTER` seconds later with no frame read in between: every frame
+    counted by then has had ample time to reach the queue, and was not read.  (Taking
+    ``passed`` at the empty read itself would forgive a frame the program has just
+    counted but not yet queued, and the next frame could overtake it.)
     """
 
-    __slots__ = ("_consumed", "_mv", "_passed")
+    __slots__ = ("_consumed", "_mv", "_passed", "_snapshot")
 
     def __init__(self, view: memoryview, slot: int) -> None:
         self._mv = view
         self._passed = 2 * slot
         self._consumed = 2 * slot + 1
+        self._snapshot: tuple[int, int, float] | None = None
 
     def done(self) -> None:
         """One more frame read from the TAP has left (or been dropped)."""
         self._mv[self._consumed] += 1
 
-    def drained(self) -> None:
-        """The TAP is empty: everything the program passed on has been read."""
-        self._mv[self._consumed] = self._mv[self._passed]
+    def drained(self, now: float) -> None:
+        """The TAP had nothing more to read at monotonic time ``now``."""
+        mv = self._mv
+        passed = mv[self._passed]
+        consumed = mv[self._consumed]
+        if passed == consumed:
+            self._snapshot = None
+            return
+        snap = self._snapshot
+        if snap is None or snap[1] != consumed:
+            self._snapshot = (passed, consumed, now)
+        elif now - snap[2] >= RESYNC_AFTER:
+            mv[self._consumed] = snap[0]
+            self._snapshot = None
+
+    def lagging(self) -> bool:
+        """True while the program counts frames the reader has not accounted for."""
+        return bool(self._mv[self._passed] != self._mv[self._consumed])
 
     def counts(self) -> tuple[int, int]:
         """(passed, consumed)."""
@@ -128,6 +159,7 @@ class TxFastPath:
         self._links: dict[int, TcxLink | TcFilter] = {}
         self._slots: dict[str, int] = {}
         self._entries: dict[int, tuple[str, bytes]] = {}  # tap ifindex -> (name, value)
+        self._counters: dict[str, OrderCounter] = {}
         size = MAX_TUNNELS * txp.ORDER_VALUE_SIZE
         self._order_mmap = mmap.mmap(
             maps.order, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
@@ -255,8 +287,13 @@ class TxFastPath:
             bpf.map_delete(self._maps.tunnels, _U32.pack(tap_ifindex))
 
     def order_counter(self, name: str) -> OrderCounter:
-        """The ordering counters of tunnel ``name`` (for its TAP reader)."""
-        return OrderCounter(self._order, self._slot(name))
+        """The ordering counters of tunnel ``name`` (for its TAP reader; the same
+        object while the name keeps its slot)."""
+        slot = self._slot(name)
+        oc = self._counters.get(name)
+        if oc is None or oc._passed != 2 * slot:
+            oc = self._counters[name] = OrderCounter(self._order, slot)
+        return oc
 
     def tunnel_names(self) -> set[str]:
         """The names that have counters."""
@@ -266,6 +303,7 @@ class TxFastPath:
         """Drop the counters of tunnels that are gone (their slots are reused)."""
         for name in names:
             self._slots.pop(name, None)
+            self._counters.pop(name, None)
 
     # -- counters ---------------------------------------------------------------------
     def _percpu(self, fd: int, index: int) -> tuple[int, int]:
