@@ -1,0 +1,507 @@
+"""Differential: crafted frames through A's TAP with the transmit program on and off.
+
+Topology (the receive side is :func:`tests.e2e.fastpath_env.fastpath_hosts`)::
+
+    VMa --veth-- [bridge brA | TAP] A --veth underlay-- B [TAP | bridge br] --veth-- VM
+
+A "VM" namespace on A's bridge sends crafted inner frames through an ``AF_PACKET``
+socket with a virtio-net header: a ``NEEDS_CSUM`` frame stays ``CHECKSUM_PARTIAL``
+(the pseudo-header seed in its checksum field) across the veth and the bridge, a
+GSO frame stays GSO, so each skb reaches the TAP's egress (and the program) as the
+kernel hands over a guest's or a local stack's frame.  A runs ``sttun up
+--tx-fastpath on``, then ``off``; B runs ``--fastpath off`` (Python receives and
+finishes partial inner checksums).  On B's VM side the frames must be the same bytes
+in both runs (order aside), equal to the frames with their checksums finished, every
+checksum good for tshark (but the case sent with a bad one), and the program's pass
+counters (``sttun show`` → ``tx_fastpath.passed``) must match the cases exactly.
+
+IPv6 is off on the new links of A and B (``disable_ipv6``): no router or listener
+solicitation of theirs crosses the tunnel, so the counters hold the cases only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import shutil
+import struct
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sttun.io.packet_socket import PacketSocket
+from sttun.tools.topology import add_veth, wait_link_ready
+from sttun.tools.wire_check import tshark_checksum_verdict
+from sttun.wire.checksum import ones_sum
+from sttun.wire.vnet import GsoType, VnetFlag, VnetHdr
+from tests.e2e.fastpath_env import (
+    INNER4,
+    INNER6,
+    INNER_DST_MAC,
+    INNER_SRC_MAC,
+    FastPathHosts,
+    bridge_tap,
+    fastpath_hosts,
+    l4_sport,
+    read_pcap,
+)
+from tests.e2e.sttun_hosts import Endpoint, start_endpoint, wait_until
+from tests.netns import Capture, Netns, ifname, need_fastpath, unique_suffix
+
+pytestmark = pytest.mark.netns
+
+KEY = 42
+UNDERLAY_MTU = 1500
+#: Every crafted frame comes from this MAC (the capture filter on B's VM side).
+SRC_MAC = ":".join(f"{b:02x}" for b in INNER_SRC_MAC)
+VNET_NONE = VnetHdr()
+FAST = "fast"
+
+
+# --------------------------------------------------------------------------- frames
+def _fold(s: int) -> int:
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def _addrs(family: int) -> tuple[bytes, bytes]:
+    src, dst = INNER4 if family == 4 else INNER6
+    return ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+
+
+def _ipv4(
+    proto: int, l4_len: int, ident: int, *, options: bytes = b"", frag: int = 0x4000
+) -> bytes:
+    s, d = _addrs(4)
+    ihl = 5 + len(options) // 4
+    hdr = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s", 0x40 | ihl, 0, 4 * ihl + l4_len, ident, frag, 64, proto, 0, s, d
+        )
+        + options
+    )
+    struct.pack_into("!H", hdr, 10, ~_fold(ones_sum(hdr)) & 0xFFFF)
+    return bytes(hdr)
+
+
+def _ipv6(proto: int, payload_len: int) -> bytes:
+    s, d = _addrs(6)
+    return struct.pack("!IHBB16s16s", 6 << 28, payload_len, proto, 64, s, d)
+
+
+def _l4(family: int, proto: int, sport: int, payload: bytes, *, seeded: bool) -> bytes:
+    """A TCP/UDP segment: its checksum final, or the pseudo-header seed (``seeded``)."""
+    if proto == 6:
+        seg = bytearray(struct.pack("!HHIIBBHHH", sport, 5001, sport, 1, 0x50, 0x18, 512, 0, 0))
+        coff = 16
+    else:
+        seg = bytearray(struct.pack("!HHHH", sport, 5001, 8 + len(payload), 0))
+        coff = 6
+    seg += payload
+    s, d = _addrs(family)
+    pseudo = ones_sum(s + d) + proto + len(seg)
+    if seeded:
+        struct.pack_into("!H", seg, coff, _fold(pseudo))
+    else:
+        struct.pack_into("!H", seg, coff, (~_fold(ones_sum(seg, pseudo)) & 0xFFFF) or 0xFFFF)
+    return bytes(seg)
+
+
+def _eth(ethertype: int, vlan: int | None = None) -> bytes:
+    tag = b"" if vlan is None else struct.pack("!HH", 0x8100, vlan)
+    return INNER_DST_MAC + INNER_SRC_MAC + tag + struct.pack("!H", ethertype)
+
+
+def ip_frame(
+    family: int,
+    proto: int,
+    sport: int,
+    payload: bytes,
+    *,
+    seeded: bool = False,
+    options: bytes = b"",
+    vlan: int | None = None,
+) -> bytes:
+    """Ethernet + IPv4/IPv6 + TCP/UDP (identified by its source port, also the IPv4 ID)."""
+    seg = _l4(family, proto, sport, payload, seeded=seeded)
+    if family == 4:
+        return _eth(0x0800, vlan) + _ipv4(proto, len(seg), sport, options=options) + seg
+    return _eth(0x86DD, vlan) + _ipv6(proto, len(seg)) + seg
+
+
+def icmp_echo(family: int, ident: int, payload: bytes) -> bytes:
+    """An echo request with a complete checksum (ICMPv6: over the pseudo header)."""
+    if family == 4:
+        msg = bytearray(struct.pack("!BBHHH", 8, 0, 0, ident, 1) + payload)
+        struct.pack_into("!H", msg, 2, ~_fold(ones_sum(msg)) & 0xFFFF)
+        return _eth(0x0800) + _ipv4(1, len(msg), ident) + bytes(msg)
+    msg = bytearray(struct.pack("!BBHHH", 128, 0, 0, ident, 1) + payload)
+    s, d = _addrs(6)
+    c = ~_fold(ones_sum(msg, ones_sum(s + d) + 58 + len(msg))) & 0xFFFF
+    struct.pack_into("!H", msg, 2, c)
+    return _eth(0x86DD) + _ipv6(58, len(msg)) + bytes(msg)
+
+
+def arp_request() -> bytes:
+    s, d = _addrs(4)
+    body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, INNER_SRC_MAC, s, bytes(6), d)
+    return _eth(0x0806) + body + bytes(18)  # padded to 60 bytes, as on a wire
+
+
+def partial_vnet(family: int, proto: int, options: int = 0) -> VnetHdr:
+    """``NEEDS_CSUM`` at the L4 header (a ``CHECKSUM_PARTIAL`` skb)."""
+    start = 14 + (20 + options if family == 4 else 40)
+    return VnetHdr(VnetFlag.NEEDS_CSUM, 0, 0, 0, start, 16 if proto == 6 else 6)
+
+
+def finished(frame: bytes, vnet: VnetHdr) -> bytes:
+    """The frame with a partial checksum finished (as the kernel or Python finishes it)."""
+    if not vnet.flags & VnetFlag.NEEDS_CSUM:
+        return frame
+    out = bytearray(frame)
+    field_at = vnet.csum_start + vnet.csum_offset
+    c = ~_fold(ones_sum(out[vnet.csum_start :])) & 0xFFFF
+    struct.pack_into("!H", out, field_at, c)
+    return bytes(out)
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass
+class Case:
+    """One crafted frame and what the program should do with it."""
+
+    name: str
+    frame: bytes
+    vnet: VnetHdr
+    expect: str  # FAST, or the TxPassReason name (lower case) it is passed with
+    #: what B's VM should receive (None: segments of a GSO frame, compared across runs)
+    delivered: bytes | None = None
+    segments: int = 1
+    bad_checksum: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def max_inner(outer: int) -> int:
+    """The largest inner frame whose STT frame fits one outer segment."""
+    return UNDERLAY_MTU - (20 if outer == 4 else 40) - 20 - 18
+
+
+def cases(outer: int) -> list[Case]:
+    """Every case for an underlay of family ``outer``: the fast ones first, then
+    the ones the program passes to Python (see the module doc)."""
+    fam = outer  # the program takes inner frames of the underlay's family only
+    l3 = 20 if fam == 4 else 40
+    top = max_inner(outer)
+    out: list[Case] = []
+    port = iter(range(41000, 42000))
+
+    def add(name: str, frame: bytes, vnet: VnetHdr, expect: str, **kw: Any) -> None:
+        if "delivered" not in kw:
+            kw["delivered"] = finished(frame, vnet)
+        out.append(Case(name, frame, vnet, expect, **kw))
+
+    def body(n: int, seed: int) -> bytes:
+        return bytes((seed + i) & 0xFF for i in range(n))
+
+    # -- taken by the program ----------------------------------------------------------
+    for proto, name, l4h in ((6, "tcp", 20), (17, "udp", 8)):
+        smallest = max(60, 14 + l3 + l4h)
+        for size in (smallest, 200, 1000, top):
+            for seeded in (True, False):
+                sp = next(port)
+                frame = ip_frame(fam, proto, sp, body(size - 14 - l3 - l4h, sp), seeded=seeded)
+                assert len(frame) == size
+                vnet = partial_vnet(fam, proto) if seeded else VNET_NONE
+                kind = "partial" if seeded else "complete"
+                add(f"{name}-{kind}-{size}", frame, vnet, FAST)
+    sp = next(port)
+    frame = ip_frame(fam, 6, sp, body(300, sp))
+    add("tcp-complete-data-valid", frame, VnetHdr(flags=VnetFlag.DATA_VALID), FAST)
+    sp = next(port)
+    add(f"icmp{'' if fam == 4 else 'v6'}-echo", icmp_echo(fam, sp, body(56, sp)), VNET_NONE, FAST)
+    if fam == 4:
+        sp = next(port)
+        udp0 = bytearray(ip_frame(4, 17, sp, body(100, sp)))
+        struct.pack_into("!H", udp0, 14 + 20 + 6, 0)  # no UDP checksum (IPv4 allows it)
+        add("udp-no-checksum", bytes(udp0), VNET_NONE, FAST)
+        opts = b"\x94\x04\x00\x00"  # router alert: one 4-byte option
+        for proto, name in ((6, "tcp"), (17, "udp")):
+            sp = next(port)
+            frame = ip_frame(4, proto, sp, body(150, sp), seeded=True, options=opts)
+            add(f"{name}-partial-ipv4-options", frame, partial_vnet(4, proto, 4), FAST)
+            sp = next(port)
+            frame = ip_frame(4, proto, sp, body(150, sp), options=opts)
+            add(f"{name}-complete-ipv4-options", frame, VNET_NONE, FAST)
+    # -- passed to Python ------------------------------------------------------------
+    sp = next(port)
+    frame = ip_frame(fam, 6, sp, body(top + 1 - 14 - l3 - 20, sp), seeded=True)
+    add("tcp-partial-too-big", frame, partial_vnet(fam, 6), "too_big")
+    sp = next(port)
+    frame = ip_frame(fam, 17, sp, body(top + 1 - 14 - l3 - 8, sp))
+    add("udp-complete-too-big", frame, VNET_NONE, "too_big")
+    sp = next(port)
+    if fam == 4:  # a first fragment (MF), its UDP header and part of the data
+        seg = _l4(4, 17, sp, body(400, sp), seeded=False)[:208]
+        frame = _eth(0x0800) + _ipv4(17, len(seg), sp, frag=0x2000) + seg
+    else:  # a fragment header before UDP
+        seg = _l4(6, 17, sp, body(200, sp), seeded=False)
+        frag = struct.pack("!BBHI", 17, 0, 0, sp)  # offset 0, last fragment
+        frame = _eth(0x86DD) + _ipv6(44, len(frag) + len(seg)) + frag + seg
+    add("fragment", frame, VNET_NONE, "l4")
+    sp = next(port)
+    unpadded = ip_frame(fam, 17, sp, body(4, sp))
+    # Ethernet padding after the IP packet: the program passes it (the lengths
+    # disagree); the Python path delivers the IP packet without it
+    add("padded", unpadded + bytes(12), VNET_NONE, "l4", delivered=unpadded)
+    sp = next(port)
+    bad = bytearray(ip_frame(fam, 17, sp, body(100, sp)))
+    bad[-1] ^= 0xFF
+    add("udp-bad-checksum", bytes(bad), VNET_NONE, "checksum", bad_checksum=True)
+    add("arp", arp_request(), VNET_NONE, "not_ip")
+    sp = next(port)
+    add("vlan", ip_frame(4, 17, sp, body(100, sp), vlan=0x0064), VNET_NONE, "not_ip")
+    sp = next(port)
+    other = 10 - fam
+    frame = ip_frame(other, 17, sp, body(100, sp), seeded=True)
+    add(f"other-family-ipv{other}", frame, partial_vnet(other, 17), "not_ip")
+    sp = next(port)
+    payload = body(3000, sp)
+    frame = ip_frame(fam, 6, sp, payload, seeded=True)
+    start = 14 + l3
+    gso = VnetHdr(
+        VnetFlag.NEEDS_CSUM,
+        GsoType.TCPV4 if fam == 4 else GsoType.TCPV6,
+        start + 20,
+        1000,
+        start,
+        16,
+    )
+    add("tcp-gso", frame, gso, "gso", delivered=None, segments=3, extra={"sport": sp})
+    return out
+
+
+# --------------------------------------------------------------------------- world
+@dataclass
+class World:
+    """:class:`FastPathHosts` plus A's bridge with a VM namespace on it."""
+
+    h: FastPathHosts
+    vma: Netns
+    br_a: str
+    tap_a: str
+    vma_dev: str
+
+
+@contextlib.contextmanager
+def world() -> Iterator[World]:
+    sfx = unique_suffix()
+    with fastpath_hosts() as h, Netns("fw") as vma:
+        # no IPv6 on the links made from here on, no IGMP report for link-local
+        # groups: nothing of A's own reaches its TAP (the counters hold the cases)
+        for ns in (h.a, h.b):
+            ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+            ns.sysctl("net.ipv4.igmp_link_local_mcast_reports", "0")
+        vma.sysctl("net.ipv6.conf.all.disable_ipv6", "1")
+        # A's bridge hands frames over as they came (br_netfilter would trim the
+        # Ethernet padding of IP frames)
+        for proto in ("iptables", "ip6tables", "arptables"):
+            h.a.run(["sysctl", "-q", "-w", f"net.bridge.bridge-nf-call-{proto}=0"], check=False)
+        w = World(h, vma, ifname("bra", sfx), ifname("ta", sfx), ifname("va", sfx))
+        port = ifname("pa", sfx)
+        add_veth(vma, w.vma_dev, h.a, port)
+        # no multicast snooping: the bridge joins no group of its own
+        h.a.ip("link", "add", w.br_a, "type", "bridge", "mcast_snooping", "0")
+        h.a.ip("link", "set", port, "master", w.br_a)
+        for ns, dev in ((vma, w.vma_dev), (h.a, port), (h.a, w.br_a)):
+            ns.ip("link", "set", dev, "up")
+        for ns, dev in ((vma, w.vma_dev), (h.a, port)):
+            wait_link_ready(ns, dev, ipv6=False)
+        h.a.ethtool(port, gro=False)  # each crafted skb reaches the bridge as sent
+        # both next hops known before the daemons start (resolved at once)
+        h.a.run(["ping", "-c", "1", "-W", "2", h.ip_b])
+        h.a.run(["ping", "-6", "-c", "1", "-W", "2", h.ip6_b])
+        yield w
+
+
+@dataclass
+class Run:
+    """What one run produced."""
+
+    frames: list[bytes]
+    pcap: Path
+    show: dict[str, Any]  # A's `sttun show --json`
+
+
+def _frames_sent(ep: Endpoint) -> int:
+    (t,) = ep.show()["tunnels"]
+    n: int = t["tx"]["frames"]
+    return n
+
+
+def run_once(w: World, tmp: Path, all_cases: list[Case], outer: int, tx_fast: str) -> Run:
+    h = w.h
+    tmp.mkdir()
+    (la, lb) = h.underlay(outer)
+    b = start_endpoint(
+        h.b,
+        ["--local-ip", lb, "--remote-ip", la, "--key", str(KEY), "--dev", h.tap,
+         "--mtu", "1500", "--fastpath", "off", "--tx-fastpath", "off"],
+        [h.tap], tmp,
+    )  # fmt: skip
+    try:
+        bridge_tap(h, h.tap)
+        a = start_endpoint(
+            h.a,
+            ["--local-ip", la, "--remote-ip", lb, "--key", str(KEY), "--dev", w.tap_a,
+             "--mtu", "1500", "--bridge", w.br_a, "--fastpath", "off",
+             "--tx-fastpath", tx_fast],
+            [w.tap_a], tmp,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: "resolved" in a.log_text(), what="A's next hop resolved")
+            show = a.show()
+            (t,) = show["tunnels"]
+            assert t["state"] == "up", t
+            if tx_fast == "on":
+                assert show["tx_fastpath"]["taps"] == 1, show["tx_fastpath"]
+            pcap = tmp / "vm_b.pcap"
+            expected = sum(c.segments for c in all_cases)
+            with Capture(h.vm, h.vm_dev, pcap, f"ether src {SRC_MAC}", snaplen=9100) as cap:
+                send_cases(w, a, all_cases)
+                cap.wait_for(expected)
+            assert cap.dropped == 0
+            show = a.show()
+        finally:
+            assert a.stop() == 0, a.log_text()
+    finally:
+        assert b.stop() == 0, b.log_text()
+    return Run(read_pcap(pcap), pcap, show)
+
+
+def send_cases(w: World, a: Endpoint, all_cases: list[Case]) -> None:
+    """Send the cases from VMa: the fast ones together, then each passed one after
+    A's Python path sent the one before (a frame while Python still holds an earlier
+    one of the tunnel is passed as ``queued``, whatever else it is)."""
+    with w.vma.entered():
+        sock = PacketSocket(w.vma_dev, None, vnet_hdr=True, ignore_outgoing=True)
+    with sock:
+        for c in all_cases:
+            if c.expect == FAST:
+                assert sock.send([c.vnet.pack(), c.frame]), c.name
+        for c in all_cases:
+            if c.expect != FAST:
+                want = _frames_sent(a) + 1
+                assert sock.send([c.vnet.pack(), c.frame]), c.name
+                wait_until(lambda n=want: _frames_sent(a) >= n, what=f"A sent {c.name}")
+
+
+# --------------------------------------------------------------------------- checks
+TSHARK_FIELDS = [
+    "ip.checksum.status",
+    "tcp.checksum.status",
+    "tcp.checksum",
+    "tcp.checksum_calculated",
+    "udp.checksum.status",
+    "icmp.checksum.status",
+    "icmpv6.checksum.status",
+]
+
+
+def bad_checksums(pcap: Path, skip: set[int]) -> list[str]:
+    """Frames (1-based numbers, ``skip`` excepted) with a checksum tshark calls bad."""
+    argv = ["tshark", "-r", str(pcap)]
+    for proto in ("ip", "tcp", "udp"):
+        argv += ["-o", f"{proto}.check_checksum:TRUE"]
+    argv += ["-T", "fields", "-E", "separator=/t", "-E", "occurrence=f", "-e", "frame.number"]
+    for f in TSHARK_FIELDS:
+        argv += ["-e", f]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    bad = []
+    for line in res.stdout.splitlines():
+        n, ip, tst, tfield, tcalc, udp, icmp, icmp6 = (line.split("\t") + [""] * 8)[:8]
+        if int(n) in skip:
+            continue
+        verdicts = [
+            "bad" if ip == "0" else "good",
+            tshark_checksum_verdict(tst, tfield, tcalc) if tst else "good",
+            "bad" if "0" in (udp, icmp, icmp6) else "good",
+        ]
+        if "bad" in verdicts:
+            bad.append(line)
+    return bad
+
+
+def _describe(frames: Counter[bytes]) -> list[str]:
+    return [f"port {l4_sport(f)} len {len(f)} x{n}: {f[:80].hex()}" for f, n in frames.items()]
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+@pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])
+def test_program_and_python_deliver_the_same_frames(tmp_path: Path, outer: int) -> None:
+    need_fastpath()
+    all_cases = cases(outer)
+    with world() as w:
+        fast = run_once(w, tmp_path / "on", all_cases, outer, "on")
+        python = run_once(w, tmp_path / "off", all_cases, outer, "off")
+    # the same bytes on B's VM side, whichever path sent them
+    a, b = Counter(python.frames), Counter(fast.frames)
+    only_python, only_fast = a - b, b - a
+    assert not only_python and not only_fast, (
+        f"only via Python: {_describe(only_python)[:5]}\n"
+        f"only via the program: {_describe(only_fast)[:5]}"
+    )
+    # ... and they are the frames sent, checksums finished (GSO: its segments)
+    want = Counter(c.delivered for c in all_cases if c.delivered is not None)
+    gso = [c for c in all_cases if c.delivered is None]
+    got = Counter(fast.frames)
+    missing = want - got
+    assert not missing, "\n".join(
+        f"{c.name}: not delivered as expected" for c in all_cases if c.delivered in missing
+    )
+    rest = got - want
+    for c in gso:
+        segs = [f for f in rest if l4_sport(f) == c.extra["sport"]]
+        assert sum(rest[f] for f in segs) == c.segments, (c.name, _describe(rest))
+        for f in segs:
+            del rest[f]
+    assert not rest, f"unexpected frames: {_describe(rest)}"
+    # every checksum good but the one sent bad
+    for run in (fast, python):
+        skip = {
+            i + 1
+            for i, f in enumerate(run.frames)
+            if any(c.bad_checksum and c.delivered == f for c in all_cases)
+        }
+        assert len(skip) == 1
+        assert bad_checksums(run.pcap, skip) == []
+    # the program's counters: each case where it belongs
+    tx = fast.show["tx_fastpath"]
+    assert tx["state"] == "on" and tx["errors"]["packets"] == 0, tx
+    passed = {r: c["packets"] for r, c in tx["passed"].items() if c["packets"]}
+    expected = Counter(c.expect for c in all_cases if c.expect != FAST)
+    assert passed == dict(expected), f"passed {passed}, expected {dict(expected)}"
+    (t_fast,) = fast.show["tunnels"]
+    (t_python,) = python.show["tunnels"]
+    n_fast = sum(1 for c in all_cases if c.expect == FAST)
+    assert t_fast["tx_fastpath"]["frames"] == n_fast
+    assert t_fast["tx_fastpath"]["bytes"] == sum(
+        len(c.frame) for c in all_cases if c.expect == FAST
+    )
+    assert t_python["tx_fastpath"] == {"frames": 0, "bytes": 0}
+    assert python.show["tx_fastpath"]["state"] == "off"
+    for t in (t_fast, t_python):
+        for k in ("frames", "bytes"):
+            assert t["tx"][k] == t["tx_python"][k] + t["tx_fastpath"][k], t
+    # the same inner frames and bytes sent, whichever path
+    assert t_fast["tx"]["frames"] == t_python["tx"]["frames"] == len(all_cases)
+    assert t_fast["tx"]["bytes"] == t_python["tx"]["bytes"]
+    print(
+        f"IPv{outer} underlay: {len(all_cases)} cases, {n_fast} through the program, "
+        f"passed {passed}; {len(fast.frames)} frames on B's VM side"
+    )
