@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import select
 import shutil
+import signal
 import struct
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,7 +346,10 @@ def _frames_sent(ep: Endpoint) -> int:
     return n
 
 
-def run_once(w: World, tmp: Path, all_cases: list[Case], outer: int, tx_fast: str) -> Run:
+@contextlib.contextmanager
+def daemons(w: World, tmp: Path, outer: int, tx_fast: str) -> Iterator[Endpoint]:
+    """B (``--fastpath off``, its TAP on B's bridge) and A (``--tx-fastpath tx_fast``,
+    its TAP on A's bridge), A's next hop resolved; yields A.  Both must exit 0."""
     h = w.h
     tmp.mkdir()
     (la, lb) = h.underlay(outer)
@@ -365,23 +370,36 @@ def run_once(w: World, tmp: Path, all_cases: list[Case], outer: int, tx_fast: st
         )  # fmt: skip
         try:
             wait_until(lambda: "resolved" in a.log_text(), what="A's next hop resolved")
-            show = a.show()
+            show = a.show()  # (served after the tunnel's entry was written)
             (t,) = show["tunnels"]
             assert t["state"] == "up", t
             if tx_fast == "on":
                 assert show["tx_fastpath"]["taps"] == 1, show["tx_fastpath"]
-            pcap = tmp / "vm_b.pcap"
-            expected = sum(c.segments for c in all_cases)
-            with Capture(h.vm, h.vm_dev, pcap, f"ether src {SRC_MAC}", snaplen=9100) as cap:
-                send_cases(w, a, all_cases)
-                cap.wait_for(expected)
-            assert cap.dropped == 0
-            show = a.show()
+            yield a
         finally:
             assert a.stop() == 0, a.log_text()
     finally:
         assert b.stop() == 0, b.log_text()
+
+
+def vm_b_capture(w: World, pcap: Path) -> Capture:
+    """tcpdump on B's VM side, for the crafted frames only."""
+    return Capture(w.h.vm, w.h.vm_dev, pcap, f"ether src {SRC_MAC}", snaplen=9100)
+
+
+def run_once(w: World, tmp: Path, all_cases: list[Case], outer: int, tx_fast: str) -> Run:
+    with daemons(w, tmp, outer, tx_fast) as a:
+        pcap = tmp / "vm_b.pcap"
+        with vm_b_capture(w, pcap) as cap:
+            send_cases(w, a, all_cases)
+            cap.wait_for(sum(c.segments for c in all_cases))
+        assert cap.dropped == 0
+        show = a.show()
     return Run(read_pcap(pcap), pcap, show)
+
+
+def _sent_at_least(a: Endpoint, n: int) -> Callable[[], bool]:
+    return lambda: _frames_sent(a) >= n
 
 
 def send_cases(w: World, a: Endpoint, all_cases: list[Case]) -> None:
@@ -398,7 +416,7 @@ def send_cases(w: World, a: Endpoint, all_cases: list[Case]) -> None:
             if c.expect != FAST:
                 want = _frames_sent(a) + 1
                 assert sock.send([c.vnet.pack(), c.frame]), c.name
-                wait_until(lambda n=want: _frames_sent(a) >= n, what=f"A sent {c.name}")
+                wait_until(_sent_at_least(a, want), what=f"A sent {c.name}")
 
 
 # --------------------------------------------------------------------------- checks
@@ -504,4 +522,72 @@ def test_program_and_python_deliver_the_same_frames(tmp_path: Path, outer: int) 
     print(
         f"IPv{outer} underlay: {len(all_cases)} cases, {n_fast} through the program, "
         f"passed {passed}; {len(fast.frames)} frames on B's VM side"
+    )
+
+
+def _burst(outer: int, first: int) -> list[tuple[int, VnetHdr, bytes]]:
+    """100 pairs: a frame too big for one segment (Python), then a small one the
+    program could take; (source port, vnet header, frame)."""
+    fam, l3 = outer, 20 if outer == 4 else 40
+    big_payload = max_inner(outer) + 1 - 14 - l3 - 8
+    out = []
+    for i in range(100):
+        big = ip_frame(fam, 17, first + 2 * i, bytes([i]) * big_payload)
+        small = ip_frame(fam, 17, first + 2 * i + 1, bytes([i]) * 100, seeded=True)
+        out += [(first + 2 * i, VNET_NONE, big), (first + 2 * i + 1, partial_vnet(fam, 17), small)]
+    return out
+
+
+def _passed(a: Endpoint) -> tuple[dict[str, int], int]:
+    """(the program's nonzero pass counters, the frames it sent)."""
+    show = a.show()
+    (t,) = show["tunnels"]
+    passed = show["tx_fastpath"]["passed"]
+    return {r: c["packets"] for r, c in passed.items() if c["packets"]}, t["tx_fastpath"]["frames"]
+
+
+@pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])
+def test_no_frame_overtakes_one_queued_for_python(tmp_path: Path, outer: int) -> None:
+    """Bursts alternating frames Python must send with frames the program could take
+    reach B's VM in the order sent.  With A's daemon stopped (SIGSTOP) during the
+    first burst every frame after the first big one waits for Python (``queued``);
+    the second burst runs free; a last frame alone, after Python sent everything,
+    goes through the program again."""
+    need_fastpath()
+    first, second = _burst(outer, 43000), _burst(outer, 45000)
+    last = ip_frame(outer, 17, 47000, b"last" * 20, seeded=True)
+    with world() as w, daemons(w, tmp_path / "on", outer, "on") as a:
+        assert a.proc is not None
+        pcap = tmp_path / "vm_b.pcap"
+        with w.vma.entered():
+            sock = PacketSocket(w.vma_dev, None, vnet_hdr=True, ignore_outgoing=True)
+        with sock, vm_b_capture(w, pcap) as cap:
+
+            def send(frames: list[tuple[int, VnetHdr, bytes]]) -> None:
+                for _sport, vnet, frame in frames:
+                    while not sock.send([vnet.pack(), frame]):
+                        select.select([], [sock], [], 1)  # the socket buffer is full
+
+            a.proc.send_signal(signal.SIGSTOP)
+            try:
+                send(first)
+            finally:
+                a.proc.send_signal(signal.SIGCONT)
+            wait_until(_sent_at_least(a, 200), what="A sent the first burst")
+            assert _passed(a) == ({"too_big": 1, "queued": 199}, 0)
+            send(second)
+            wait_until(_sent_at_least(a, 400), what="A sent the second burst")
+            passed, fast = _passed(a)
+            assert set(passed) <= {"too_big", "queued"}, passed
+            assert fast + sum(passed.values()) == 400, (fast, passed)
+            send([(47000, partial_vnet(outer, 17), last)])
+            wait_until(_sent_at_least(a, 401), what="A sent the last frame")
+            assert _passed(a) == (passed, fast + 1)  # queues resynced: the program's
+            cap.wait_for(401)
+        assert cap.dropped == 0
+    order = [l4_sport(f) for f in read_pcap(pcap)]
+    assert order == [sport for sport, _v, _f in first + second] + [47000]
+    print(
+        f"IPv{outer} underlay: free-running burst: {fast} of 100 small frames through "
+        f"the program; passed {passed} (both bursts)"
     )
