@@ -479,6 +479,9 @@ def test_wire_checksums_with_software_checksumming(tmp_path: Path, underlay: int
         assert not problems, problems[:10]
         kernel_ids = [r for r in rows if r["stt.pkt_id"] and int(r["stt.pkt_id"][0], 16) >> 31]
         assert len(kernel_ids) >= fast  # the program's frames, with their ids' top bit
+        # the program's frames carry a final inner checksum: flags 0 (C at most)
+        flags = {r["stt.flags"][0] for r in kernel_ids}
+        assert flags <= {"0x00", "0x01"}, flags
         print(
             f"IPv{underlay} underlay, A tx off: {len(rows)} packets captured, "
             f"{len(kernel_ids)} from the program; A tx fast {fast}"

@@ -338,6 +338,7 @@ class Run:
     frames: list[bytes]
     pcap: Path
     show: dict[str, Any]  # A's `sttun show --json`
+    outer: list[bytes]  # the packets from A on B's underlay
 
 
 def _frames_sent(ep: Endpoint) -> int:
@@ -388,14 +389,17 @@ def vm_b_capture(w: World, pcap: Path) -> Capture:
 
 
 def run_once(w: World, tmp: Path, all_cases: list[Case], outer: int, tx_fast: str) -> Run:
+    h = w.h
     with daemons(w, tmp, outer, tx_fast) as a:
-        pcap = tmp / "vm_b.pcap"
-        with vm_b_capture(w, pcap) as cap:
+        pcap, wire = tmp / "vm_b.pcap", tmp / "underlay_b.pcap"
+        src = h.underlay(outer)[0]
+        wire_cap = Capture(h.b, h.dev_b, wire, f"src host {src} and tcp port 7471")
+        with wire_cap, vm_b_capture(w, pcap) as cap:
             send_cases(w, a, all_cases)
             cap.wait_for(sum(c.segments for c in all_cases))
-        assert cap.dropped == 0
+        assert cap.dropped == 0 and wire_cap.dropped == 0
         show = a.show()
-    return Run(read_pcap(pcap), pcap, show)
+    return Run(read_pcap(pcap), pcap, show, read_pcap(wire))
 
 
 def _sent_at_least(a: Endpoint, n: int) -> Callable[[], bool]:
@@ -455,6 +459,42 @@ def bad_checksums(pcap: Path, skip: set[int]) -> list[str]:
     return bad
 
 
+def outer_packet_of(packets: list[bytes], frame: bytes, outer: int) -> bytes:
+    """The one outer packet that carries ``frame`` whole."""
+    hdr = 14 + (20 if outer == 4 else 40) + 20 + 18
+    (p,) = [p for p in packets if len(p) == hdr + len(frame) and p.endswith(frame)]
+    return p
+
+
+def frame_id(packet: bytes, outer: int) -> int:
+    """The STT frame id (the TCP-like header's ACK field)."""
+    return int(struct.unpack_from("!I", packet, 14 + (20 if outer == 4 else 40) + 8)[0])
+
+
+def normalized(packet: bytes, outer: int) -> bytes:
+    """The packet with the fields two senders may choose differently zeroed: the
+    IPv4 ID and header checksum, the frame id and the TCP checksum."""
+    p = bytearray(packet)
+    tcp = 14 + (20 if outer == 4 else 40)
+    if outer == 4:
+        p[18:20] = p[24:26] = b"\0\0"
+    p[tcp + 8 : tcp + 12] = bytes(4)
+    p[tcp + 16 : tcp + 18] = bytes(2)
+    return bytes(p)
+
+
+def outer_checksum_ok(packet: bytes, outer: int) -> bool:
+    """The outer TCP checksum verifies (and, IPv4, the header checksum)."""
+    if outer == 4:
+        if _fold(ones_sum(packet[14:34])) != 0xFFFF:
+            return False
+        addrs, tcp = packet[26:34], 34
+    else:
+        addrs, tcp = packet[22:54], 54
+    seg = packet[tcp:]
+    return _fold(ones_sum(seg, ones_sum(addrs) + 6 + len(seg))) == 0xFFFF
+
+
 def _describe(frames: Counter[bytes]) -> list[str]:
     return [f"port {l4_sport(f)} len {len(f)} x{n}: {f[:80].hex()}" for f, n in frames.items()]
 
@@ -498,6 +538,32 @@ def test_program_and_python_deliver_the_same_frames(tmp_path: Path, outer: int) 
         }
         assert len(skip) == 1
         assert bad_checksums(run.pcap, skip) == []
+    # on the underlay: the program's packets are Python's but for the frame id (top
+    # bit set) and what depends on it; flags 0 (or C), source port, TOS, TTL, STT
+    # header and lengths the same (cases with a final inner checksum: Python sends
+    # a partial one as a partial STT frame)
+    for c in all_cases:
+        if c.expect != FAST or c.vnet.flags & VnetFlag.NEEDS_CSUM:
+            continue
+        p_fast = outer_packet_of(fast.outer, c.frame, outer)
+        p_python = outer_packet_of(python.outer, c.frame, outer)
+        assert frame_id(p_fast, outer) >> 31 == 1, c.name
+        assert frame_id(p_python, outer) >> 31 == 0, c.name
+        assert outer_checksum_ok(p_fast, outer), f"{c.name}: {p_fast[:90].hex()}"
+        assert normalized(p_fast, outer) == normalized(p_python, outer), (
+            f"{c.name}:\nprogram {p_fast[:90].hex()}\nPython  {p_python[:90].hex()}"
+        )
+    # a partial inner checksum: the seed stays in the packet (veth: the receiver
+    # finishes it), flags 0, and the outer checksum is right for the finished frame
+    stt = 14 + (20 if outer == 4 else 40) + 20
+    for c in all_cases:
+        if c.expect != FAST or not c.vnet.flags & VnetFlag.NEEDS_CSUM:
+            continue
+        assert c.delivered is not None
+        p_fast = outer_packet_of(fast.outer, c.frame, outer)
+        assert p_fast[stt + 1] == 0, f"{c.name}: STT flags {p_fast[stt + 1]:#x}"
+        final = p_fast[: -len(c.frame)] + c.delivered
+        assert outer_checksum_ok(final, outer), f"{c.name}: {p_fast[:90].hex()}"
     # the program's counters: each case where it belongs
     tx = fast.show["tx_fastpath"]
     assert tx["state"] == "on" and tx["errors"]["packets"] == 0, tx
