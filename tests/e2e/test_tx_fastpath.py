@@ -38,7 +38,11 @@ from tests.e2e.sttun_hosts import (
     OVERLAY_A,
     OVERLAY_B,
     Endpoint,
+    TenantSpec,
     Tunnelled,
+    config_pair,
+    config_path,
+    config_toml,
     start_endpoint,
     tcp_transfer,
     tunnel_pair,
@@ -486,3 +490,124 @@ def test_wire_checksums_with_software_checksumming(tmp_path: Path, underlay: int
             f"IPv{underlay} underlay, A tx off: {len(rows)} packets captured, "
             f"{len(kernel_ids)} from the program; A tx fast {fast}"
         )
+
+
+# --------------------------------------------------------------------------- daemon life
+def test_no_offload_sends_every_frame_in_python(tmp_path: Path) -> None:
+    """A tunnel without offloads has no entry the program could use (no_tunnel)."""
+    extra = ["--tx-fastpath", "on", "--fastpath", "off"]
+    with tunnel_pair(tmp_path, offload=False, extra=extra) as t:
+        _ping(t.hosts.a, OVERLAY_B, count=20)
+        st = _tx_status(t.a)
+        assert st["state"] == "on" and st["taps"] == 1
+        assert st["passed"]["no_tunnel"]["packets"] >= 20, st["passed"]
+        tun = t.a.tunnel("stt0")
+        assert tun["tx_fastpath"] == {"frames": 0, "bytes": 0}
+        assert tun["tx_python"]["frames"] >= 20
+        _check_tx_totals(tun)
+
+
+def test_sigkill_of_the_daemon_leaves_no_program_on_a_persistent_tap(tmp_path: Path) -> None:
+    """The TAP outlives the daemon (persist); the program goes with the daemon; a new
+    daemon attaches again and sends through it."""
+    with make_two_hosts() as h:
+        common = ["--key", str(KEY), "--dev", "stt0", "--fastpath", "off"]
+        b = start_endpoint(
+            h.b, ["--local-ip", h.ip_b, "--remote-ip", h.ip_a, "--tx-fastpath", "off", *common],
+            ["stt0"], tmp_path,
+        )  # fmt: skip
+        a_args = ["--local-ip", h.ip_a, "--remote-ip", h.ip_b, "--tx-fastpath", "on",
+                  "--persist", *common]  # fmt: skip
+        a = start_endpoint(h.a, a_args, ["stt0"], tmp_path)
+        try:
+            prog_id = _tx_status(a)["program_id"]
+            with h.a.entered():
+                index = socket.if_nametoindex("stt0")
+                assert tcx_egress_programs(index) == [prog_id]
+            assert a.proc is not None
+            a.proc.send_signal(signal.SIGKILL)
+            a.proc.wait(timeout=10)
+            with h.a.entered():
+                assert socket.if_nametoindex("stt0") == index  # the TAP is still there
+                wait_until(lambda: tcx_egress_programs(index) == [], what="link released")
+            again = tmp_path / "again"
+            again.mkdir()
+            a = start_endpoint(h.a, a_args, ["stt0"], again)
+            with h.a.entered():
+                assert tcx_egress_programs(index) == [_tx_status(a)["program_id"]]
+            for ns, addr in ((h.a, OVERLAY_A), (h.b, OVERLAY_B)):
+                ns.run(["ip", "addr", "replace", f"{addr}/24", "dev", "stt0"])
+            _ping(h.a, OVERLAY_B, count=2)
+            _ping(h.a, OVERLAY_B, count=10)
+            assert a.tunnel("stt0")["tx_fastpath"]["frames"] >= 10
+        finally:
+            a.stop()
+            h.a.run(["ip", "link", "del", "stt0"], check=False)  # the persistent TAP
+            assert b.stop() == 0, b.log_text()
+
+
+def _program_packets(pcap: Path) -> list[bytes]:
+    """The outer IPv4 packets of a capture whose frame id has the top bit set."""
+    return [p for p in read_pcap(pcap) if int.from_bytes(p[42:46], "big") >> 31]
+
+
+def test_reload_updates_the_program_entry(tmp_path: Path) -> None:
+    """SIGHUP with a new outer DSCP, TTL and DF: the program's packets follow."""
+    need_tools("tcpdump")
+    with make_two_hosts() as h:
+        tunnel_a = {"name": "stt0", "key": KEY, "local_ip": h.ip_a, "remote_ip": h.ip_b}
+        tunnel_b = {"name": "stt0", "key": KEY, "local_ip": h.ip_b, "remote_ip": h.ip_a}
+        daemon = {"fastpath": "off", "tx_fastpath": "on"}
+        a = start_endpoint(h.a, [], ["stt0"], tmp_path, config=config_toml([tunnel_a], **daemon))
+        b = start_endpoint(h.b, [], ["stt0"], tmp_path, config=config_toml([tunnel_b], **daemon))
+        try:
+            for ns, addr in ((h.a, OVERLAY_A), (h.b, OVERLAY_B)):
+                ns.run(["ip", "addr", "add", f"{addr}/24", "dev", "stt0"])
+            _ping(h.a, OVERLAY_B, count=2)
+            filt = f"src host {h.ip_a} and tcp port 7471"
+
+            def ping_captured(name: str) -> list[bytes]:
+                pcap = tmp_path / name
+                with Capture(h.b, h.dev_b, pcap, filt):
+                    # inner DSCP 8 (TOS 0x20), TTL 64
+                    res = h.a.run(["ping", "-c", "10", "-i", "0.05", "-Q", "0x20", OVERLAY_B])
+                    assert "10 received" in res.stdout, res.stdout
+                packets = _program_packets(pcap)
+                assert len(packets) >= 10
+                return packets
+
+            before = ping_captured("before.pcap")  # inherit: DSCP copied, TTL 64, DF
+            assert {(p[15], p[22], p[20] & 0x40) for p in before} == {(0x20, 64, 0x40)}
+            reloaded = a.log_text().count("configuration reloaded")
+            config_path(a).write_text(
+                config_toml([{**tunnel_a, "tos": 10, "ttl": 9, "df": False}], **daemon)
+            )
+            assert a.proc is not None
+            a.proc.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda: a.log_text().count("configuration reloaded") > reloaded, what="reload"
+            )
+            _ping(h.a, OVERLAY_B, count=2)  # (a changed tunnel may resolve again)
+            after = ping_captured("after.pcap")
+            assert {(p[15], p[22], p[20] & 0x40) for p in after} == {(10 << 2, 9, 0)}
+            assert _tx_status(a)["errors"]["packets"] == 0
+        finally:
+            assert b.stop() == 0, b.log_text()
+            assert a.stop() == 0, a.log_text()
+
+
+def test_two_tunnels_count_apart(tmp_path: Path) -> None:
+    """One program on two TAPs: each tunnel's frames are counted for it."""
+    tenants = [
+        TenantSpec("stt0", 42, "192.0.2.1/24", "192.0.2.2/24"),
+        TenantSpec("stt1", 43, "198.51.100.1/24", "198.51.100.2/24"),
+    ]
+    with config_pair(tmp_path, tenants) as p:
+        for ep in (p.a, p.b):  # the daemon's default: auto
+            assert _tx_status(ep)["taps"] == 2
+        _ping(p.hosts.a, "192.0.2.2", count=2)
+        _ping(p.hosts.a, "198.51.100.2", count=2)
+        _ping(p.hosts.a, "192.0.2.2", count=20)
+        _ping(p.hosts.a, "198.51.100.2", count=5)
+        fast = {t["name"]: t["tx_fastpath"]["frames"] for t in p.a.show()["tunnels"]}
+        assert fast["stt0"] >= 22 and 5 <= fast["stt1"] < 20, fast
