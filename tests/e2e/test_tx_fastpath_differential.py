@@ -204,9 +204,9 @@ class Case:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def max_inner(outer: int) -> int:
+def max_inner(outer: int, mtu: int = UNDERLAY_MTU) -> int:
     """The largest inner frame whose STT frame fits one outer segment."""
-    return UNDERLAY_MTU - (20 if outer == 4 else 40) - 20 - 18
+    return mtu - (20 if outer == 4 else 40) - 20 - 18
 
 
 def cases(outer: int) -> list[Case]:
@@ -280,10 +280,23 @@ def cases(outer: int) -> list[Case]:
         frame = _eth(0x86DD) + _ipv6(44, len(frag) + len(seg)) + frag + seg
     add("fragment", frame, VNET_NONE, "l4")
     sp = next(port)
-    unpadded = ip_frame(fam, 17, sp, body(4, sp))
+    short = bytearray(ip_frame(fam, 17, sp, body(100, sp)))
+    at = 16 if fam == 4 else 18  # IPv4 total length / IPv6 payload length
+    struct.pack_into("!H", short, at, struct.unpack_from("!H", short, at)[0] + 8)
+    if fam == 4:  # (the header checksum made right again)
+        struct.pack_into("!H", short, 24, 0)
+        struct.pack_into("!H", short, 24, ~_fold(ones_sum(short[14:34])) & 0xFFFF)
+    add("ip-length-beyond-the-frame", bytes(short), VNET_NONE, "l4")
+    if fam == 6:  # a hop-by-hop options header before UDP
+        sp = next(port)
+        seg = _l4(6, 17, sp, body(100, sp), seeded=False)
+        hbh = struct.pack("!BB6s", 17, 0, bytes([1, 4, 0, 0, 0, 0]))  # PadN
+        frame = _eth(0x86DD) + _ipv6(0, len(hbh) + len(seg)) + hbh + seg
+        add("ipv6-hop-by-hop", frame, VNET_NONE, "l4")
+    sp = next(port)
     # Ethernet padding after the IP packet: the program passes it (the lengths
-    # disagree); the Python path delivers the IP packet without it
-    add("padded", unpadded + bytes(12), VNET_NONE, "l4", delivered=unpadded)
+    # disagree); the Python path sends the frame as it is
+    add("padded", ip_frame(fam, 17, sp, body(4, sp)) + bytes(12), VNET_NONE, "l4")
     sp = next(port)
     echo = bytearray(icmp_echo(fam, sp, body(57, sp)))
     if fam == 4:  # a partial ICMP checksum: seed 0 (Linux never makes one; Python can)
@@ -347,10 +360,11 @@ def world(mtu: int = UNDERLAY_MTU) -> Iterator[World]:
             ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
             ns.sysctl("net.ipv4.igmp_link_local_mcast_reports", "0")
         vma.sysctl("net.ipv6.conf.all.disable_ipv6", "1")
-        # A's bridge hands frames over as they came (br_netfilter would trim the
-        # Ethernet padding of IP frames)
-        for proto in ("iptables", "ip6tables", "arptables"):
-            h.a.run(["sysctl", "-q", "-w", f"net.bridge.bridge-nf-call-{proto}=0"], check=False)
+        # the bridges hand frames over as they came (br_netfilter would trim the
+        # Ethernet padding of IP frames and drop those whose IP length is too long)
+        for ns in (h.a, h.b):
+            for proto in ("iptables", "ip6tables", "arptables"):
+                ns.run(["sysctl", "-q", "-w", f"net.bridge.bridge-nf-call-{proto}=0"], check=False)
         w = World(h, vma, ifname("bra", sfx), ifname("ta", sfx), ifname("va", sfx))
         port = ifname("pa", sfx)
         add_veth(vma, w.vma_dev, h.a, port, mtu=max(mtu, UNDERLAY_MTU))
@@ -386,7 +400,12 @@ def _frames_sent(ep: Endpoint) -> int:
 
 @contextlib.contextmanager
 def daemons(
-    w: World, tmp: Path, outer: int, tx_fast: str, mtu: int = UNDERLAY_MTU
+    w: World,
+    tmp: Path,
+    outer: int,
+    tx_fast: str,
+    mtu: int = UNDERLAY_MTU,
+    extra_a: tuple[str, ...] = (),
 ) -> Iterator[Endpoint]:
     """B (``--fastpath off``, its TAP on B's bridge) and A (``--tx-fastpath tx_fast``,
     its TAP on A's bridge), A's next hop resolved; yields A.  Both must exit 0."""
@@ -405,7 +424,7 @@ def daemons(
             h.a,
             ["--local-ip", la, "--remote-ip", lb, "--key", str(KEY), "--dev", w.tap_a,
              "--mtu", str(mtu), "--bridge", w.br_a, "--fastpath", "off",
-             "--tx-fastpath", tx_fast],
+             "--tx-fastpath", tx_fast, *extra_a],
             [w.tap_a], tmp,
         )  # fmt: skip
         try:
@@ -428,10 +447,16 @@ def vm_b_capture(w: World, pcap: Path) -> Capture:
 
 
 def run_once(
-    w: World, tmp: Path, all_cases: list[Case], outer: int, tx_fast: str, mtu: int = UNDERLAY_MTU
+    w: World,
+    tmp: Path,
+    all_cases: list[Case],
+    outer: int,
+    tx_fast: str,
+    mtu: int = UNDERLAY_MTU,
+    extra_a: tuple[str, ...] = (),
 ) -> Run:
     h = w.h
-    with daemons(w, tmp, outer, tx_fast, mtu) as a:
+    with daemons(w, tmp, outer, tx_fast, mtu, extra_a) as a:
         pcap, wire = tmp / "vm_b.pcap", tmp / "underlay_b.pcap"
         src = h.underlay(outer)[0]
         wire_cap = Capture(h.b, h.dev_b, wire, f"src host {src} and tcp port 7471")
@@ -748,3 +773,28 @@ def test_no_frame_overtakes_one_queued_for_python(tmp_path: Path, outer: int) ->
         f"IPv{outer} underlay: free-running burst: {fast} of 100 small frames through "
         f"the program; passed {passed} (both bursts)"
     )
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+@pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])
+def test_underlay_mtu_setting_bounds_the_frames_taken(tmp_path: Path, outer: int) -> None:
+    """``--underlay-mtu 1400``: the program's limit follows the tunnel's segment size."""
+    need_fastpath()
+    fam, l3 = outer, 20 if outer == 4 else 40
+    top = max_inner(outer, 1400)
+    all_cases = []
+    for sp, size, expect in (
+        (48001, top - 1, FAST),
+        (48002, top, FAST),
+        (48003, top + 1, "too_big"),
+    ):
+        frame = ip_frame(fam, 6, sp, bytes([sp & 0xFF]) * (size - 14 - l3 - 20), seeded=True)
+        vnet = partial_vnet(fam, 6)
+        all_cases.append(Case(f"tcp-partial-{size}", frame, vnet, expect, finished(frame, vnet)))
+    extra = ("--underlay-mtu", "1400")
+    with world() as w:
+        fast = run_once(w, tmp_path / "on", all_cases, outer, "on", extra_a=extra)
+        python = run_once(w, tmp_path / "off", all_cases, outer, "off", extra_a=extra)
+    (t,) = fast.show["tunnels"]
+    assert t["underlay_mtu"] == 1400
+    compare(all_cases, fast, python, outer)
