@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -611,3 +611,44 @@ def test_two_tunnels_count_apart(tmp_path: Path) -> None:
         _ping(p.hosts.a, "198.51.100.2", count=5)
         fast = {t["name"]: t["tx_fastpath"]["frames"] for t in p.a.show()["tunnels"]}
         assert fast["stt0"] >= 22 and 5 <= fast["stt1"] < 20, fast
+
+
+def _underlay_mtu_is(ep: Endpoint, mtu: int) -> Callable[[], bool]:
+    return lambda: bool(ep.tunnel("stt0")["underlay_mtu"] == mtu)
+
+
+def test_underlay_mtu_change_moves_the_programs_limit(tmp_path: Path) -> None:
+    """The underlay MTU shrinks to 1400 on both sides: the program's limit follows
+    (an echo whose inner frame fits one 1400-byte segment exactly goes through it,
+    one byte more goes to Python), and every ping is answered."""
+    extra = ["--tx-fastpath", "on", "--fastpath", "off"]
+    with tunnel_pair(tmp_path, extra=extra) as t:
+        h = t.hosts
+        _ping(h.a, OVERLAY_B, count=2)
+        for ns, dev in ((h.a, h.dev_a), (h.b, h.dev_b)):
+            ns.ip("link", "set", dev, "mtu", "1400")
+        for ep in (t.a, t.b):
+            wait_until(_underlay_mtu_is(ep, 1400), what=f"{ep.host.name} sees MTU 1400")
+        top = 1400 - 20 - 20 - 18  # largest inner frame in one segment
+        icmp_data = top - 14 - 20 - 8
+        for size, taken in ((icmp_data, True), (icmp_data + 1, False)):
+            before = t.a.show()
+            res = h.a.run(
+                ["ping", "-c", "5", "-i", "0.05", "-W", "2", "-s", str(size), OVERLAY_B],
+                check=False,
+            )
+            assert "5 received" in res.stdout, res.stdout + res.stderr
+            after = t.a.show()
+            fast = (
+                after["tunnels"][0]["tx_fastpath"]["frames"]
+                - before["tunnels"][0]["tx_fastpath"]["frames"]
+            )
+            too_big = (
+                after["tx_fastpath"]["passed"]["too_big"]["packets"]
+                - before["tx_fastpath"]["passed"]["too_big"]["packets"]
+            )
+            if taken:
+                assert fast >= 5 and too_big == 0, (size, fast, too_big)
+            else:
+                assert fast == 0 and too_big >= 5, (size, fast, too_big)
+        assert _tx_status(t.a)["errors"]["packets"] == 0
