@@ -652,3 +652,36 @@ def test_underlay_mtu_change_moves_the_programs_limit(tmp_path: Path) -> None:
             else:
                 assert fast == 0 and too_big >= 5, (size, fast, too_big)
         assert _tx_status(t.a)["errors"]["packets"] == 0
+
+
+def _state_is(ep: Endpoint, state: str) -> Callable[[], bool]:
+    return lambda: bool(ep.tunnel("stt0")["state"] == state)
+
+
+def test_route_loss_disables_the_entry_and_its_return_enables_it(tmp_path: Path) -> None:
+    """Without a route the tunnel is down: its frames reach Python (no_tunnel), which
+    counts them; with the route back the program sends again."""
+    extra = ["--tx-fastpath", "on", "--fastpath", "off"]
+    with tunnel_pair(tmp_path, extra=extra) as t:
+        h = t.hosts
+        _ping(h.a, OVERLAY_B, count=2)
+        h.a.ip("route", "del", "198.18.0.0/24", "dev", h.dev_a)
+        wait_until(_state_is(t.a, "down"), what="A's tunnel down")
+        before = t.a.show()
+        res = h.a.run(["ping", "-c", "3", "-i", "0.05", "-W", "1", OVERLAY_B], check=False)
+        assert res.returncode != 0
+        after = t.a.show()
+        (t0,), (t1,) = before["tunnels"], after["tunnels"]
+        assert t1["tx_fastpath"] == t0["tx_fastpath"]
+        no_tunnel = (
+            after["tx_fastpath"]["passed"]["no_tunnel"]["packets"]
+            - before["tx_fastpath"]["passed"]["no_tunnel"]["packets"]
+        )
+        assert no_tunnel >= 3, after["tx_fastpath"]["passed"]
+        assert t1["drops"].get("tx_no_route", 0) >= 3, t1["drops"]
+        h.a.ip("route", "add", "198.18.0.0/24", "dev", h.dev_a)
+        wait_until(_state_is(t.a, "up"), what="A's tunnel up again")
+        _ping(h.a, OVERLAY_B, count=10)
+        fast = t.a.tunnel("stt0")["tx_fastpath"]["frames"] - t1["tx_fastpath"]["frames"]
+        assert fast >= 10, t.a.tunnel("stt0")
+        assert _tx_status(t.a)["errors"]["packets"] == 0
