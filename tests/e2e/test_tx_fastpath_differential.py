@@ -318,7 +318,12 @@ def cases(outer: int) -> list[Case]:
     sp = next(port)
     other = 10 - fam
     frame = ip_frame(other, 17, sp, body(100, sp), seeded=True)
-    add(f"other-family-ipv{other}", frame, partial_vnet(other, 17), "not_ip")
+    # the other IP family than the underlay's: taken too (skb->protocol becomes
+    # the outer family's with bpf_skb_change_proto)
+    add(f"other-family-ipv{other}", frame, partial_vnet(other, 17), FAST)
+    sp = next(port)
+    frame = ip_frame(other, 6, sp, body(300, sp), seeded=True)
+    add(f"other-family-ipv{other}-tcp", frame, partial_vnet(other, 6), FAST)
     sp = next(port)
     payload = body(3000, sp)
     frame = ip_frame(fam, 6, sp, payload, seeded=True)
@@ -597,23 +602,13 @@ def jumbo_cases(outer: int) -> list[Case]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG in tx_program: the inner checksum loop's bound is h + TX_MAX_INNER, but "
-    "it sums up to 7 bytes past the frame (the zero padding): inner frames within 7 "
-    "bytes of TX_MAX_INNER take the 'internal' exit (counted as errors, passed to "
-    "Python, and the frames behind them are queued); sum_range(h + TX_MAX_INNER + 8) "
-    "fixes it",
-)
 @pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
 @pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])
 def test_jumbo_underlay_largest_inner_frame(tmp_path: Path, outer: int) -> None:
     """On a 9000-byte underlay the program takes inner frames up to TX_MAX_INNER
-    bytes, and leaves larger ones (which fit one segment) to Python.
-
-    FAILS NOW (a bug, see the xfail reason): the 2047- and 2048-byte frames make the
-    program count an error and pass them to Python."""
+    bytes, and leaves larger ones (which fit one segment) to Python (the inner
+    checksum loop reads up to 7 bytes of zero padding past the frame: its bound
+    must allow that at TX_MAX_INNER)."""
     need_fastpath()
     all_cases = jumbo_cases(outer)
     with world(JUMBO) as w:
@@ -813,20 +808,13 @@ def _inner_sports(packets: list[bytes], outer: int) -> list[int]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG (race, OrderCounter.drained): the TAP reader sets consumed = passed "
-    "after a read found the TAP empty; a frame the program passes between that read "
-    "and drained() is counted as consumed while it waits in the TAP, and the next "
-    "frame of the tunnel is redirected ahead of it (seen: 1 to 11 of 3000 pairs)",
-)
 @pytest.mark.parametrize("outer", [4], ids=["ipv4-underlay"])
 def test_no_frame_overtakes_in_a_paced_stream(tmp_path: Path, outer: int) -> None:
     """A stream of pairs (a frame too big for one segment, then a small one), paced
     so that the TAP reader keeps emptying the TAP: every small frame must leave A
-    after the big one before it, whichever path sends it.
-
-    FAILS NOW, most runs (see the xfail reason)."""
+    after the big one before it, whichever path sends it.  (A reader that forgave
+    frames at the empty read itself let 1 to 11 of 3000 pairs be overtaken:
+    ``OrderCounter.drained``.)"""
     need_fastpath()
     fam, l3 = outer, 20 if outer == 4 else 40
     big_payload = max_inner(outer) + 1 - 14 - l3 - 8

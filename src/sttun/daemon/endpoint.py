@@ -77,6 +77,9 @@ HOUSEKEEPING_INTERVAL = 1.0
 #: How often the daemon looks for packet captures on its TAPs (``/proc/net/packet``),
 #: whose frames then go through Python, where the capture sees them.
 CAPTURE_CHECK_INTERVAL = 0.2
+#: How often the daemon looks at TAPs whose transmit-order counters are apart while
+#: nothing wakes their reader (``OrderCounter.drained`` forgives lost frames).
+ORDER_CHECK_INTERVAL = 0.05
 #: The largest TSO frame the overlay stack may hand to a TAP: keeps every inner
 #: frame within STT's offloadable size (65477 bytes, protocol.md §1.5) so the
 #: fast path never has to re-segment in Python.
@@ -393,7 +396,7 @@ class Daemon:
     def run(self) -> None:
         """Serve until :meth:`request_stop`; handles timeouts and reloads."""
         next_housekeeping = time.monotonic()
-        next_capture_check = next_housekeeping
+        next_capture_check = next_order_check = next_housekeeping
         poll = self.epoll.poll
         handlers = self.handlers
         core = self.core
@@ -402,7 +405,7 @@ class Daemon:
             deadline = core.next_deadline()
             wait_until = next_housekeeping if deadline is None else min(deadline, next_housekeeping)
             if self.tx_fastpath.program is not None:
-                wait_until = min(wait_until, next_capture_check)
+                wait_until = min(wait_until, next_capture_check, next_order_check)
             timeout = max(0.0, wait_until - now)
             try:
                 events = poll(timeout)
@@ -418,9 +421,13 @@ class Daemon:
             if now >= next_housekeeping:
                 self._housekeeping()
                 next_housekeeping = now + HOUSEKEEPING_INTERVAL
-            if now >= next_capture_check and self.tx_fastpath.program is not None:
-                self._check_captures()
-                next_capture_check = now + CAPTURE_CHECK_INTERVAL
+            if self.tx_fastpath.program is not None:
+                if now >= next_capture_check:
+                    self._check_captures()
+                    next_capture_check = now + CAPTURE_CHECK_INTERVAL
+                if now >= next_order_check:
+                    self._check_order()
+                    next_order_check = now + ORDER_CHECK_INTERVAL
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
@@ -655,13 +662,16 @@ class Daemon:
 
     def _check_captures(self) -> None:
         """Follow packet captures on the TAPs: a captured TAP's frames go through
-        Python (where its taps see them) until the capture ends.  Also look at TAPs
-        whose ordering counters are apart while nothing wakes their reader, so that
-        frames their queue dropped are forgiven (``OrderCounter.drained``)."""
+        Python (where its taps see them) until the capture ends."""
         captured = packet_capture_ifindexes()
         if captured != self._captured:
             self._captured = captured
             self._sync_tx_fastpath()
+
+    def _check_order(self) -> None:
+        """Read the TAPs whose transmit-order counters are apart while nothing wakes
+        their reader, so that frames their queue dropped (or that were queued before
+        the program was attached) are forgiven (``OrderCounter.drained``)."""
         for rt in list(self.tunnels.values()):
             if rt.tx_order is not None and rt.tx_order.lagging():
                 self.datapath.on_tap(rt)
