@@ -263,11 +263,13 @@ def test_ping_through_the_transmit_program(tmp_path: Path, underlay: int) -> Non
             _check_tx_totals(tun)
             (tun0,) = before[ep.pid]["tunnels"]
             passed0 = before[ep.pid]["tx_fastpath"]["passed"]
-            # every request (A) and every reply (B), of both families, went through
-            # the program; nothing of them to Python as another family's
+            # the requests (A) and replies (B) of both families go through the
+            # program, none to Python as another family's.  One may go through Python
+            # behind a frame of the tunnel still queued for it (IPv6 neighbour and
+            # multicast traffic on the TAP, partly left to Python, at the same moment)
             fast = tun["tx_fastpath"]["frames"] - tun0["tx_fastpath"]["frames"]
             not_ip = st["passed"]["not_ip"]["packets"] - passed0["not_ip"]["packets"]
-            assert fast >= 25, (tun, st["passed"])
+            assert fast >= 24, (tun, st["passed"])
             assert not_ip == 0, st["passed"]
             print(
                 f"IPv{underlay} underlay, {ep.host.name}: tx fast {tun['tx_fastpath']['frames']}"

@@ -78,8 +78,10 @@ HOUSEKEEPING_INTERVAL = 1.0
 #: whose frames then go through Python, where the capture sees them.
 CAPTURE_CHECK_INTERVAL = 0.2
 #: How often the daemon looks at TAPs whose transmit-order counters are apart while
-#: nothing wakes their reader (``OrderCounter.drained`` forgives lost frames).
+#: nothing wakes their reader (``OrderCounter.drained`` forgives lost frames): often
+#: while some are apart (the program sends nothing of theirs meanwhile), else rarely.
 ORDER_CHECK_INTERVAL = 0.05
+ORDER_CHECK_LAGGING = 0.006
 #: The largest TSO frame the overlay stack may hand to a TAP: keeps every inner
 #: frame within STT's offloadable size (65477 bytes, protocol.md §1.5) so the
 #: fast path never has to re-segment in Python.
@@ -228,17 +230,21 @@ class Daemon:
         usable = mtu is None or mtu >= MIN_UNDERLAY_MTU
         # a route MTU too small for STT starts the tunnel down (below), not at all
         tunnel = self.core.add_tunnel(tunnel_spec(cfg, mtu if usable else DEFAULT_UNDERLAY_MTU))
+        new_tap = False
         try:
             if tap is None and not cfg.port_offload:  # the kernel completes every frame
                 tap = VethPort(cfg.dev, offload=False, mtu=cfg.mtu)
             elif tap is None:
+                # up only once the transmit program is on it (below): every frame
+                # the TAP queues is then one the program has counted
+                new_tap = True
                 tap = TapDevice(
                     cfg.dev,
                     offload=True,
                     persist=cfg.persist,
                     mtu=cfg.mtu,
                     bridge=cfg.bridge,
-                    up=True,
+                    up=self.tx_fastpath.program is None,
                 )
             else:  # a changed tunnel keeps its TAP (addresses, routes, bridge port)
                 tap.set_mtu(cfg.mtu)
@@ -254,6 +260,9 @@ class Daemon:
         underlay.tunnels.append(rt)
         self.tunnels[cfg.name] = rt
         self._sync_fastpath()
+        if new_tap and isinstance(tap, TapDevice) and self.tx_fastpath.program is not None:
+            self._sync_tx_fastpath()
+            tap.set_up(True)
         self._register(tap.fileno(), functools.partial(self.datapath.on_tap, rt))
         if not usable:
             self._block_small_mtu(rt, mtu or 0)
@@ -272,10 +281,13 @@ class Daemon:
             "on" if cfg.offload else "off",
         )
 
-    def _remove_tunnel(self, name: str, keep_tap: bool = False) -> Device:
+    def _remove_tunnel(self, name: str, keep_tap: bool = False, readd: bool = False) -> Device:
         rt = self.tunnels.pop(name)
         self._sync_fastpath()  # before the TAP goes: the program stops redirecting to it
-        self._sync_tx_fastpath()  # and the transmit program leaves the TAP
+        if not readd:
+            # the transmit program leaves the TAP; the TAP of a changed tunnel
+            # (``readd``) keeps it and its counters until the tunnel is added again
+            self._sync_tx_fastpath()
         self._unregister(rt.tap.fileno())
         if rt.underlay is not None:
             rt.underlay.tunnels.remove(rt)
@@ -426,8 +438,10 @@ class Daemon:
                     self._check_captures()
                     next_capture_check = now + CAPTURE_CHECK_INTERVAL
                 if now >= next_order_check:
-                    self._check_order()
-                    next_order_check = now + ORDER_CHECK_INTERVAL
+                    lagging = self._check_order()
+                    next_order_check = now + (
+                        ORDER_CHECK_LAGGING if lagging else ORDER_CHECK_INTERVAL
+                    )
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
@@ -544,7 +558,7 @@ class Daemon:
         kept: dict[str, Device] = {}
         for old_cfg, cfg in changed:
             same_dev = old_cfg.dev == cfg.dev and old_cfg.persist == cfg.persist
-            tap = self._remove_tunnel(cfg.name, keep_tap=same_dev)
+            tap = self._remove_tunnel(cfg.name, keep_tap=same_dev, readd=same_dev)
             if same_dev:
                 kept[cfg.name] = tap
         self.config = new
@@ -571,6 +585,7 @@ class Daemon:
                 new.tx_ring,
                 self.tx_ring_setting,
             )
+        self._sync_tx_fastpath()  # also for a changed tunnel that did not start again
         if new.tx_fastpath != self.tx_fastpath.setting:
             log.warning(
                 "tx_fastpath = %s takes effect at the next start (running with %s)",
@@ -668,13 +683,17 @@ class Daemon:
             self._captured = captured
             self._sync_tx_fastpath()
 
-    def _check_order(self) -> None:
+    def _check_order(self) -> bool:
         """Read the TAPs whose transmit-order counters are apart while nothing wakes
         their reader, so that frames their queue dropped (or that were queued before
-        the program was attached) are forgiven (``OrderCounter.drained``)."""
+        the program was attached) are forgiven (``OrderCounter.drained``).  True if
+        some still are apart."""
+        lagging = False
         for rt in list(self.tunnels.values()):
             if rt.tx_order is not None and rt.tx_order.lagging():
                 self.datapath.on_tap(rt)
+                lagging = lagging or rt.tx_order.lagging()
+        return lagging
 
     def _sync_tx_fastpath(self) -> None:
         """Attach the transmit program to every tunnel TAP and write the entries of the

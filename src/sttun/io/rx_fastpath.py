@@ -35,7 +35,8 @@ from typing import Any
 from sttun.errors import SetupError
 from sttun.io.ebpf import program as prog
 from sttun.io.ebpf import syscall as bpf
-from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_tc, attach_tcx
+from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_auto
+from sttun.io.ebpf.counters import program_counters, tracked_map, zero_counter
 from sttun.wire.stt import STT_PORT
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ MAX_PORTS = 64
 #: verifier refuses (to exercise the fallback in tests and on a live system).
 FORCE_INVALID_ENV = "STTUN_FASTPATH_FORCE_INVALID"
 _SIOCGIFMTU = 0x8921
-_COUNTER = struct.Struct("<QQ")
 _TUNNEL_VALUE = struct.Struct("<IIII")
 _U32 = struct.Struct("<I")
 
@@ -173,7 +173,7 @@ class RxFastPath:
                 why = f"fast path: the verifier rejected the program: {e.summary}"
                 raise FastPathError(why) from e
             fds.append(prog_fd)
-            attachment = _attach(prog_fd, ifindex, mode)
+            attachment = attach_auto(prog_fd, ifindex, mode)
         except FastPathError:
             close_fds(fds)
             raise
@@ -235,8 +235,7 @@ class RxFastPath:
             slot = self._slots.get(t.name)
             if slot is None:
                 slot = self._slots[t.name] = free.pop()
-                zero = bytes(_COUNTER.size * self._ncpus)
-                bpf.map_update(m.tunnel_stats, _U32.pack(slot), zero)
+                zero_counter(m.tunnel_stats, slot, self._ncpus)
             flags = prog.TUNNEL_FLAG_DSCP_UNIFORM if t.dscp_uniform else 0
             value = _TUNNEL_VALUE.pack(t.tap_ifindex, slot, flags, 0)
             bpf.map_update(m.tunnels, keys[t.name], value)
@@ -250,16 +249,6 @@ class RxFastPath:
         self._keys = keys
 
     # -- counters ---------------------------------------------------------------------
-    def _percpu(self, fd: int, index: int) -> tuple[int, int]:
-        raw = bpf.map_lookup(fd, _U32.pack(index), _COUNTER.size * self._ncpus)
-        if raw is None:
-            return 0, 0
-        packets = octets = 0
-        for p, b in _COUNTER.iter_unpack(raw):
-            packets += p
-            octets += b
-        return packets, octets
-
     def counters(self) -> dict[str, Any]:
         """Counters summed over CPUs, JSON-ready::
 
@@ -274,24 +263,14 @@ class RxFastPath:
         """
         if self._attachment is None:
             return {"mode": "closed", "interface": self.ifname, "tunnels": {}, "passed": {}}
-        tunnels = {}
-        for name, slot in self._slots.items():
-            frames, octets = self._percpu(self._maps.tunnel_stats, slot)
-            tunnels[name] = {"frames": frames, "bytes": octets}
-        passed = {}
-        for reason in prog.PassReason:
-            if reason is prog.PassReason.ERROR:
-                continue
-            packets, octets = self._percpu(self._maps.reasons, reason)
-            passed[reason.name.lower()] = {"packets": packets, "bytes": octets}
-        packets, octets = self._percpu(self._maps.reasons, prog.PassReason.ERROR)
+        c = program_counters(
+            self._maps.tunnel_stats, self._maps.reasons, self._slots, prog.PassReason, self._ncpus
+        )
         return {
             "mode": self.mode,
             "interface": self.ifname,
             "program_id": self.prog_id,
-            "tunnels": tunnels,
-            "passed": passed,
-            "errors": {"packets": packets, "bytes": octets},
+            **c,
         }
 
     def __repr__(self) -> str:
@@ -299,10 +278,8 @@ class RxFastPath:
 
 
 def _create_maps(fds: list[int]) -> prog.MapFds:
-    def make(kind: int, key: int, value: int, entries: int, name: str) -> int:
-        fd = bpf.map_create(kind, key, value, entries, name)
-        fds.append(fd)
-        return fd
+    def make(kind: int, key: int, value: int, entries: int, name: str, flags: int = 0) -> int:
+        return tracked_map(fds, kind, key, value, entries, name, flags)
 
     return prog.MapFds(
         tunnels=make(
@@ -325,18 +302,6 @@ def _create_maps(fds: list[int]) -> prog.MapFds:
         ),
         scratch=make(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, prog.SCRATCH_SIZE, 1, "sttun_scratch"),
     )
-
-
-def _attach(prog_fd: int, ifindex: int, mode: str) -> TcxLink | TcFilter:
-    if mode in ("auto", "tcx"):
-        try:
-            return attach_tcx(prog_fd, ifindex)
-        except OSError as e:
-            # EINVAL: the kernel does not know BPF_TCX_INGRESS (< 6.6)
-            if mode == "tcx" or e.errno not in (22, 95, 524):
-                raise
-            log.info("TCX not available (%s): attaching with a tc filter", e.strerror)
-    return attach_tc(prog_fd, ifindex)
 
 
 def explain_oserror(e: OSError) -> str:

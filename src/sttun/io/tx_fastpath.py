@@ -28,7 +28,8 @@ from typing import Any
 
 from sttun.io.ebpf import syscall as bpf
 from sttun.io.ebpf import tx_program as txp
-from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_tc, attach_tcx
+from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_auto
+from sttun.io.ebpf.counters import program_counters, tracked_map, zero_counter
 from sttun.io.rx_fastpath import FastPathError, close_fds, explain_oserror
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ MAX_TUNNELS = 1024
 #: Environment variable that makes :meth:`TxFastPath.load` load a program the
 #: verifier refuses (to exercise the fallback; the receive program has its own).
 TX_FORCE_INVALID_ENV = "STTUN_TX_FASTPATH_FORCE_INVALID"
-_COUNTER = struct.Struct("<QQ")
 _U32 = struct.Struct("<I")
 _VALUE_TAIL = struct.Struct("<IIIIH6x")  # ifindex, slot, max inner, flags, sport
 
@@ -210,7 +210,7 @@ class TxFastPath:
         if link is not None:
             return link.mode
         try:
-            link = _attach_egress(self._prog_fd, tap_ifindex, mode)
+            link = attach_auto(self._prog_fd, tap_ifindex, mode, egress=True)
         except OSError as e:
             raise FastPathError(f"transmit fast path: {explain_oserror(e)}") from e
         self._links[tap_ifindex] = link
@@ -259,8 +259,7 @@ class TxFastPath:
             if free is None:
                 raise ValueError(f"transmit fast path: at most {MAX_TUNNELS} tunnels")
             slot = self._slots[name] = free
-            zero = bytes(_COUNTER.size * self._ncpus)
-            bpf.map_update(self._maps.tunnel_stats, _U32.pack(slot), zero)
+            zero_counter(self._maps.tunnel_stats, slot, self._ncpus)
             self._order[2 * slot] = self._order[2 * slot + 1] = 0
         return slot
 
@@ -306,16 +305,6 @@ class TxFastPath:
             self._counters.pop(name, None)
 
     # -- counters ---------------------------------------------------------------------
-    def _percpu(self, fd: int, index: int) -> tuple[int, int]:
-        raw = bpf.map_lookup(fd, _U32.pack(index), _COUNTER.size * self._ncpus)
-        if raw is None:
-            return 0, 0
-        packets = octets = 0
-        for p, b in _COUNTER.iter_unpack(raw):
-            packets += p
-            octets += b
-        return packets, octets
-
     def counters(self) -> dict[str, Any]:
         """Counters summed over CPUs, JSON-ready::
 
@@ -328,31 +317,19 @@ class TxFastPath:
         """
         if self._prog_fd is None:
             return {"program_id": None, "taps": 0, "tunnels": {}, "passed": {}, "errors": {}}
-        tunnels = {}
-        for name, slot in self._slots.items():
-            frames, octets = self._percpu(self._maps.tunnel_stats, slot)
-            tunnels[name] = {"frames": frames, "bytes": octets}
-        passed = {}
-        for reason in txp.TxPassReason:
-            if reason is txp.TxPassReason.ERROR:
-                continue
-            packets, octets = self._percpu(self._maps.reasons, reason)
-            passed[reason.name.lower()] = {"packets": packets, "bytes": octets}
-        packets, octets = self._percpu(self._maps.reasons, txp.TxPassReason.ERROR)
+        c = program_counters(
+            self._maps.tunnel_stats, self._maps.reasons, self._slots, txp.TxPassReason, self._ncpus
+        )
         return {
             "program_id": self.prog_id,
             "taps": len(self._links),
-            "tunnels": tunnels,
-            "passed": passed,
-            "errors": {"packets": packets, "bytes": octets},
+            **c,
         }
 
 
 def _create_maps(fds: list[int]) -> txp.TxMapFds:
     def make(kind: int, key: int, value: int, entries: int, name: str, flags: int = 0) -> int:
-        fd = bpf.map_create(kind, key, value, entries, name, flags)
-        fds.append(fd)
-        return fd
+        return tracked_map(fds, kind, key, value, entries, name, flags)
 
     maps = txp.TxMapFds(
         tunnels=make(
@@ -381,17 +358,6 @@ def _create_maps(fds: list[int]) -> txp.TxMapFds:
     )
     bpf.map_update(maps.crc_table, _U32.pack(0), txp.crc_table_bytes())
     return maps
-
-
-def _attach_egress(prog_fd: int, ifindex: int, mode: str) -> TcxLink | TcFilter:
-    if mode in ("auto", "tcx"):
-        try:
-            return attach_tcx(prog_fd, ifindex, egress=True)
-        except OSError as e:
-            if mode == "tcx" or e.errno not in (22, 95, 524):
-                raise
-            log.info("TCX not available (%s): attaching with a tc filter", e.strerror)
-    return attach_tc(prog_fd, ifindex, egress=True)
 
 
 def packet_capture_ifindexes(path: str = "/proc/net/packet") -> set[int]:

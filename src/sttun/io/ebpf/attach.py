@@ -14,10 +14,13 @@ clsact filter.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 
 from sttun.io.ebpf.syscall import BPF_TCX_EGRESS, BPF_TCX_INGRESS, link_create, prog_query
+
+log = logging.getLogger(__name__)
 
 #: tc filter priority and handle of sttun's ingress filter (an arbitrary pair; one
 #: sttun program per interface).
@@ -109,6 +112,23 @@ def attach_tc(prog_fd: int, ifindex: int, *, egress: bool = False) -> TcFilter:
             direct_action=True,
         )
     return TcFilter(ifindex, egress)
+
+
+def attach_auto(
+    prog_fd: int, ifindex: int, mode: str = "auto", *, egress: bool = False
+) -> TcxLink | TcFilter:
+    """Attach at the ingress (egress): ``mode`` ``"tcx"``, ``"tc"``, or ``"auto"``
+    (a TCX link, else - the kernel does not know TCX, before 6.6 - a tc filter).
+    Raises OSError when the kernel refuses."""
+    if mode in ("auto", "tcx"):
+        try:
+            return attach_tcx(prog_fd, ifindex, egress=egress)
+        except OSError as e:
+            # EINVAL/EOPNOTSUPP/ENOTSUPP: the kernel does not know the TCX attach type
+            if mode == "tcx" or e.errno not in (22, 95, 524):
+                raise
+            log.info("TCX not available (%s): attaching with a tc filter", e.strerror)
+    return attach_tc(prog_fd, ifindex, egress=egress)
 
 
 def tcx_ingress_programs(ifindex: int) -> list[int]:

@@ -65,37 +65,33 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from sttun.io.ebpf import emit
 from sttun.io.ebpf.asm import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm, Reg
-
-# Helpers (enum bpf_func_id).
-MAP_LOOKUP_ELEM = 1
-SKB_STORE_BYTES = 9
-REDIRECT = 23
-SKB_LOAD_BYTES = 26
-SKB_CHANGE_PROTO = 31
-SKB_CHANGE_TAIL = 38
-SKB_PULL_DATA = 39
-CSUM_UPDATE = 40
-SKB_ADJUST_ROOM = 50
-CSUM_LEVEL = 135
-# Helper arguments.
-BPF_F_INGRESS = 1
-BPF_ADJ_ROOM_MAC = 1
-BPF_F_ADJ_ROOM_FIXED_GSO = 1
-CSUM_LEVEL_QUERY = 0
-CSUM_LEVEL_INC = 1
-CSUM_LEVEL_RESET = 3
-# tc verdicts.  Passing returns TC_ACT_UNSPEC (TCX_NEXT): programs and filters
-# after this one still run, and without any the packet goes up the stack.
-TC_ACT_UNSPEC = -1
-TC_ACT_SHOT = 2
-# struct __sk_buff offsets.
-SKB_LEN = 0
-SKB_PROTOCOL = 16
-SKB_VLAN_PRESENT = 20
-SKB_DATA = 76
-SKB_DATA_END = 80
-SKB_GSO_SIZE = 176
+from sttun.io.ebpf.emit import (
+    BPF_ADJ_ROOM_MAC,
+    BPF_F_ADJ_ROOM_FIXED_GSO,
+    BPF_F_INGRESS,
+    CSUM_LEVEL,
+    CSUM_LEVEL_INC,
+    CSUM_LEVEL_QUERY,
+    CSUM_LEVEL_RESET,
+    CSUM_UPDATE,
+    REDIRECT,
+    SKB_ADJUST_ROOM,
+    SKB_CHANGE_PROTO,
+    SKB_CHANGE_TAIL,
+    SKB_DATA,
+    SKB_DATA_END,
+    SKB_GSO_SIZE,
+    SKB_LEN,
+    SKB_LOAD_BYTES,
+    SKB_PROTOCOL,
+    SKB_PULL_DATA,
+    SKB_STORE_BYTES,
+    SKB_VLAN_PRESENT,
+    TC_ACT_SHOT,
+    TC_ACT_UNSPEC,
+)
 
 #: Most bytes the program sums for one checksum: an inner L4 segment (inner L4
 #: header + payload) it completes, or an outer TCP segment (TCP header + STT frame)
@@ -149,8 +145,8 @@ _MODE_GSO_CROSS = 4  # GSO, inner IP family not the outer one
 _MODE_INNER_PARTIAL = 5  # no P, but the inner L4 checksum field holds its seed
 
 # skb->protocol as the program reads it (a __be16 loaded little-endian).
-_ETH_P_IP_RAW = 0x0008
-_ETH_P_IPV6_RAW = 0xDD86
+_ETH_P_IP_RAW = emit.ETH_P_IP_RAW
+_ETH_P_IPV6_RAW = emit.ETH_P_IPV6_RAW
 
 
 class PassReason(enum.IntEnum):
@@ -262,11 +258,7 @@ class _Builder:
 
     def lookup(self, fd: int, key_slot: int) -> None:
         """R0 = map_lookup_elem(fd, fp + key_slot)."""
-        a = self.a
-        a.ld_map_fd(R1, fd)
-        a.mov(R2, FP)
-        a.add(R2, key_slot)
-        a.call(MAP_LOOKUP_ELEM)
+        emit.lookup(self.a, fd, key_slot)
 
     def family(self, f: _Family) -> None:
         a = self.a
@@ -775,12 +767,7 @@ class _Builder:
 
     def fold(self, reg: Reg, rounds: int) -> None:
         """Fold ``reg`` towards 16 bits, end-around carry (uses R4)."""
-        a = self.a
-        for _ in range(rounds):
-            a.mov(R4, reg)
-            a.rsh(R4, 16)
-            a.and_(reg, 0xFFFF)
-            a.add(reg, R4)
+        emit.fold(self.a, reg, R4, rounds)
 
     def sum_skb(self, fail: str) -> None:
         """R2 = the ones' complement sum of the R8 bytes at skb offset R7, folded to
@@ -789,8 +776,6 @@ class _Builder:
         the per-CPU scratch buffer and summed 8 at a time (an even R7 keeps the
         16-bit words of the packet).  Clobbers R0-R5 and R9."""
         a = self.a
-        loop = a.fresh("sum_loop")
-        done = a.fresh("sum_done")
         a.jlt(R8, 8, fail)
         a.jgt(R8, CSUM_MAX, fail)
         self.lookup(self.maps.scratch, _S_ZERO)
@@ -812,24 +797,8 @@ class _Builder:
         a.and_(R3, -8)
         a.mov(R1, 0)
         a.mov(R2, 0)
-        a.label(loop)
-        a.jge(R1, R3, done)
-        a.mov(R4, R9)
-        a.add(R4, R1)
-        a.ldx("dw", R5, R4, 0)
-        a.mov(R4, R5)
-        a.rsh(R4, 32)
-        a.add(R2, R4)
-        a.alu32("mov", R4, R5)
-        a.add(R2, R4)
-        a.add(R1, 8)
-        a.ja(loop)
-        a.label(done)
-        a.mov(R4, R2)
-        a.rsh(R4, 32)
-        a.alu32("mov", R2, R2)
-        a.add(R2, R4)
-        self.fold(R2, 4)
+        emit.sum_words(a, R9)
+        emit.fold64(a, R2, R4)
 
     def adjust(self, diff: int | Reg, flags: int) -> None:
         """bpf_skb_adjust_room(skb, diff, MAC, flags); a failure drops the frame."""
@@ -978,18 +947,7 @@ class _Builder:
 
     def count(self, fd: int) -> None:
         """Add one packet and skb->len bytes to ``fd``'s per-CPU slot at _S_STATKEY."""
-        a = self.a
-        skip = a.fresh("count_skip")
-        self.lookup(fd, _S_STATKEY)
-        a.jeq(R0, 0, skip)
-        a.ldx("dw", R1, R0, 0)
-        a.add(R1, 1)
-        a.stx("dw", R0, 0, R1)
-        a.ldx("w", R2, R6, SKB_LEN)
-        a.ldx("dw", R1, R0, 8)
-        a.add(R1, R2)
-        a.stx("dw", R0, 8, R1)
-        a.label(skip)
+        emit.count(self.a, fd, _S_STATKEY)
 
     def exits(self) -> None:
         a = self.a

@@ -56,27 +56,26 @@ import enum
 import zlib
 from dataclasses import dataclass
 
+from sttun.io.ebpf import emit
 from sttun.io.ebpf.asm import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm, Reg
-
-# Helpers (enum bpf_func_id).
-MAP_LOOKUP_ELEM = 1
-GET_SMP_PROCESSOR_ID = 8
-SKB_STORE_BYTES = 9
-REDIRECT = 23
-SKB_LOAD_BYTES = 26
-SKB_ADJUST_ROOM = 50
-SKB_CHANGE_PROTO = 31
-CSUM_LEVEL = 135
-BPF_ADJ_ROOM_MAC = 1
-CSUM_LEVEL_QUERY = 0
-TC_ACT_UNSPEC = -1
-TC_ACT_SHOT = 2
-# struct __sk_buff offsets.
-SKB_LEN = 0
-SKB_PROTOCOL = 16
-SKB_VLAN_PRESENT = 20
-SKB_IFINDEX = 40
-SKB_GSO_SIZE = 176
+from sttun.io.ebpf.emit import (
+    BPF_ADJ_ROOM_MAC,
+    CSUM_LEVEL,
+    CSUM_LEVEL_QUERY,
+    GET_SMP_PROCESSOR_ID,
+    REDIRECT,
+    SKB_ADJUST_ROOM,
+    SKB_CHANGE_PROTO,
+    SKB_GSO_SIZE,
+    SKB_IFINDEX,
+    SKB_LEN,
+    SKB_LOAD_BYTES,
+    SKB_PROTOCOL,
+    SKB_STORE_BYTES,
+    SKB_VLAN_PRESENT,
+    TC_ACT_SHOT,
+    TC_ACT_UNSPEC,
+)
 
 #: Largest inner frame the program encapsulates (an inner MTU of ~2000 bytes);
 #: longer frames (jumbo underlays) go through Python.
@@ -117,8 +116,8 @@ _SPORT_MASK = 0x7FFF
 _FRAME_ID_TOP = 0x80000000
 
 # skb->protocol as the program reads it (a __be16 loaded little-endian).
-_ETH_P_IP_RAW = 0x0008
-_ETH_P_IPV6_RAW = 0xDD86
+_ETH_P_IP_RAW = emit.ETH_P_IP_RAW
+_ETH_P_IPV6_RAW = emit.ETH_P_IPV6_RAW
 
 # Stack slots (offsets from the frame pointer).
 _S_KEY = -8
@@ -223,50 +222,23 @@ class _Builder:
 
     def lookup(self, fd: int, key_slot: int) -> None:
         """R0 = map_lookup_elem(fd, fp + key_slot)."""
-        a = self.a
-        a.ld_map_fd(R1, fd)
-        a.mov(R2, FP)
-        a.add(R2, key_slot)
-        a.call(MAP_LOOKUP_ELEM)
+        emit.lookup(self.a, fd, key_slot)
 
     def fold(self, reg: Reg, tmp: Reg) -> None:
         """Fold a (64-bit) one's complement sum in ``reg`` to 16 bits."""
-        a = self.a
-        a.mov(tmp, reg)
-        a.rsh(tmp, 32)
-        a.alu32("mov", reg, reg)
-        a.add(reg, tmp)
-        for _ in range(3):
-            a.mov(tmp, reg)
-            a.rsh(tmp, 16)
-            a.and_(reg, 0xFFFF)
-            a.add(reg, tmp)
+        emit.fold64(self.a, reg, tmp)
 
     def sum_range(self, end_max: int) -> None:
         """R2 = sum of the 16-bit lanes of scratch[R1, R1 + roundup(R3, 8)) (64-bit,
         not folded); the caller has zeroed the bytes past the data.  Clobbers R1-R5.
         ``end_max`` bounds R1 + R3 for the verifier (checked, else "internal")."""
         a = self.a
-        loop = a.fresh("sum_loop")
-        done = a.fresh("sum_done")
         a.add(R3, 7)
         a.and_(R3, -8)
         a.add(R3, R1)
         a.jgt(R3, end_max, "internal")
         a.mov(R2, 0)
-        a.label(loop)
-        a.jge(R1, R3, done)
-        a.mov(R4, R9)
-        a.add(R4, R1)
-        a.ldx("dw", R5, R4, 0)
-        a.mov(R4, R5)
-        a.rsh(R4, 32)
-        a.add(R2, R4)
-        a.alu32("mov", R5, R5)
-        a.add(R2, R5)
-        a.add(R1, 8)
-        a.ja(loop)
-        a.label(done)
+        emit.sum_words(a, R9)
 
     def crc_range(self, end_max: int) -> None:
         """Run the CRC-32 state in R2 over scratch[R1, R3) (table pointer in R0).
@@ -710,17 +682,7 @@ class _Builder:
 
     def count(self, fd: int) -> None:
         """Add one packet and R8 bytes to ``fd``'s per-CPU slot at _S_STATKEY."""
-        a = self.a
-        skip = a.fresh("count_skip")
-        self.lookup(fd, _S_STATKEY)
-        a.jeq(R0, 0, skip)
-        a.ldx("dw", R1, R0, 0)
-        a.add(R1, 1)
-        a.stx("dw", R0, 0, R1)
-        a.ldx("dw", R1, R0, 8)
-        a.add(R1, R8)
-        a.stx("dw", R0, 8, R1)
-        a.label(skip)
+        emit.count(self.a, fd, _S_STATKEY, R8)
 
     def exits(self) -> None:
         a = self.a
