@@ -9,6 +9,8 @@ offsets are from ``include/uapi/linux/bpf.h``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from sttun.io.ebpf.asm import FP, R0, R1, R2, R3, R4, R5, R6, Asm, Reg
 
 # Helpers (enum bpf_func_id).
@@ -114,3 +116,36 @@ def count(a: Asm, fd: int, key_slot: int, length: Reg | None = None) -> None:
     a.add(R1, length)
     a.stx("dw", R0, 8, R1)
     a.label(skip)
+
+
+def pass_exits(
+    a: Asm,
+    labels: Mapping[str, int],
+    reasons_fd: int,
+    key_slot: int,
+    on_pass: Callable[[], None] | None = None,
+) -> None:
+    """For each ``label -> reason``: count the skb (``skb->len`` bytes) under that
+    reason in ``reasons_fd``, run ``on_pass`` if given, and return ``TC_ACT_UNSPEC``
+    (the packet goes on to the Python path).  Uses the u32 at ``key_slot``."""
+    for name, reason in labels.items():
+        a.label(name)
+        a.mov(R0, int(reason))
+        a.ja("pass")
+    a.label("pass")
+    a.stx("w", FP, key_slot, R0)
+    count(a, reasons_fd, key_slot)
+    if on_pass is not None:
+        on_pass()
+    a.mov(R0, TC_ACT_UNSPEC)
+    a.exit()
+
+
+def drop_exit(a: Asm, label: str, reason: int, reasons_fd: int, key_slot: int) -> None:
+    """At ``label``: count the skb under ``reason`` and drop it (``TC_ACT_SHOT``)."""
+    a.label(label)
+    a.mov(R0, int(reason))
+    a.stx("w", FP, key_slot, R0)
+    count(a, reasons_fd, key_slot)
+    a.mov(R0, TC_ACT_SHOT)
+    a.exit()

@@ -89,8 +89,6 @@ from sttun.io.ebpf.emit import (
     SKB_PULL_DATA,
     SKB_STORE_BYTES,
     SKB_VLAN_PRESENT,
-    TC_ACT_SHOT,
-    TC_ACT_UNSPEC,
 )
 
 #: Most bytes the program sums for one checksum: an inner L4 segment (inner L4
@@ -961,18 +959,5 @@ class _Builder:
             "checksum": PassReason.CHECKSUM,
             "offload": PassReason.OFFLOAD,
         }
-        for name, reason in labels.items():
-            a.label(name)
-            a.mov(R0, int(reason))
-            a.ja("pass")
-        a.label("pass")
-        a.stx("w", FP, _S_STATKEY, R0)
-        self.count(self.maps.reasons)
-        a.mov(R0, TC_ACT_UNSPEC)
-        a.exit()
-        a.label("error")
-        a.mov(R0, int(PassReason.ERROR))
-        a.stx("w", FP, _S_STATKEY, R0)
-        self.count(self.maps.reasons)
-        a.mov(R0, TC_ACT_SHOT)
-        a.exit()
+        emit.pass_exits(a, labels, self.maps.reasons, _S_STATKEY)
+        emit.drop_exit(a, "error", PassReason.ERROR, self.maps.reasons, _S_STATKEY)

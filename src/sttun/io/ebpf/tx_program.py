@@ -73,8 +73,6 @@ from sttun.io.ebpf.emit import (
     SKB_PROTOCOL,
     SKB_STORE_BYTES,
     SKB_VLAN_PRESENT,
-    TC_ACT_SHOT,
-    TC_ACT_UNSPEC,
 )
 
 #: Largest inner frame the program encapsulates (an inner MTU of ~2000 bytes);
@@ -696,26 +694,14 @@ class _Builder:
             "queued": TxPassReason.QUEUED,
             "internal": TxPassReason.ERROR,
         }
-        for name, reason in labels.items():
-            a.label(name)
-            a.mov(R0, int(reason))
-            a.ja("pass")
-        a.label("pass")
-        a.stx("w", FP, _S_STATKEY, R0)
-        a.ldx("w", R8, R6, SKB_LEN)
-        self.count(self.maps.reasons)
-        uncounted = a.fresh("uncounted")
-        a.ldx("dw", R1, FP, _S_ORDER)
-        a.jeq(R1, 0, uncounted)
-        a.mov(R2, 1)
-        a.atomic_add("dw", R1, ORDER_PASSED, R2)  # one more frame for Python to send
-        a.label(uncounted)
-        a.mov(R0, TC_ACT_UNSPEC)
-        a.exit()
-        a.label("error")
-        a.mov(R0, int(TxPassReason.ERROR))
-        a.stx("w", FP, _S_STATKEY, R0)
-        a.ldx("w", R8, R6, SKB_LEN)
-        self.count(self.maps.reasons)
-        a.mov(R0, TC_ACT_SHOT)
-        a.exit()
+
+        def count_for_order() -> None:
+            uncounted = a.fresh("uncounted")
+            a.ldx("dw", R1, FP, _S_ORDER)
+            a.jeq(R1, 0, uncounted)
+            a.mov(R2, 1)
+            a.atomic_add("dw", R1, ORDER_PASSED, R2)  # one more frame for Python to send
+            a.label(uncounted)
+
+        emit.pass_exits(a, labels, self.maps.reasons, _S_STATKEY, count_for_order)
+        emit.drop_exit(a, "error", TxPassReason.ERROR, self.maps.reasons, _S_STATKEY)
