@@ -610,8 +610,15 @@ def test_two_tunnels_count_apart(tmp_path: Path) -> None:
         _ping(p.hosts.a, "198.51.100.2", count=2)
         _ping(p.hosts.a, "192.0.2.2", count=20)
         _ping(p.hosts.a, "198.51.100.2", count=5)
-        fast = {t["name"]: t["tx_fastpath"]["frames"] for t in p.a.show()["tunnels"]}
-        assert fast["stt0"] >= 22 and 5 <= fast["stt1"] < 20, fast
+        tunnels = p.a.show()["tunnels"]
+        fast = {t["name"]: t["tx_fastpath"]["frames"] for t in tunnels}
+        total = {t["name"]: t["tx"]["frames"] for t in tunnels}
+        # Every echo request is sent once, by one path or the other: a frame that
+        # follows one left to Python (an ARP probe) is queued behind it, legitimately.
+        assert total["stt0"] >= 22 and 7 <= total["stt1"] < 20, (fast, total)
+        # Most go through the program, and none of one tunnel's is counted for the other.
+        assert fast["stt0"] >= 16 and 5 <= fast["stt1"] < 16, (fast, total)
+        assert all(fast[n] <= total[n] for n in fast), (fast, total)
 
 
 def _underlay_mtu_is(ep: Endpoint, mtu: int) -> Callable[[], bool]:
