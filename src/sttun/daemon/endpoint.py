@@ -673,6 +673,13 @@ class Daemon:
             encap.max_single_inner,
             encap.ipv6,
             encap.fixed_sport,
+            # GSO frames only where the underlay takes them whole (TSO: a NIC cuts
+            # them, a veth passes them on).  Without TSO the kernel would cut them in
+            # software here, and the peer's GRO leaves some in pieces that its
+            # program passes to Python, behind later frames; Python's TX ring sends
+            # those (docs/architecture.md, "GSO frames").
+            encap.segment_payload if tso_enabled(u.ifname) else 0,
+            encap.max_inner_len,
         )
 
     def _check_captures(self) -> None:

@@ -40,7 +40,8 @@ MAX_TUNNELS = 1024
 #: verifier refuses (to exercise the fallback; the receive program has its own).
 TX_FORCE_INVALID_ENV = "STTUN_TX_FASTPATH_FORCE_INVALID"
 _U32 = struct.Struct("<I")
-_VALUE_TAIL = struct.Struct("<IIIIH6x")  # ifindex, slot, max inner, flags, sport
+# ifindex, slot, max inner, flags, sport, segment payload, max GSO inner
+_VALUE_TAIL = struct.Struct("<IIIIHHI")
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class TxTunnel:
     header_template` builds them (Ethernet + IP + TCP-like + STT, per-frame fields
     zero); ``tos_table``/``ttl_table``: the outer TOS and TTL for each inner value;
     ``max_inner``: the largest inner frame whose outer packet fits the underlay MTU;
-    ``fixed_sport``: a fixed outer source port, or None for the flow hash.
+    ``fixed_sport``: a fixed outer source port, or None for the flow hash;
+    ``segment_payload``: the outer TCP payload per segment (0: GSO frames go to
+    Python) and ``max_gso_inner``: the largest inner GSO frame that fits one STT frame.
     """
 
     name: str
@@ -63,6 +66,8 @@ class TxTunnel:
     max_inner: int
     ipv6: bool
     fixed_sport: int | None = None
+    segment_payload: int = 0
+    max_gso_inner: int = 0
 
     def value(self, slot: int) -> bytes:
         """The program's map value for this tunnel, counting into ``slot``."""
@@ -77,7 +82,13 @@ class TxTunnel:
             flags |= txp.TX_FLAG_FIXED_SPORT
             sport = self.fixed_sport
         tail = _VALUE_TAIL.pack(
-            self.underlay_ifindex, slot, max(0, min(self.max_inner, 0xFFFFFFFF)), flags, sport
+            self.underlay_ifindex,
+            slot,
+            max(0, min(self.max_inner, 0xFFFFFFFF)),
+            flags,
+            sport,
+            self.segment_payload if 0 < self.segment_payload <= 0xFFFF else 0,
+            max(0, min(self.max_gso_inner, 0xFFFFFFFF)),
         )
         value = self.template.ljust(txp.TPL_SIZE, b"\0") + tail
         assert len(value) == txp.VAL_TOS
@@ -277,7 +288,7 @@ class TxFastPath:
     def disable(self, tap_ifindex: int, name: str) -> None:
         """Keep the TAP's entry but send every frame to Python (the tunnel cannot
         send now); its frames are still counted for ordering."""
-        value = bytes(txp.VAL_IFINDEX) + _VALUE_TAIL.pack(0, self._slot(name), 0, 0, 0)
+        value = bytes(txp.VAL_IFINDEX) + _VALUE_TAIL.pack(0, self._slot(name), 0, 0, 0, 0, 0)
         self._write(tap_ifindex, name, value.ljust(txp.TX_VALUE_SIZE, b"\0"))
 
     def remove_tunnel(self, tap_ifindex: int) -> None:

@@ -54,12 +54,14 @@ from __future__ import annotations
 
 import enum
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sttun.io.ebpf import emit
 from sttun.io.ebpf.asm import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm, Reg
 from sttun.io.ebpf.emit import (
     BPF_ADJ_ROOM_MAC,
+    BPF_F_ADJ_ROOM_FIXED_GSO,
     CSUM_LEVEL,
     CSUM_LEVEL_QUERY,
     GET_SMP_PROCESSOR_ID,
@@ -74,6 +76,7 @@ from sttun.io.ebpf.emit import (
     SKB_STORE_BYTES,
     SKB_VLAN_PRESENT,
 )
+from sttun.wire.stt import SttFlag
 
 #: Largest inner frame the program encapsulates (an inner MTU of ~2000 bytes);
 #: longer frames (jumbo underlays) go through Python.
@@ -85,6 +88,13 @@ HDR_V6 = 14 + 40 + 20 + 18
 #: a copy of the inner frame), 8 zero bytes after it for the summing loop, then the
 #: CPU's frame counter (u64) at :data:`SCRATCH_COUNTER`.
 SCRATCH_COUNTER = HDR_V6 + TX_MAX_INNER + 8
+#: GSO frames: how far ``gso_size`` may have to grow or shrink to become the outer
+#: segment size (more goes to Python, counted "too_big"), and how many of the inner
+#: frame's first bytes are copied to the scratch buffer (headers, and every byte
+#: taken out and written back).
+GSO_MAX_GROW = 1024
+GSO_MAX_SHRINK = 64
+GSO_LOAD = 14 + 75 + 1 + GSO_MAX_GROW + 20 + 18
 SCRATCH_SIZE = SCRATCH_COUNTER + 8
 
 #: The tunnel map: TAP ifindex (u32) -> this value.
@@ -95,6 +105,8 @@ VAL_SLOT = 100  # u32 counter slot
 VAL_MAX_INNER = 104  # u32 largest inner frame whose outer packet fits the MTU
 VAL_FLAGS = 108  # u32 TX_FLAG_*
 VAL_SPORT = 112  # u16 fixed source port (host order), with TX_FLAG_FIXED_SPORT
+VAL_SEGMENT = 114  # u16 outer segment payload (GSO frames' gso_size); 0: no GSO frames
+VAL_MAX_GSO_INNER = 116  # u32 largest inner GSO frame (the STT frame's 64 KB limit)
 VAL_TOS = 120  # u8[256] outer TOS byte by inner TOS byte
 VAL_TTL = 376  # u8[256] outer TTL by inner TTL
 TX_VALUE_SIZE = 632
@@ -132,14 +144,18 @@ _S_PSEUDO = -88
 _S_CRCTBL = -96
 _S_ZERO = -104
 _S_ORDER = -112
-_STACK_LOW = _S_ORDER
+_S_GSO = -120  # the inner frame's gso_size (STT's MSS)
+_S_ADJ = -128  # signed change of gso_size still to make (GSO frames)
+_S_SAVED = -136  # bytes after the inner Ethernet header taken out and written back
+_S_CUT = -144  # the first cut: up to and including the inner L4 header's first byte
+_STACK_LOW = _S_CUT
 
 
 class TxPassReason(enum.IntEnum):
     """Why the transmit program left a frame to Python (index of the per-CPU counter)."""
 
     NO_TUNNEL = 0  # no entry, or disabled: tunnel down, next hop unresolved, offload off
-    GSO = 1  # a GSO frame (Python sends it as one STT frame the kernel segments)
+    GSO = 1  # a GSO frame not taken: not TCP, ECN (CWR), one outer segment, GSO off
     NOT_IP = 2  # not IP of the underlay's family (ARP, VLAN, the other family)
     TOO_BIG = 3  # the outer packet would not fit one segment, or > TX_MAX_INNER
     L4 = 4  # not TCP/UDP/ICMP, a fragment, extension headers, lengths that disagree
@@ -283,8 +299,6 @@ class _Builder:
         a.jset(R1, TX_FLAG_ENABLED, "enabled")
         a.ja("no_tunnel")
         a.label("enabled")
-        a.ldx("w", R1, R6, SKB_GSO_SIZE)
-        a.jne(R1, 0, "gso")
         # frames of this tunnel wait for Python: this one must not overtake them
         a.ldx("dw", R0, FP, _S_ORDER)
         a.ldx("dw", R1, R0, ORDER_PASSED)
@@ -296,9 +310,25 @@ class _Builder:
         a.jeq(R0, 0, "not_ip")
         a.mov(R9, R0)
         a.ldx("w", R8, R6, SKB_LEN)
+        a.ldx("w", R1, R6, SKB_GSO_SIZE)
+        a.jne(R1, 0, "gso_frame")
         a.ldx("w", R2, R7, VAL_MAX_INNER)
         a.jgt(R8, R2, "too_big")
         a.jgt(R8, TX_MAX_INNER, "too_big")
+        self.by_family(self.family)
+        a.label("gso_frame")
+        a.stx("dw", FP, _S_GSO, R1)
+        a.ldx("h", R2, R7, VAL_SEGMENT)
+        a.jeq(R2, 0, "gso")  # not given: GSO frames go to Python
+        a.ldx("w", R2, R7, VAL_MAX_GSO_INNER)
+        a.jgt(R8, R2, "too_big")
+        self.by_family(self.gso_family)
+        self.exits()
+
+    def by_family(self, body: Callable[[_Family, _Family], None]) -> None:
+        """``body(outer, inner)`` for each combination of the tunnel's family and the
+        frame's (``skb->protocol``); anything else is "not_ip"."""
+        a = self.a
         a.ldx("w", R1, R7, VAL_FLAGS)
         a.ldx("w", R2, R6, SKB_PROTOCOL)
         v6 = a.fresh("tunnel_v6")
@@ -309,10 +339,9 @@ class _Builder:
             same = a.fresh("same_family")
             a.jeq(R2, _ETH_P_IP_RAW if out is _V4 else _ETH_P_IPV6_RAW, same)
             a.jne(R2, _ETH_P_IPV6_RAW if out is _V4 else _ETH_P_IP_RAW, "not_ip")
-            self.family(out, _V6 if out is _V4 else _V4)
+            body(out, _V6 if out is _V4 else _V4)
             a.label(same)
-            self.family(out, out)
-        self.exits()
+            body(out, out)
 
     def family(self, out: _Family, inner: _Family) -> None:
         """One (outer family, inner family) combination, from the inner frame's copy
@@ -333,7 +362,89 @@ class _Builder:
         a.mov(R1, R9)
         a.add(R1, R8)
         a.st("dw", R1, h, 0)
-        # -- inner IP header: L4 offset, protocol, TOS, TTL, the pseudo-header sum -----
+        addrs = self.inner_ip(inner, ip)
+        # L4 length; the checksum field's offset by protocol
+        a.mov(R3, R8)
+        a.sub(R3, R1)
+        a.stx("dw", FP, _S_L4LEN, R3)
+        tcp = a.fresh("p_tcp")
+        udp = a.fresh("p_udp")
+        icmp = a.fresh("p_icmp")
+        known = a.fresh("p_known")
+        a.ldx("dw", R2, FP, _S_PROTO)
+        a.jeq(R2, 6, tcp)
+        a.jeq(R2, 17, udp)
+        a.jeq(R2, 1 if v4 else 58, icmp)
+        a.ja("l4")
+        a.label(tcp)
+        a.jlt(R3, 20, "l4")
+        a.mov(R4, 16)
+        a.ja(known)
+        a.label(udp)
+        a.jlt(R3, 8, "l4")
+        a.mov(R4, 6)
+        a.ja(known)
+        a.label(icmp)
+        a.jlt(R3, 8, "l4")
+        a.mov(R4, 2)
+        a.label(known)
+        a.stx("dw", FP, _S_CSUMOFF, R4)
+        # the field as it is, and the pseudo-header sum (LE lanes, like the loads)
+        a.ldx("dw", R1, FP, _S_L4OFF)
+        a.jgt(R1, 14 + 60, "internal")
+        a.add(R1, R4)
+        a.add(R1, R9)
+        a.ldx("h", R5, R1, h)
+        a.stx("dw", FP, _S_FIELD, R5)
+        self.pseudo(inner, addrs)
+        # -- the inner checksum: complete, or a partial seed to finish ----------------
+        a.ldx("dw", R1, FP, _S_L4OFF)
+        a.add(R1, h)
+        a.ldx("dw", R3, FP, _S_L4LEN)
+        self.sum_range(h + TX_MAX_INNER + 8)
+        a.mov(R3, R2)  # S: the L4 segment as it is (field included)
+        a.ldx("dw", R1, FP, _S_PSEUDO)
+        a.add(R2, R1)
+        self.fold(R2, R4)
+        complete = a.fresh("complete")
+        a.jeq(R2, 0xFFFF, complete)
+        if v4:
+            not_udp0 = a.fresh("not_udp0")
+            a.ldx("dw", R1, FP, _S_PROTO)
+            a.jne(R1, 17, not_udp0)
+            a.ldx("dw", R1, FP, _S_FIELD)
+            a.jeq(R1, 0, complete)  # UDP over IPv4 without a checksum
+            a.label(not_udp0)
+        # not complete: only a TCP/UDP field holding the pseudo-header sum will do
+        seeded = a.fresh("seeded")
+        a.ldx("dw", R1, FP, _S_PROTO)
+        a.jeq(R1, 6, seeded)
+        a.jeq(R1, 17, seeded)
+        a.ja("checksum")
+        a.label(seeded)
+        a.ldx("dw", R1, FP, _S_FIELD)
+        a.ldx("dw", R2, FP, _S_PSEUDO)
+        a.jne(R1, R2, "checksum")
+        # the final value a NIC / skb_checksum_help will write, in the scratch copy
+        self.fold(R3, R4)
+        a.xor(R3, 0xFFFF)
+        a.ldx("dw", R1, FP, _S_L4OFF)
+        a.jgt(R1, 14 + 60, "internal")
+        a.ldx("dw", R2, FP, _S_CSUMOFF)
+        a.jgt(R2, 16, "internal")
+        a.add(R1, R2)
+        a.add(R1, R9)
+        a.stx("h", R1, h, R3)
+        a.label(complete)
+        self.outer(out, inner)
+
+    def inner_ip(self, inner: _Family, ip: int) -> range:
+        """Parse the inner IP header at scratch offset ``ip``: the L4 offset (also left
+        in R1), TOS, TTL and protocol into their stack slots ("l4" unless it is a
+        plain IP packet exactly as long as the frame).  Returns the scratch offsets of
+        the address words."""
+        a = self.a
+        v4 = inner.version == 4
         if v4:
             a.ldx("b", R1, R9, ip)
             a.mov(R2, R1)
@@ -380,44 +491,17 @@ class _Builder:
             a.ldx("b", R2, R9, ip + 6)
             a.stx("dw", FP, _S_PROTO, R2)
             addrs = range(ip + 8, ip + 40, 2)
-        # L4 length; the checksum field's offset by protocol
-        a.mov(R3, R8)
-        a.sub(R3, R1)
-        a.stx("dw", FP, _S_L4LEN, R3)
-        tcp = a.fresh("p_tcp")
-        udp = a.fresh("p_udp")
-        icmp = a.fresh("p_icmp")
-        known = a.fresh("p_known")
-        a.ldx("dw", R2, FP, _S_PROTO)
-        a.jeq(R2, 6, tcp)
-        a.jeq(R2, 17, udp)
-        a.jeq(R2, 1 if v4 else 58, icmp)
-        a.ja("l4")
-        a.label(tcp)
-        a.jlt(R3, 20, "l4")
-        a.mov(R4, 16)
-        a.ja(known)
-        a.label(udp)
-        a.jlt(R3, 8, "l4")
-        a.mov(R4, 6)
-        a.ja(known)
-        a.label(icmp)
-        a.jlt(R3, 8, "l4")
-        a.mov(R4, 2)
-        a.label(known)
-        a.stx("dw", FP, _S_CSUMOFF, R4)
-        # the field as it is, and the pseudo-header sum (LE lanes, like the loads)
-        a.ldx("dw", R1, FP, _S_L4OFF)
-        a.jgt(R1, 14 + 60, "internal")
-        a.add(R1, R4)
-        a.add(R1, R9)
-        a.ldx("h", R5, R1, h)
-        a.stx("dw", FP, _S_FIELD, R5)
+        return addrs
+
+    def pseudo(self, inner: _Family, addrs: range) -> None:
+        """_S_PSEUDO = the inner pseudo-header sum (addresses at ``addrs``, protocol,
+        _S_L4LEN), folded; 0 for ICMP over IPv4, which sums no pseudo header."""
+        a = self.a
         a.mov(R1, 0)
-        if v4:
-            nopseudo = a.fresh("no_pseudo")
+        nopseudo = a.fresh("no_pseudo")
+        if inner.version == 4:
             a.ldx("dw", R2, FP, _S_PROTO)
-            a.jeq(R2, 1, nopseudo)  # ICMP sums no pseudo header
+            a.jeq(R2, 1, nopseudo)
         for off in addrs:
             a.ldx("h", R2, R9, off)
             a.add(R1, R2)
@@ -428,54 +512,174 @@ class _Builder:
         a.be16(R2)
         a.add(R1, R2)
         self.fold(R1, R2)
-        if v4:
-            a.label(nopseudo)
+        a.label(nopseudo)
         a.stx("dw", FP, _S_PSEUDO, R1)
-        # -- the inner checksum: complete, or a partial seed to finish ----------------
-        a.ldx("dw", R1, FP, _S_L4OFF)
-        a.add(R1, h)
-        a.ldx("dw", R3, FP, _S_L4LEN)
-        self.sum_range(h + TX_MAX_INNER + 8)
-        a.mov(R3, R2)  # S: the L4 segment as it is (field included)
-        a.ldx("dw", R1, FP, _S_PSEUDO)
-        a.add(R2, R1)
-        self.fold(R2, R4)
-        complete = a.fresh("complete")
-        a.jeq(R2, 0xFFFF, complete)
-        if v4:
-            not_udp0 = a.fresh("not_udp0")
-            a.ldx("dw", R1, FP, _S_PROTO)
-            a.jne(R1, 17, not_udp0)
-            a.ldx("dw", R1, FP, _S_FIELD)
-            a.jeq(R1, 0, complete)  # UDP over IPv4 without a checksum
-            a.label(not_udp0)
-        # not complete: only a TCP/UDP field holding the pseudo-header sum will do
-        seeded = a.fresh("seeded")
-        a.ldx("dw", R1, FP, _S_PROTO)
-        a.jeq(R1, 6, seeded)
-        a.jeq(R1, 17, seeded)
-        a.ja("checksum")
-        a.label(seeded)
+
+    def gso_family(self, out: _Family, inner: _Family) -> None:
+        """A TCP GSO frame of one (outer, inner) family combination.
+
+        The outer headers go in front as for a single frame, with STT's P flag, L4
+        offset and MSS (the inner ``gso_size``), and the skb leaves as a TCP GSO
+        packet of the *outer* header that the kernel cuts (or a TSO device, or a
+        veth passes whole) into segments of :data:`VAL_SEGMENT` bytes of payload,
+        as for the Python path's GSO frames.  Two things no helper sets directly:
+
+        * ``CHECKSUM_PARTIAL`` at the inner TCP header, which TCP GSO would refuse
+          (it needs ``csum_start`` at the header it segments).  Taking bytes out after
+          the Ethernet header is how the skb loses it: once a cut has moved the data
+          past ``csum_start``, the next cut turns the skb to ``CHECKSUM_NONE``
+          (``skb_postpull_rcsum``).  GSO then sets ``CHECKSUM_PARTIAL`` at the outer
+          TCP header itself (``tcp4/6_gso_segment``); the inner TCP checksum keeps
+          the pseudo-header seed, which STT's P flag says it holds.
+        * ``gso_size``: cuts and growth without ``BPF_F_ADJ_ROOM_FIXED_GSO`` change
+          it by their length, so one of them carries the difference to the outer
+          segment size (``bpf_skb_change_proto`` changes it by 20 across families).
+
+        The bytes taken out are in the scratch copy and written back with the outer
+        headers."""
+        a = self.a
+        h, tcp, stt = out.hdr, out.tcp, out.stt
+        ip = h + 14
+        v6_to_v4 = inner.version == 6 and out.version == 4
+        v4_to_v6 = inner.version == 4 and out.version == 6
+        a.jlt(R8, 14 + inner.ip_len + 20, "l4")
+        # -- the headers into the scratch buffer ----------------------------------------
+        loaded = a.fresh("gso_loaded")
+        a.mov(R4, R8)
+        a.jle(R4, GSO_LOAD, loaded)
+        a.mov(R4, GSO_LOAD)
+        a.label(loaded)
+        a.mov(R1, R6)
+        a.mov(R2, 0)
+        a.mov(R3, R9)
+        a.add(R3, h)
+        a.call(SKB_LOAD_BYTES)
+        a.jne(R0, 0, "not_ip")
+        addrs = self.inner_ip(inner, ip)
+        a.mov(R3, R8)
+        a.sub(R3, R1)
+        a.stx("dw", FP, _S_L4LEN, R3)
+        a.ldx("dw", R2, FP, _S_PROTO)
+        a.jne(R2, 6, "gso")  # TCP segmentation only (UDP GSO goes to Python)
+        a.jlt(R3, 20, "l4")
+        a.jgt(R1, 14 + 60, "internal")
+        a.add(R1, R9)
+        a.ldx("b", R2, R1, h + 13)
+        a.jset(R2, 0x80, "gso")  # CWR: SKB_GSO_TCP_ECN, which STT cannot carry
+        a.ldx("h", R5, R1, h + 16)
+        a.stx("dw", FP, _S_FIELD, R5)
+        self.pseudo(inner, addrs)
         a.ldx("dw", R1, FP, _S_FIELD)
         a.ldx("dw", R2, FP, _S_PSEUDO)
-        a.jne(R1, R2, "checksum")
-        # the final value a NIC / skb_checksum_help will write, in the scratch copy
-        self.fold(R3, R4)
-        a.xor(R3, 0xFFFF)
+        a.jne(R1, R2, "checksum")  # a GSO frame's TCP checksum is the seed
+        # -- the change of gso_size to make; what is taken out and written back --------
+        a.ldx("h", R1, R7, VAL_SEGMENT)
+        a.ldx("dw", R2, FP, _S_GSO)
+        a.sub(R1, R2)
+        if v6_to_v4:
+            a.sub(R1, 20)
+        elif v4_to_v6:
+            a.add(R1, 20)
+        a.stx("dw", FP, _S_ADJ, R1)
+        a.jmp("sgt", R1, GSO_MAX_GROW, "too_big")
+        a.jslt(R1, -GSO_MAX_SHRINK, "too_big")
+        a.mov(R2, R8)
+        a.add(R2, 18)
+        a.ldx("h", R3, R7, VAL_SEGMENT)
+        a.jle(R2, R3, "gso")  # one outer segment: Python sends it without GSO
+        a.ldx("dw", R2, FP, _S_L4OFF)
+        a.add(R2, 1)
+        a.stx("dw", FP, _S_CUT, R2)
+        a.add(R2, 1 + (20 if v6_to_v4 else 0))
+        no_grow = a.fresh("gso_no_grow")
+        a.jslt(R1, 1, no_grow)
+        a.add(R2, R1)
+        a.label(no_grow)
+        a.stx("dw", FP, _S_SAVED, R2)
+        a.add(R2, 14 + 64)
+        a.jlt(R8, R2, "gso")  # too short to take the bytes out of
+        # -- the outer headers, with the offload fields of a segmented TCP frame --------
+        self.headers(out, inner)
+        flags = int(SttFlag.CSUM_PARTIAL | SttFlag.TCP)
+        if inner.version == 4:
+            flags |= SttFlag.IPV4
+        a.st("b", R9, stt + 1, flags)
         a.ldx("dw", R1, FP, _S_L4OFF)
-        a.jgt(R1, 14 + 60, "internal")
-        a.ldx("dw", R2, FP, _S_CSUMOFF)
-        a.jgt(R2, 16, "internal")
-        a.add(R1, R2)
-        a.add(R1, R9)
-        a.stx("h", R1, h, R3)
-        a.label(complete)
-        self.outer(out, inner)
+        a.stx("b", R9, stt + 2, R1)
+        a.ldx("dw", R1, FP, _S_GSO)
+        a.be16(R1)
+        a.stx("h", R9, stt + 4, R1)
+        # the outer TCP checksum field: the pseudo-header seed, as of any GSO packet
+        a.mov(R2, 0x0600)
+        for off in range(26, 34, 2) if out.version == 4 else range(22, 54, 2):
+            a.ldx("h", R1, R9, off)
+            a.add(R2, R1)
+        a.mov(R1, R8)
+        a.add(R1, 20 + 18)
+        a.be16(R1)
+        a.add(R2, R1)
+        self.fold(R2, R1)
+        a.stx("h", R9, tcp + 16, R2)
+        # -- cut (unchanged if it fails), cut again (now CHECKSUM_NONE), gso_size -------
+        a.ldx("dw", R2, FP, _S_CUT)
+        a.neg(R2)
+        self.adjust(R2, BPF_F_ADJ_ROOM_FIXED_GSO, "internal")
+        self.adjust(-1, BPF_F_ADJ_ROOM_FIXED_GSO, "error")
+        grown = a.fresh("gso_grown")
+        a.ldx("dw", R2, FP, _S_ADJ)
+        a.jslt(R2, 1, grown)
+        a.neg(R2)
+        self.adjust(R2, 0, "error")  # gso_size += the bytes cut
+        a.label(grown)
+        if inner is not out:
+            a.mov(R1, R6)
+            a.mov(R2, _ETH_P_IP_RAW if out.version == 4 else _ETH_P_IPV6_RAW)
+            a.mov(R3, 0)
+            a.call(SKB_CHANGE_PROTO)  # 20 bytes in or out, gso_size -/+ 20
+            a.jne(R0, 0, "error")
+        shrunk = a.fresh("gso_shrunk")
+        a.ldx("dw", R2, FP, _S_ADJ)
+        a.jsge(R2, 0, shrunk)
+        a.neg(R2)
+        self.adjust(R2, 0, "error")  # gso_size -= the bytes added
+        a.label(shrunk)
+        # -- the rest of the room; the headers and the bytes taken out written back -----
+        a.ldx("dw", R2, FP, _S_SAVED)
+        a.add(R2, h - (20 if v4_to_v6 else 0))
+        a.ldx("dw", R1, FP, _S_ADJ)
+        positive = a.fresh("gso_positive")
+        a.jsge(R1, 0, positive)
+        a.add(R2, R1)
+        a.label(positive)
+        self.adjust(R2, BPF_F_ADJ_ROOM_FIXED_GSO, "error")
+        a.ldx("dw", R4, FP, _S_SAVED)
+        a.jgt(R4, GSO_LOAD - 14, "error")
+        a.add(R4, h + 14)
+        a.mov(R1, R6)
+        a.mov(R2, 0)
+        a.mov(R3, R9)
+        a.mov(R5, 0)
+        a.call(SKB_STORE_BYTES)
+        a.jne(R0, 0, "error")
+        self.send()
 
-    def outer(self, f: _Family, inner: _Family) -> None:
-        """Fill in the outer headers, grow the skb, write them, count, redirect."""
+    def adjust(self, diff: Reg | int, flags: int, fail: str) -> None:
+        """bpf_skb_adjust_room(skb, diff, BPF_ADJ_ROOM_MAC, flags); to ``fail`` if it
+        fails."""
         a = self.a
-        h, tcp, stt = f.hdr, f.tcp, f.stt
+        a.mov(R2, diff)
+        a.mov(R1, R6)
+        a.mov(R3, BPF_ADJ_ROOM_MAC)
+        a.mov(R4, flags)
+        a.call(SKB_ADJUST_ROOM)
+        a.jne(R0, 0, fail)
+
+    def headers(self, f: _Family, inner: _Family) -> None:
+        """The outer headers in scratch[0, f.hdr) from the template, with everything
+        per frame but the TCP checksum and the STT offload fields (flags, L4 offset,
+        MSS) filled in for an inner frame of R8 bytes."""
+        a = self.a
+        h, tcp = f.hdr, f.tcp
         v4 = f.version == 4
         # -- the template ---------------------------------------------------------------
         for off in range(0, h - h % 8, 8):
@@ -552,14 +756,6 @@ class _Builder:
         a.label(have)
         a.be16(R1)
         a.stx("h", R9, tcp, R1)
-        # -- C: the inner skb was CHECKSUM_UNNECESSARY (Python: vnet DATA_VALID) -------
-        no_c = a.fresh("no_c")
-        a.mov(R1, R6)
-        a.mov(R2, CSUM_LEVEL_QUERY)
-        a.call(CSUM_LEVEL)
-        a.jslt(R0, 0, no_c)
-        a.st("b", R9, stt + 1, 1)
-        a.label(no_c)
         # -- IPv4 header checksum ---------------------------------------------------------
         if v4:
             a.mov(R1, 0)
@@ -570,6 +766,21 @@ class _Builder:
             self.fold(R1, R2)
             a.xor(R1, 0xFFFF)
             a.stx("h", R9, 24, R1)
+
+    def outer(self, f: _Family, inner: _Family) -> None:
+        """Fill in the outer headers, grow the skb, write them, count, redirect."""
+        a = self.a
+        h, tcp, stt = f.hdr, f.tcp, f.stt
+        v4 = f.version == 4
+        self.headers(f, inner)
+        # -- C: the inner skb was CHECKSUM_UNNECESSARY (Python: vnet DATA_VALID) -------
+        no_c = a.fresh("no_c")
+        a.mov(R1, R6)
+        a.mov(R2, CSUM_LEVEL_QUERY)
+        a.call(CSUM_LEVEL)
+        a.jslt(R0, 0, no_c)
+        a.st("b", R9, stt + 1, 1)
+        a.label(no_c)
         # -- outer TCP checksum over TCP + STT + the inner frame (final values) --------
         a.mov(R1, tcp)
         a.mov(R3, R8)
@@ -617,7 +828,11 @@ class _Builder:
         a.mov(R5, 0)
         a.call(SKB_STORE_BYTES)
         a.jne(R0, 0, "error")
-        # -- count, redirect --------------------------------------------------------------
+        self.send()
+
+    def send(self) -> None:
+        """Count the frame (R8 bytes) for its tunnel and redirect it to the underlay."""
+        a = self.a
         a.ldx("w", R1, R7, VAL_SLOT)
         a.stx("w", FP, _S_STATKEY, R1)
         self.count(self.maps.tunnel_stats)
