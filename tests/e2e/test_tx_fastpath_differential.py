@@ -324,19 +324,46 @@ def cases(outer: int) -> list[Case]:
     sp = next(port)
     frame = ip_frame(other, 6, sp, body(300, sp), seeded=True)
     add(f"other-family-ipv{other}-tcp", frame, partial_vnet(other, 6), FAST)
-    sp = next(port)
-    payload = body(3000, sp)
-    frame = ip_frame(fam, 6, sp, payload, seeded=True)
-    start = 14 + l3
-    gso = VnetHdr(
-        VnetFlag.NEEDS_CSUM,
-        GsoType.TCPV4 if fam == 4 else GsoType.TCPV6,
-        start + 20,
-        1000,
-        start,
-        16,
-    )
-    add("tcp-gso", frame, gso, "gso", delivered=None, segments=3, extra={"sport": sp})
+    out += gso_cases(outer, UNDERLAY_MTU, port)
+    return out
+
+
+def gso_cases(outer: int, mtu: int, port: Iterator[int]) -> list[Case]:
+    """TCP GSO frames, which the program takes where the underlay has TSO (as the
+    veth here does): their gso_size grows or shrinks to the outer segment size
+    (``mtu`` minus outer IP and TCP), across families too; CWR (ECN), a frame that
+    fits one outer segment and an MSS too far below the outer one go to Python."""
+    fam, other = outer, 10 - outer
+    seg_payload = mtu - (20 if outer == 4 else 40) - 20
+    biggest = {4: 1460, 6: 1440}  # the inner MSS whose segments fit B's VM link
+    out = []
+    for name, f, n, mss, expect, cwr in (
+        ("tcp-gso", fam, 3000, 1000, FAST, False),
+        ("tcp-gso-biggest-mss", fam, 9000, biggest[fam], FAST, False),
+        ("tcp-gso-mss-near-segment", fam, 5000, seg_payload - 8, FAST, False),
+        (f"tcp-gso-other-family-ipv{other}", other, 4000, 1200, FAST, False),
+        (f"tcp-gso-other-family-ipv{other}-biggest", other, 6000, biggest[other], FAST, False),
+        ("tcp-gso-cwr", fam, 3000, 1000, "gso", True),
+        ("tcp-gso-one-outer-segment", fam, 1000, 600, "gso", False),
+        ("tcp-gso-small-mss", fam, 2000, 300, "too_big", False),
+    ):
+        if mss > biggest[f]:
+            continue
+        sp = next(port)
+        payload = bytes((sp + i) & 0xFF for i in range(n))
+        frame = bytearray(ip_frame(f, 6, sp, payload, seeded=True))
+        start = 14 + (20 if f == 4 else 40)
+        if cwr:
+            frame[start + 13] |= 0x80
+        vnet = VnetHdr(
+            VnetFlag.NEEDS_CSUM,
+            GsoType.TCPV4 if f == 4 else GsoType.TCPV6,
+            start + 20,
+            mss,
+            start,
+            16,
+        )
+        out.append(Case(name, bytes(frame), vnet, expect, None, -(-n // mss), extra={"sport": sp}))
     return out
 
 
@@ -582,6 +609,21 @@ def test_program_and_python_deliver_the_same_frames(tmp_path: Path, outer: int) 
     compare(all_cases, fast, python, outer)
 
 
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+@pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])
+def test_gso_frames_over_a_smaller_underlay(tmp_path: Path, outer: int) -> None:
+    """Over a 1400-byte underlay the GSO frames' gso_size must shrink (the inner MSS
+    is above the outer segment size) as well as grow: the same segments reach B's
+    VM, each outer segment fits the underlay."""
+    need_fastpath()
+    all_cases = gso_cases(outer, 1400, iter(range(43000, 44000)))
+    assert any(c.vnet.gso_size > 1400 - 40 - (20 if outer == 4 else 40) for c in all_cases)
+    with world(1400) as w:
+        fast = run_once(w, tmp_path / "on", all_cases, outer, "on", 1400)
+        python = run_once(w, tmp_path / "off", all_cases, outer, "off", 1400)
+    compare(all_cases, fast, python, outer)
+
+
 def jumbo_cases(outer: int) -> list[Case]:
     """Inner frames around :data:`TX_MAX_INNER` on a 9000-byte underlay."""
     fam, l3 = outer, 20 if outer == 4 else 40
@@ -669,13 +711,29 @@ def compare(all_cases: list[Case], fast: Run, python: Run, outer: int) -> None:
     # finishes it), flags 0, and the outer checksum is right for the finished frame
     stt = 14 + (20 if outer == 4 else 40) + 20
     for c in all_cases:
-        if c.expect != FAST or not c.vnet.flags & VnetFlag.NEEDS_CSUM:
+        if c.expect != FAST or not c.vnet.flags & VnetFlag.NEEDS_CSUM or c.vnet.gso_type:
             continue
         assert c.delivered is not None
         p_fast = outer_packet_of(fast.outer, c.frame, outer)
         assert p_fast[stt + 1] == 0, f"{c.name}: STT flags {p_fast[stt + 1]:#x}"
         final = p_fast[: -len(c.frame)] + c.delivered
         assert outer_checksum_ok(final, outer), f"{c.name}: {p_fast[:90].hex()}"
+    # a GSO frame: one outer GSO packet (the veth passes it whole) with the P flag,
+    # the inner MSS and L4 offset, as Python sends it; IPv4 ID, frame id and the
+    # checksum seed aside
+    for c in all_cases:
+        if c.expect != FAST or not c.vnet.gso_type:
+            continue
+        p_fast = outer_packet_of(fast.outer, c.frame, outer)
+        p_python = outer_packet_of(python.outer, c.frame, outer)
+        assert frame_id(p_fast, outer) >> 31 == 1, c.name
+        inner_v4 = c.frame[12:14] == b"\x08\x00"
+        assert p_fast[stt + 1] == 0x0A | (0x04 if inner_v4 else 0), c.name
+        assert p_fast[stt + 2] == c.vnet.csum_start, c.name
+        assert struct.unpack_from("!H", p_fast, stt + 4)[0] == c.vnet.gso_size, c.name
+        assert normalized(p_fast, outer) == normalized(p_python, outer), (
+            f"{c.name}:\nprogram {p_fast[:90].hex()}\nPython  {p_python[:90].hex()}"
+        )
     # the program's counters: each case where it belongs
     tx = fast.show["tx_fastpath"]
     assert tx["state"] == "on" and tx["errors"]["packets"] == 0, tx

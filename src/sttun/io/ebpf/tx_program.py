@@ -89,12 +89,11 @@ HDR_V6 = 14 + 40 + 20 + 18
 #: CPU's frame counter (u64) at :data:`SCRATCH_COUNTER`.
 SCRATCH_COUNTER = HDR_V6 + TX_MAX_INNER + 8
 #: GSO frames: how far ``gso_size`` may have to grow or shrink to become the outer
-#: segment size (more goes to Python, counted "too_big"), and how many of the inner
+#: segment size (further goes to Python, counted "too_big"), and how many of the inner
 #: frame's first bytes are copied to the scratch buffer (headers, and every byte
 #: taken out and written back).
-GSO_MAX_GROW = 1024
-GSO_MAX_SHRINK = 64
-GSO_LOAD = 14 + 75 + 1 + GSO_MAX_GROW + 20 + 18
+GSO_MAX_CHANGE = 1024
+GSO_LOAD = 14 + 75 + 1 + GSO_MAX_CHANGE + 20 + 18
 SCRATCH_SIZE = SCRATCH_COUNTER + 8
 
 #: The tunnel map: TAP ifindex (u32) -> this value.
@@ -581,8 +580,8 @@ class _Builder:
         elif v4_to_v6:
             a.add(R1, 20)
         a.stx("dw", FP, _S_ADJ, R1)
-        a.jmp("sgt", R1, GSO_MAX_GROW, "too_big")
-        a.jslt(R1, -GSO_MAX_SHRINK, "too_big")
+        a.jmp("sgt", R1, GSO_MAX_CHANGE, "too_big")
+        a.jslt(R1, -GSO_MAX_CHANGE, "too_big")
         a.mov(R2, R8)
         a.add(R2, 18)
         a.ldx("h", R3, R7, VAL_SEGMENT)
@@ -590,11 +589,15 @@ class _Builder:
         a.ldx("dw", R2, FP, _S_L4OFF)
         a.add(R2, 1)
         a.stx("dw", FP, _S_CUT, R2)
+        # saved: the cut, the second cut (1 byte, and |change| more when gso_size must
+        # shrink: the room added back has to be at least that), the change when it
+        # grows, and the 20 bytes bpf_skb_change_proto takes out (6 -> 4)
         a.add(R2, 1 + (20 if v6_to_v4 else 0))
-        no_grow = a.fresh("gso_no_grow")
-        a.jslt(R1, 1, no_grow)
+        positive = a.fresh("gso_positive")
+        a.jsge(R1, 0, positive)
+        a.neg(R1)
+        a.label(positive)
         a.add(R2, R1)
-        a.label(no_grow)
         a.stx("dw", FP, _S_SAVED, R2)
         a.add(R2, 14 + 64)
         a.jlt(R8, R2, "gso")  # too short to take the bytes out of
@@ -624,7 +627,13 @@ class _Builder:
         a.ldx("dw", R2, FP, _S_CUT)
         a.neg(R2)
         self.adjust(R2, BPF_F_ADJ_ROOM_FIXED_GSO, "internal")
-        self.adjust(-1, BPF_F_ADJ_ROOM_FIXED_GSO, "error")
+        second = a.fresh("gso_second")
+        a.mov(R2, -1)
+        a.ldx("dw", R1, FP, _S_ADJ)
+        a.jsge(R1, 0, second)
+        a.add(R2, R1)
+        a.label(second)
+        self.adjust(R2, BPF_F_ADJ_ROOM_FIXED_GSO, "error")
         grown = a.fresh("gso_grown")
         a.ldx("dw", R2, FP, _S_ADJ)
         a.jslt(R2, 1, grown)
