@@ -72,6 +72,7 @@ class FastPathHosts:
     vm_dev: str
     nexthop_mac: bytes = b""
     router: Netns | None = None
+    router_b: str = ""  # the router's link to B
     ip_a: str = "198.18.0.1"
     ip_b: str = "198.18.0.2"
     ip6_a: str = "2001:db8:0:1::1"
@@ -121,6 +122,7 @@ def fastpath_hosts(routed: bool = False) -> Iterator[FastPathHosts]:
         else:
             r = h.router = stack.enter_context(Netns("fr"))
             ra, rb = ifname("ra", sfx), ifname("rb", sfx)
+            h.router_b = rb
             h.ip_b, h.ip6_b = "198.18.1.2", "2001:db8:0:1:1::2"
             veth_pair(
                 a,

@@ -380,10 +380,11 @@ class World:
 
 
 @contextlib.contextmanager
-def world(mtu: int = UNDERLAY_MTU) -> Iterator[World]:
-    """The namespaces; ``mtu``: of the underlay and of A's bridge ports."""
+def world(mtu: int = UNDERLAY_MTU, routed: bool = False) -> Iterator[World]:
+    """The namespaces; ``mtu``: of the underlay and of A's bridge ports; ``routed``:
+    a router between A and B whose link to B has no TSO (it cuts GSO packets)."""
     sfx = unique_suffix()
-    with fastpath_hosts() as h, Netns("fw") as vma:
+    with fastpath_hosts(routed=routed) as h, Netns("fw") as vma:
         if mtu != UNDERLAY_MTU:
             h.a.ip("link", "set", h.dev_a, "mtu", str(mtu))
             h.b.ip("link", "set", h.dev_b, "mtu", str(mtu))
@@ -492,8 +493,13 @@ def run_once(
     with daemons(w, tmp, outer, tx_fast, mtu, extra_a) as a:
         pcap, wire = tmp / "vm_b.pcap", tmp / "underlay_b.pcap"
         src = h.underlay(outer)[0]
-        wire_cap = Capture(h.b, h.dev_b, wire, f"src host {src} and tcp port 7471")
-        with wire_cap, vm_b_capture(w, pcap) as cap:
+        flt = f"src host {src} and tcp port 7471"
+        wire_cap = Capture(h.b, h.dev_b, wire, flt)
+        with contextlib.ExitStack() as caps:
+            if h.router is not None:  # the segments the router sends to B
+                caps.enter_context(Capture(h.router, h.router_b, tmp / "router.pcap", flt))
+            caps.enter_context(wire_cap)
+            cap = caps.enter_context(vm_b_capture(w, pcap))
             send_cases(w, a, all_cases)
             cap.wait_for(sum(c.segments for c in all_cases))
         assert cap.dropped == 0 and wire_cap.dropped == 0
@@ -622,6 +628,29 @@ def test_gso_frames_over_a_smaller_underlay(tmp_path: Path, outer: int) -> None:
         fast = run_once(w, tmp_path / "on", all_cases, outer, "on", 1400)
         python = run_once(w, tmp_path / "off", all_cases, outer, "off", 1400)
     compare(all_cases, fast, python, outer)
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+@pytest.mark.parametrize("outer", [4, 6], ids=["ipv4-underlay", "ipv6-underlay"])
+def test_gso_frames_cut_by_a_router(tmp_path: Path, outer: int) -> None:
+    """A router between A and B cuts the program's GSO packets in software (its link
+    to B has no TSO; A's has, so the program takes them): every segment fits the
+    link, its outer checksums are good for tshark, B's GRO merges them again, and
+    B's VM gets the same segments as from Python."""
+    need_fastpath()
+    all_cases = gso_cases(outer, UNDERLAY_MTU, iter(range(44000, 45000)))
+    with world(routed=True) as w:
+        assert w.h.router is not None
+        # complete checksums in the segments, so the capture shows the final values
+        w.h.router.ethtool(w.h.router_b, tx=False)
+        fast = run_once(w, tmp_path / "on", all_cases, outer, "on")
+        python = run_once(w, tmp_path / "off", all_cases, outer, "off")
+    compare(all_cases, fast, python, outer)
+    for run in ("on", "off"):
+        cut = read_pcap(tmp_path / run / "router.pcap")
+        assert len(cut) > sum(c.segments for c in all_cases if c.expect == FAST) // 2
+        assert max(len(p) for p in cut) <= 14 + UNDERLAY_MTU, run
+        assert bad_checksums(tmp_path / run / "router.pcap", set()) == [], run
 
 
 def jumbo_cases(outer: int) -> list[Case]:

@@ -531,8 +531,8 @@ class _Builder:
           TCP header itself (``tcp4/6_gso_segment``); the inner TCP checksum keeps
           the pseudo-header seed, which STT's P flag says it holds.
         * ``gso_size``: cuts and growth without ``BPF_F_ADJ_ROOM_FIXED_GSO`` change
-          it by their length, so one of them carries the difference to the outer
-          segment size (``bpf_skb_change_proto`` changes it by 20 across families).
+          it by their length, so a cut (to grow it) or the first part of the room
+          added back (to shrink it) carries the difference to the outer segment size.
 
         The bytes taken out are in the scratch copy and written back with the outer
         headers."""
@@ -575,10 +575,6 @@ class _Builder:
         a.ldx("h", R1, R7, VAL_SEGMENT)
         a.ldx("dw", R2, FP, _S_GSO)
         a.sub(R1, R2)
-        if v6_to_v4:
-            a.sub(R1, 20)
-        elif v4_to_v6:
-            a.add(R1, 20)
         a.stx("dw", FP, _S_ADJ, R1)
         a.jmp("sgt", R1, GSO_MAX_CHANGE, "too_big")
         a.jslt(R1, -GSO_MAX_CHANGE, "too_big")
@@ -641,25 +637,30 @@ class _Builder:
         self.adjust(R2, 0, "error")  # gso_size += the bytes cut
         a.label(grown)
         if inner is not out:
+            # 20 bytes in (4 -> 6) or out (6 -> 4) after the Ethernet header; kernels
+            # before 5.13 also changed gso_size by 20, hence the reading below
             a.mov(R1, R6)
             a.mov(R2, _ETH_P_IP_RAW if out.version == 4 else _ETH_P_IPV6_RAW)
             a.mov(R3, 0)
-            a.call(SKB_CHANGE_PROTO)  # 20 bytes in or out, gso_size -/+ 20
+            a.call(SKB_CHANGE_PROTO)
             a.jne(R0, 0, "error")
+        # -- the room: the first part without FIXED_GSO takes gso_size down to the
+        # outer segment size, the rest keeps it; then the headers and the bytes taken
+        # out are written back
+        a.ldx("h", R3, R7, VAL_SEGMENT)
+        a.ldx("w", R1, R6, SKB_GSO_SIZE)
+        a.sub(R1, R3)  # how far above the segment size gso_size still is
+        a.jslt(R1, 0, "error")  # (a kernel that took 20 off across families)
+        a.stx("dw", FP, _S_ADJ, R1)
         shrunk = a.fresh("gso_shrunk")
-        a.ldx("dw", R2, FP, _S_ADJ)
-        a.jsge(R2, 0, shrunk)
-        a.neg(R2)
-        self.adjust(R2, 0, "error")  # gso_size -= the bytes added
+        a.jeq(R1, 0, shrunk)
+        self.adjust(R1, 0, "error")
         a.label(shrunk)
-        # -- the rest of the room; the headers and the bytes taken out written back -----
         a.ldx("dw", R2, FP, _S_SAVED)
         a.add(R2, h - (20 if v4_to_v6 else 0))
         a.ldx("dw", R1, FP, _S_ADJ)
-        positive = a.fresh("gso_positive")
-        a.jsge(R1, 0, positive)
-        a.add(R2, R1)
-        a.label(positive)
+        a.sub(R2, R1)
+        a.jslt(R2, 1, "error")
         self.adjust(R2, BPF_F_ADJ_ROOM_FIXED_GSO, "error")
         a.ldx("dw", R4, FP, _S_SAVED)
         a.jgt(R4, GSO_LOAD - 14, "error")
