@@ -318,9 +318,16 @@ def test_iperf3_tcp_completes(tmp_path: Path, underlay: int) -> None:
             shares.append(f"{ep.host.name[-1]}: {fast}/{total} ({fast / max(total, 1):.1%})")
         # B mostly sends ACKs: the program takes them
         assert t.b.tunnel("stt0")["tx_fastpath"]["frames"] > 0
+        # A's data, TCP GSO frames, too: the underlay veth has TSO (single full-size
+        # segments, over one outer segment, and what queues behind them go to Python)
+        a_tun = t.a.tunnel("stt0")
+        a_passed = _nonzero(_tx_status(t.a)["passed"])
+        assert "gso" not in a_passed, a_passed
+        assert a_tun["tx_fastpath"]["bytes"] > 0.5 * a_tun["tx"]["bytes"], (a_tun, a_passed)
         print(
             f"IPv{underlay} underlay: {received['bits_per_second'] / 1e9:.2f} Gbit/s, "
             f"retransmits {retransmits}; tx fast path share {', '.join(shares)}; "
+            f"A passed {_nonzero(_tx_status(t.a)['passed'])}, "
             f"B passed {_nonzero(_tx_status(t.b)['passed'])}"
         )
 
@@ -480,6 +487,8 @@ def test_wire_checksums_with_software_checksumming(tmp_path: Path, underlay: int
         after = t.a.tunnel("stt0")
         fast = after["tx_fastpath"]["frames"] - before["tx_fastpath"]["frames"]
         assert fast >= 40, after  # the echo requests and the datagrams at least
+        # without TSO on the underlay (tx off takes it away) GSO frames go to Python
+        assert _tx_status(t.a)["passed"]["gso"]["packets"] > 0
         problems, rows = checksum_problems(pcap)
         assert not problems, problems[:10]
         kernel_ids = [r for r in rows if r["stt.pkt_id"] and int(r["stt.pkt_id"][0], 16) >> 31]

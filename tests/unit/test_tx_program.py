@@ -112,8 +112,11 @@ def test_map_value_layout() -> None:
     t = TxTunnel(
         "t", 7, 3, enc.header_template(), enc.outer_tos_table, enc.outer_ttl_table,
         enc.max_single_inner, False, fixed_sport=4242,
+        segment_payload=enc.segment_payload, max_gso_inner=enc.max_inner_len,
     )  # fmt: skip
     v = t.value(9)
+    assert struct.unpack_from("<H", v, txp.VAL_SEGMENT)[0] == enc.segment_payload == 1460
+    assert struct.unpack_from("<I", v, txp.VAL_MAX_GSO_INNER)[0] == enc.max_inner_len
     assert len(v) == txp.TX_VALUE_SIZE
     assert v[: txp.HDR_V4] == enc.header_template()
     ifindex, slot, max_inner, flags = struct.unpack_from("<IIII", v, txp.VAL_IFINDEX)
@@ -124,6 +127,12 @@ def test_map_value_layout() -> None:
     assert v[txp.VAL_TTL : txp.VAL_TTL + 256] == enc.outer_ttl_table
     # inner CE leaves as ECT(0), the DSCP is inherited (tos=None)
     assert enc.outer_tos_table[0xB8 | 3] == 0xB8 | 2
+    # no segment size: the program leaves GSO frames to Python
+    plain = TxTunnel(
+        "t", 7, 3, enc.header_template(), enc.outer_tos_table, enc.outer_ttl_table,
+        enc.max_single_inner, False,
+    ).value(0)  # fmt: skip
+    assert struct.unpack_from("<H", plain, txp.VAL_SEGMENT)[0] == 0
     with pytest.raises(ValueError, match="template"):
         TxTunnel("t", 7, 3, b"short", bytes(256), bytes(256), 1000, False).value(0)
 
