@@ -149,3 +149,25 @@ def drop_exit(a: Asm, label: str, reason: int, reasons_fd: int, key_slot: int) -
     count(a, reasons_fd, key_slot)
     a.mov(R0, TC_ACT_SHOT)
     a.exit()
+
+
+def change_proto(a: Asm, version: int, fail: str) -> None:
+    """bpf_skb_change_proto(skb, IPv4 or IPv6 by ``version``, 0), the skb in R6; to
+    ``fail`` if it fails (clobbers R0-R5)."""
+    a.mov(R1, R6)
+    a.mov(R2, ETH_P_IP_RAW if version == 4 else ETH_P_IPV6_RAW)
+    a.mov(R3, 0)
+    a.call(SKB_CHANGE_PROTO)
+    a.jne(R0, 0, fail)
+
+
+def adjust_room(a: Asm, diff: int | Reg, flags: int, fail: str) -> None:
+    """bpf_skb_adjust_room(skb, diff, BPF_ADJ_ROOM_MAC, flags), the skb in R6; to
+    ``fail`` if it fails (clobbers R0-R5)."""
+    if diff != R2:
+        a.mov(R2, diff)
+    a.mov(R1, R6)
+    a.mov(R3, BPF_ADJ_ROOM_MAC)
+    a.mov(R4, flags)
+    a.call(SKB_ADJUST_ROOM)
+    a.jne(R0, 0, fail)

@@ -68,7 +68,6 @@ from dataclasses import dataclass
 from sttun.io.ebpf import emit
 from sttun.io.ebpf.asm import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm, Reg
 from sttun.io.ebpf.emit import (
-    BPF_ADJ_ROOM_MAC,
     BPF_F_ADJ_ROOM_FIXED_GSO,
     BPF_F_INGRESS,
     CSUM_LEVEL,
@@ -77,8 +76,6 @@ from sttun.io.ebpf.emit import (
     CSUM_LEVEL_RESET,
     CSUM_UPDATE,
     REDIRECT,
-    SKB_ADJUST_ROOM,
-    SKB_CHANGE_PROTO,
     SKB_CHANGE_TAIL,
     SKB_DATA,
     SKB_DATA_END,
@@ -586,11 +583,7 @@ class _Builder:
         # GSO across families: bpf_skb_change_proto switches SKB_GSO_TCPV4 and
         # SKB_GSO_TCPV6 (and adds/removes the 20 bytes the headers differ by, right
         # after the Ethernet header, where the strip removes them); gso_size stays.
-        a.mov(R1, R6)
-        a.mov(R2, _ETH_P_IPV6_RAW if f.version == 4 else _ETH_P_IP_RAW)
-        a.mov(R3, 0)
-        a.call(SKB_CHANGE_PROTO)
-        a.jne(R0, 0, "error")
+        emit.change_proto(a, 6 if f.version == 4 else 4, "error")
         a.st("dw", FP, _S_MODE, _MODE_GSO)
         a.mov(R9, f.strip + 20 if f.version == 4 else f.strip - 20)
         a.label(same)
@@ -800,17 +793,7 @@ class _Builder:
 
     def adjust(self, diff: int | Reg, flags: int) -> None:
         """bpf_skb_adjust_room(skb, diff, MAC, flags); a failure drops the frame."""
-        a = self.a
-        if isinstance(diff, Reg):
-            if diff != R2:
-                a.mov(R2, diff)
-        else:
-            a.mov(R2, diff)
-        a.mov(R1, R6)
-        a.mov(R3, BPF_ADJ_ROOM_MAC)
-        a.mov(R4, flags)
-        a.call(SKB_ADJUST_ROOM)
-        a.jne(R0, 0, "error")
+        emit.adjust_room(self.a, diff, flags, "error")
 
     def commit(self) -> None:
         """Strip, fix checksum/GSO state, count, redirect.  R9 = bytes to strip."""

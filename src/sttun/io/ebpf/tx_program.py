@@ -67,7 +67,6 @@ from sttun.io.ebpf.emit import (
     GET_SMP_PROCESSOR_ID,
     REDIRECT,
     SKB_ADJUST_ROOM,
-    SKB_CHANGE_PROTO,
     SKB_GSO_SIZE,
     SKB_IFINDEX,
     SKB_LEN,
@@ -639,11 +638,7 @@ class _Builder:
         if inner is not out:
             # 20 bytes in (4 -> 6) or out (6 -> 4) after the Ethernet header; kernels
             # before 5.13 also changed gso_size by 20, hence the reading below
-            a.mov(R1, R6)
-            a.mov(R2, _ETH_P_IP_RAW if out.version == 4 else _ETH_P_IPV6_RAW)
-            a.mov(R3, 0)
-            a.call(SKB_CHANGE_PROTO)
-            a.jne(R0, 0, "error")
+            emit.change_proto(a, out.version, "error")
         # -- the room: the first part without FIXED_GSO takes gso_size down to the
         # outer segment size, the rest keeps it; then the headers and the bytes taken
         # out are written back
@@ -676,13 +671,7 @@ class _Builder:
     def adjust(self, diff: Reg | int, flags: int, fail: str) -> None:
         """bpf_skb_adjust_room(skb, diff, BPF_ADJ_ROOM_MAC, flags); to ``fail`` if it
         fails."""
-        a = self.a
-        a.mov(R2, diff)
-        a.mov(R1, R6)
-        a.mov(R3, BPF_ADJ_ROOM_MAC)
-        a.mov(R4, flags)
-        a.call(SKB_ADJUST_ROOM)
-        a.jne(R0, 0, fail)
+        emit.adjust_room(self.a, diff, flags, fail)
 
     def headers(self, f: _Family, inner: _Family) -> None:
         """The outer headers in scratch[0, f.hdr) from the template, with everything
@@ -815,11 +804,7 @@ class _Builder:
         # below account for (the scratch copy has the whole inner frame).
         grow, write = h, h + 14  # outer headers, + the inner Ethernet header
         if inner is not f:
-            a.mov(R1, R6)
-            a.mov(R2, _ETH_P_IP_RAW if f.version == 4 else _ETH_P_IPV6_RAW)
-            a.mov(R3, 0)
-            a.call(SKB_CHANGE_PROTO)
-            a.jne(R0, 0, "error")
+            emit.change_proto(a, f.version, "error")
             if f.version == 6:
                 grow -= 20  # 20 bytes of room are there already
             else:
