@@ -11,7 +11,7 @@ from sttun.io.ebpf import program
 from sttun.io.ebpf.asm import FP, R0, R1, R2, R6, Asm, AsmError
 from sttun.io.rx_fastpath import FastPathTunnel
 
-MAPS = program.MapFds(tunnels=3, ports=4, reasons=5, tunnel_stats=6, scratch=7)
+MAPS = program.MapFds(tunnels=3, ports=4, reasons=5, tunnel_stats=6, scratch=7, order=8)
 
 
 def insns(code: bytes) -> list[tuple[int, int, int, int]]:
@@ -83,6 +83,11 @@ def test_program_is_deterministic_and_ends_in_exits() -> None:
     # every map the program uses is referenced by its fd
     fds = {imm for op, regs, _off, imm in insns(code) if op == 0x18 and regs >> 4 == 1}
     assert fds == {3, 4, 5, 6, 7}
+    # ordered (the daemon's): the order map too, and an atomic add on passing
+    ordered = program.build(MAPS, max_linear_len=1514, ordered=True)
+    fds = {imm for op, regs, _off, imm in insns(ordered) if op == 0x18 and regs >> 4 == 1}
+    assert fds == {3, 4, 5, 6, 7, 8}
+    assert any(op == 0xDB for op, *_ in insns(ordered))  # BPF_STX | BPF_ATOMIC | DW
 
 
 def test_invalid_program_is_one_exit() -> None:
@@ -93,7 +98,7 @@ def test_pass_reasons_are_stable() -> None:
     # counter indexes are part of the map layout: append, never renumber
     assert [r.name for r in program.PassReason] == [
         "NOT_STT", "PIECE", "UNKNOWN_TUNNEL", "HEADER", "VLAN", "MARKING",
-        "CHECKSUM", "OFFLOAD", "ERROR",
+        "CHECKSUM", "OFFLOAD", "ERROR", "QUEUED",
     ]  # fmt: skip
 
 

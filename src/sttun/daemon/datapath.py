@@ -75,15 +75,16 @@ class TapPort(Protocol):
 
 
 class TxOrder(Protocol):
-    """What the TAP reader tells the transmit program (see
-    :class:`~sttun.io.tx_fastpath.OrderCounter`)."""
+    """What a reader tells the program in front of its queue: the TAP reader the
+    transmit program, the underlay reader the receive program (see
+    :class:`~sttun.io.order_counter.OrderCounter`)."""
 
     def done(self) -> None:
-        """One frame read from the TAP has been sent or dropped."""
+        """One frame read from the queue has been handled (sent, delivered, dropped)."""
         ...
 
     def drained(self, now: float) -> None:
-        """The TAP had nothing more to read (at monotonic time ``now``)."""
+        """The queue had nothing more to read (at monotonic time ``now``)."""
         ...
 
     def lagging(self) -> bool:
@@ -129,6 +130,9 @@ class Underlay:
     mac: bytes
     ports: dict[int, UnderlayPort]
     tunnels: list[TunnelRuntime] = field(default_factory=list)
+    #: With the kernel receive fast path on the interface: its ordering counters,
+    #: which the reader of the sockets updates, else None.
+    rx_order: TxOrder | None = None
 
     def receive_ports(self) -> list[UnderlayPort]:
         """Each distinct socket once (the descriptors epoll watches)."""
@@ -321,47 +325,65 @@ class Datapath:
             for p in u.receive_ports():
                 self.on_underlay(u, p)
             return
-        recv = port.recv_into
+        order = u.rx_order
+        if order is None:
+            self._receive_batch(u, port)
+            return
+        # The receive program takes a frame itself only while every packet it left
+        # to Python has been handled here (OrderCounter): count each one.
+        done = order.done
+        for _ in range(BATCH):
+            if not self._receive_one(u, port):
+                order.drained(self.clock())
+                return
+            done()
+
+    def _receive_batch(self, u: Underlay, port: UnderlayPort) -> None:
+        """Up to :data:`BATCH` packets from ``port`` (no ordering counters)."""
+        for _ in range(BATCH):
+            if not self._receive_one(u, port):
+                return
+
+    def _receive_one(self, u: Underlay, port: UnderlayPort) -> bool:
+        """Receive and handle one packet from ``port``; False if none was waiting (or
+        the socket failed)."""
         buf = self._rx_buf
         mv = self._rx_mv
-        receive = self.core.receive
-        clock = self.clock
-        kept = Pending.KEPT
-        for _ in range(BATCH):
-            try:
-                n = recv(buf)
-            except OSError as exc:
-                # e.g. ENETDOWN: the kernel reports a link going down once on the
-                # bound socket; the socket keeps working when the link comes back.
-                self.log.warning("underlay %s: receive failed: %s", u.ifname, exc)
-                for down in u.tunnels:
-                    down.state = "down"
-                return
-            if not n:
-                return
-            if n < _IP_OFFSET or (buf[_ETHERTYPE_AT] << 8 | buf[_ETHERTYPE_AT + 1]) not in (
-                _IP_ETHERTYPES
-            ):
-                continue  # the BPF filter lets only IP through; a VLAN'd frame, skip
-            flags = buf[0]
-            # A partial checksum that is not the outer TCP one (vnet csum_start, bytes
-            # 6-7, little-endian) lies inside the STT frame: finish it first.
-            if (
-                flags & _NEEDS_CSUM
-                and buf[6] | buf[7] << 8 != OUTER_L4_AT[buf[_IP_OFFSET]]
-                and not self._finish_inner_checksum(buf, mv, n)
-            ):
-                continue
-            result = receive(
-                mv[_IP_OFFSET:n], clock(), csum_ok=bool(flags & _CSUM_TRUSTED),
-                room=(buf, _IP_OFFSET),
-            )  # fmt: skip
-            if result is kept:
-                # The reassembler builds a frame in this buffer: receive into another.
-                buf = self._rx_buf = self._spare_buffer()
-                mv = self._rx_mv = memoryview(buf)
-            elif type(result) is Delivered:
-                self._deliver(result)
+        try:
+            n = port.recv_into(buf)
+        except OSError as exc:
+            # e.g. ENETDOWN: the kernel reports a link going down once on the
+            # bound socket; the socket keeps working when the link comes back.
+            self.log.warning("underlay %s: receive failed: %s", u.ifname, exc)
+            for down in u.tunnels:
+                down.state = "down"
+            return False
+        if not n:
+            return False
+        if n < _IP_OFFSET or (buf[_ETHERTYPE_AT] << 8 | buf[_ETHERTYPE_AT + 1]) not in (
+            _IP_ETHERTYPES
+        ):
+            return True  # the BPF filter lets only IP through; a VLAN'd frame, skip
+        flags = buf[0]
+        # A partial checksum that is not the outer TCP one (vnet csum_start, bytes
+        # 6-7, little-endian) lies inside the STT frame: finish it first.
+        if (
+            flags & _NEEDS_CSUM
+            and buf[6] | buf[7] << 8 != OUTER_L4_AT[buf[_IP_OFFSET]]
+            and not self._finish_inner_checksum(buf, mv, n)
+        ):
+            return True
+        result = self.core.receive(
+            mv[_IP_OFFSET:n], self.clock(), csum_ok=bool(flags & _CSUM_TRUSTED),
+            room=(buf, _IP_OFFSET),
+        )  # fmt: skip
+        if result is Pending.KEPT:
+            # The reassembler builds a frame in this buffer: receive into another.
+            buf = self._rx_buf = self._spare_buffer()
+            self._rx_mv = memoryview(buf)
+        elif type(result) is Delivered:
+            self._deliver(result)
+        return True
 
     def _finish_inner_checksum(self, buf: bytearray, mv: memoryview, n: int) -> bool:
         """The received packet in ``buf[:n]`` (vnet header + Ethernet) has a partial

@@ -182,6 +182,8 @@ class Daemon:
             ifindex, mac, _mtu, _up = netlink.link_info(route.ifname)
             self._attach_fastpath(route.ifname)
             underlay = Underlay(route.ifname, ifindex, bytes.fromhex(mac.replace(":", "")), {})
+            fp = self.fastpaths.attached.get(route.ifname)
+            underlay.rx_order = fp.order if fp is not None else None
             self.underlays[route.ifname] = underlay
         self._open_underlay_port(underlay, cfg.family)
         return underlay, route
@@ -647,6 +649,8 @@ class Daemon:
     def _detach_fastpaths(self) -> None:
         """Detach every program (shutdown); frames then reach the Python path only."""
         if self.fastpaths.attached:
+            for u in self.underlays.values():
+                u.rx_order = None
             self.fastpaths.close()
             log.info("fast path detached")
 
@@ -693,13 +697,17 @@ class Daemon:
     def _check_order(self) -> bool:
         """Read the TAPs whose transmit-order counters are apart while nothing wakes
         their reader, so that frames their queue dropped (or that were queued before
-        the program was attached) are forgiven (``OrderCounter.drained``).  True if
-        some still are apart."""
+        the program was attached) are forgiven (``OrderCounter.drained``), and the
+        underlays whose receive-order counters are.  True if some still are apart."""
         lagging = False
         for rt in list(self.tunnels.values()):
             if rt.tx_order is not None and rt.tx_order.lagging():
                 self.datapath.on_tap(rt)
                 lagging = lagging or rt.tx_order.lagging()
+        for u in list(self.underlays.values()):  # the same for the receive program
+            if u.rx_order is not None and u.rx_order.lagging():
+                self.datapath.on_underlay(u)
+                lagging = lagging or u.rx_order.lagging()
         return lagging
 
     def _sync_tx_fastpath(self) -> None:

@@ -80,7 +80,7 @@ class FastPaths:
             self.why_not[ifname] = self.unsupported
             return False
         try:
-            fp = RxFastPath.attach(ifname)
+            fp = RxFastPath.attach(ifname, ordered=True)
         except FastPathError as exc:
             if self.setting == "on":
                 raise SetupError(f"fastpath = on, but on {ifname}: {exc.reason}") from exc

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from sttun.errors import SetupError
+from sttun.io.order_counter import OrderCounter
 from sttun.io.rx_fastpath import FastPathError
-from sttun.io.tx_fastpath import OrderCounter, TxFastPath, TxTunnel
+from sttun.io.tx_fastpath import TxFastPath, TxTunnel
 
 #: Why the transmit fast path is off when the configuration says so.
 OFF_BY_SETTING = "tx_fastpath = off in the configuration"

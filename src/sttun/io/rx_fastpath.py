@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import ipaddress
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -33,10 +34,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from sttun.errors import SetupError
+from sttun.io.ebpf import emit
 from sttun.io.ebpf import program as prog
 from sttun.io.ebpf import syscall as bpf
 from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_auto
 from sttun.io.ebpf.counters import program_counters, tracked_map, zero_counter
+from sttun.io.order_counter import OrderCounter
 from sttun.wire.stt import STT_PORT
 
 log = logging.getLogger(__name__)
@@ -136,17 +139,36 @@ class RxFastPath:
         self._slots: dict[str, int] = {}
         self._keys: dict[str, bytes] = {}
         self._ports: set[int] = set()
+        self._order_mmap = mmap.mmap(
+            maps.order,
+            emit.ORDER_VALUE_SIZE,
+            flags=mmap.MAP_SHARED,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        self._order_view = memoryview(self._order_mmap).cast("Q")
+        #: The receive order of this underlay (:class:`OrderCounter`): the data path
+        #: calls ``done()`` for every packet it received from the underlay's sockets
+        #: and ``drained()`` when one had nothing more.
+        self.order = OrderCounter(self._order_view, 0)
         #: The kernel's id of the loaded program.
         self.prog_id = bpf.prog_id(prog_fd)
 
     # -- life cycle -------------------------------------------------------------------
     @classmethod
     def attach(
-        cls, interface: str | int, *, mode: str = "auto", invalid_program: bool | None = None
+        cls,
+        interface: str | int,
+        *,
+        mode: str = "auto",
+        ordered: bool = False,
+        invalid_program: bool | None = None,
     ) -> RxFastPath:
         """Load the program and attach it at ``interface``'s ingress.
 
-        ``mode``: ``"auto"`` (TCX, else tc), ``"tcx"`` or ``"tc"``.
+        ``mode``: ``"auto"`` (TCX, else tc), ``"tcx"`` or ``"tc"``.  ``ordered``: the
+        program keeps the order with what it left to Python, and the reader of the
+        underlay's sockets must account for every packet it receives in
+        :attr:`order` (the daemon does).
         ``invalid_program`` (default: the ``STTUN_FASTPATH_FORCE_INVALID``
         environment variable) loads a program the verifier refuses.
         Raises :class:`FastPathError` with the reason when anything fails.
@@ -166,7 +188,9 @@ class RxFastPath:
         fds: list[int] = []
         try:
             maps = _create_maps(fds)
-            code = prog.build(maps, max_linear_len=mtu + 14, invalid=invalid_program)
+            code = prog.build(
+                maps, max_linear_len=mtu + 14, ordered=ordered, invalid=invalid_program
+            )
             try:
                 prog_fd = bpf.prog_load(bpf.BPF_PROG_TYPE_SCHED_CLS, code, name="sttun_rx")
             except bpf.VerifierError as e:
@@ -198,7 +222,12 @@ class RxFastPath:
         self._attachment.detach()
         self._attachment = None
         m = self._maps
-        close_fds([self._prog_fd, m.tunnels, m.ports, m.reasons, m.tunnel_stats, m.scratch])
+        self._order_view.release()
+        with contextlib.suppress(BufferError):
+            self._order_mmap.close()
+        close_fds(
+            [self._prog_fd, m.tunnels, m.ports, m.reasons, m.tunnel_stats, m.scratch, m.order]
+        )
 
     def __enter__(self) -> RxFastPath:
         return self
@@ -301,6 +330,9 @@ def _create_maps(fds: list[int]) -> prog.MapFds:
             bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, prog.COUNTER_VALUE_SIZE, MAX_TUNNELS, "sttun_tstats"
         ),
         scratch=make(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, prog.SCRATCH_SIZE, 1, "sttun_scratch"),
+        order=make(
+            bpf.BPF_MAP_TYPE_ARRAY, 4, emit.ORDER_VALUE_SIZE, 1, "sttun_rxorder", bpf.BPF_F_MMAPABLE
+        ),
     )
 
 

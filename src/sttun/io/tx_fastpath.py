@@ -30,6 +30,7 @@ from sttun.io.ebpf import syscall as bpf
 from sttun.io.ebpf import tx_program as txp
 from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_auto
 from sttun.io.ebpf.counters import program_counters, tracked_map, zero_counter
+from sttun.io.order_counter import OrderCounter
 from sttun.io.rx_fastpath import FastPathError, close_fds, explain_oserror
 
 log = logging.getLogger(__name__)
@@ -95,69 +96,6 @@ class TxTunnel:
         value += self.tos_table + self.ttl_table
         assert len(value) == txp.TX_VALUE_SIZE
         return value
-
-
-#: How long the TAP must have stayed empty, with no frame read, before the reader
-#: forgives frames the program counted but the reader never got (dropped by a full
-#: TAP queue, or queued before the program was attached).  A frame the program has
-#: just counted can still be on its way into the TAP queue for a few microseconds;
-#: this is far longer.
-RESYNC_AFTER = 0.005
-
-
-class OrderCounter:
-    """One tunnel's pair of ordering counters, shared with the program.
-
-    The program counts every frame of the tunnel's TAP it leaves to Python
-    (``passed``) and takes a frame itself only while Python has sent all of them
-    (``consumed == passed``), so no frame overtakes one still queued for the TAP
-    reader.  The reader calls :meth:`done` after each frame it read has been sent
-    (or dropped) and :meth:`drained` whenever the TAP had nothing more to read.
-
-    Frames the reader never gets (a full TAP queue dropped them; they were queued
-    before the program was attached) would keep the counters apart for good.  So
-    :meth:`drained` remembers ``passed`` when it first finds them apart, and sets
-    ``consumed`` to that remembered value once the TAP has been found empty again
-    :data:`RESYNC_AFTER` seconds later with no frame read in between: every frame
-    counted by then has had ample time to reach the queue, and was not read.  (Taking
-    ``passed`` at the empty read itself would forgive a frame the program has just
-    counted but not yet queued, and the next frame could overtake it.)
-    """
-
-    __slots__ = ("_consumed", "_mv", "_passed", "_snapshot")
-
-    def __init__(self, view: memoryview, slot: int) -> None:
-        self._mv = view
-        self._passed = 2 * slot
-        self._consumed = 2 * slot + 1
-        self._snapshot: tuple[int, int, float] | None = None
-
-    def done(self) -> None:
-        """One more frame read from the TAP has left (or been dropped)."""
-        self._mv[self._consumed] += 1
-
-    def drained(self, now: float) -> None:
-        """The TAP had nothing more to read at monotonic time ``now``."""
-        mv = self._mv
-        passed = mv[self._passed]
-        consumed = mv[self._consumed]
-        if passed == consumed:
-            self._snapshot = None
-            return
-        snap = self._snapshot
-        if snap is None or snap[1] != consumed:
-            self._snapshot = (passed, consumed, now)
-        elif now - snap[2] >= RESYNC_AFTER:
-            mv[self._consumed] = snap[0]
-            self._snapshot = None
-
-    def lagging(self) -> bool:
-        """True while the program counts frames the reader has not accounted for."""
-        return bool(self._mv[self._passed] != self._mv[self._consumed])
-
-    def counts(self) -> tuple[int, int]:
-        """(passed, consumed)."""
-        return self._mv[self._passed], self._mv[self._consumed]
 
 
 class TxFastPath:

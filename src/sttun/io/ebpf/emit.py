@@ -171,3 +171,35 @@ def adjust_room(a: Asm, diff: int | Reg, flags: int, fail: str) -> None:
     a.mov(R4, flags)
     a.call(SKB_ADJUST_ROOM)
     a.jne(R0, 0, fail)
+
+
+# The ordering pair of a stream (an mmap()able array map's value): frames passed to
+# Python, frames Python has handled (sttun.io.order_counter.OrderCounter).
+ORDER_PASSED = 0
+ORDER_CONSUMED = 8
+ORDER_VALUE_SIZE = 16
+
+
+def order_wait(a: Asm, ptr_slot: int, queued: str) -> None:
+    """To ``queued`` while Python has not handled every frame passed to it (the
+    pair's address in the u64 at ``ptr_slot``, not 0).  Clobbers R0-R2."""
+    a.ldx("dw", R0, FP, ptr_slot)
+    a.ldx("dw", R1, R0, ORDER_PASSED)
+    a.ldx("dw", R2, R0, ORDER_CONSUMED)
+    a.jne(R1, R2, queued)
+
+
+def order_count(a: Asm, ptr_slot: int) -> Callable[[], None]:
+    """The ``on_pass`` hook of :func:`pass_exits`: one more frame passed to Python,
+    counted atomically in the pair whose address is at ``ptr_slot`` (0: none, the
+    frame is not part of an ordered stream).  Clobbers R1, R2."""
+
+    def hook() -> None:
+        uncounted = a.fresh("uncounted")
+        a.ldx("dw", R1, FP, ptr_slot)
+        a.jeq(R1, 0, uncounted)
+        a.mov(R2, 1)
+        a.atomic_add("dw", R1, ORDER_PASSED, R2)
+        a.label(uncounted)
+
+    return hook

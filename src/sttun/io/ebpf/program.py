@@ -129,7 +129,8 @@ _S_NONE = -200  # 1: the skb is CHECKSUM_NONE
 _S_OSUM = -208  # the outer TCP segment's folded sum, pseudo header included
 _S_SEED = -216  # the inner pseudo-header sum (inner-partial rule)
 _IIP = -256  # 40 bytes: the inner IP header (inner-partial rule)
-_STACK_LOW = _IIP
+_S_ORDER = -264  # the address of the underlay's ordering pair
+_STACK_LOW = _S_ORDER
 
 # What the program does with the inner frame's checksum/GSO state.
 _MODE_NONE = 0
@@ -156,6 +157,7 @@ class PassReason(enum.IntEnum):
     CHECKSUM = 6  # the outer checksum did not verify (or was too long to sum here)
     OFFLOAD = 7  # GSO/checksum combination the program does not do
     ERROR = 8  # a helper failed after the frame was changed: dropped (TC_ACT_SHOT)
+    QUEUED = 9  # packets left to Python wait there: this one must not overtake them
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class MapFds:
     reasons: int  # PERCPU_ARRAY PassReason -> counter
     tunnel_stats: int  # PERCPU_ARRAY counter slot -> counter
     scratch: int  # PERCPU_ARRAY [0] -> SCRATCH_SIZE bytes
+    order: int  # ARRAY (mmapable) [0] -> passed u64, consumed u64
 
 
 @dataclass(frozen=True)
@@ -200,23 +203,29 @@ _V4 = _Family(4, 20, 20)
 _V6 = _Family(6, 40, 40)
 
 
-def build(maps: MapFds, *, max_linear_len: int, invalid: bool = False) -> bytes:
+def build(
+    maps: MapFds, *, max_linear_len: int, ordered: bool = False, invalid: bool = False
+) -> bytes:
     """The program's bytecode for these maps.
 
     ``max_linear_len``: the largest inner frame that may be linearised out of a GSO
     skb (``bpf_skb_change_tail`` refuses more than the underlay's MTU + 14).
+    ``ordered``: keep the order with the packets left to Python (the ``order`` map's
+    pair, which the reader behind the underlay's sockets must keep up: the daemon
+    does); without it every packet is judged on its own.
     ``invalid`` builds a program the verifier must refuse (for fallback tests).
     """
     a = Asm()
     if invalid:
         a.exit()  # R0 never written: "R0 !read_ok"
         return a.assemble()
-    _Builder(a, maps, max_linear_len).emit()
+    _Builder(a, maps, max_linear_len, ordered).emit()
     return a.assemble()
 
 
 class _Builder:
-    def __init__(self, a: Asm, maps: MapFds, max_linear_len: int) -> None:
+    def __init__(self, a: Asm, maps: MapFds, max_linear_len: int, ordered: bool) -> None:
+        self.ordered = ordered
         self.a = a
         self.maps = maps
         self.max_linear_len = max_linear_len
@@ -284,6 +293,16 @@ class _Builder:
         a.stx("h", FP, _S_PORT, R1)
         self.lookup(self.maps.ports, _S_PORT)
         a.jeq(R0, 0, "not_stt")
+        # -- from here every packet passed on is counted for the order: while Python
+        # has not handled all of them (a frame in pieces, say), the next ones go
+        # behind them (a frame redirected now would overtake them)
+        if self.ordered:
+            self.lookup(self.maps.order, _S_ZERO)
+            unordered = a.fresh("unordered")
+            a.jeq(R0, 0, unordered)
+            a.stx("dw", FP, _S_ORDER, R0)
+            emit.order_wait(a, _S_ORDER, "queued")
+            a.label(unordered)
         # -- outer IP checks -------------------------------------------------------
         a.ldx("w", R2, R6, SKB_LEN)
         if v == 4:
@@ -941,6 +960,8 @@ class _Builder:
             "marking": PassReason.MARKING,
             "checksum": PassReason.CHECKSUM,
             "offload": PassReason.OFFLOAD,
+            "queued": PassReason.QUEUED,
         }
-        emit.pass_exits(a, labels, self.maps.reasons, _S_STATKEY)
+        hook = emit.order_count(a, _S_ORDER) if self.ordered else None
+        emit.pass_exits(a, labels, self.maps.reasons, _S_STATKEY, hook)
         emit.drop_exit(a, "error", PassReason.ERROR, self.maps.reasons, _S_STATKEY)

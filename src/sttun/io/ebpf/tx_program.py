@@ -113,9 +113,9 @@ TX_FLAG_IPV6 = 2
 TX_FLAG_ENABLED = 4  # the tunnel can send now; without it every frame goes to Python
 #: The ordering map (mmap()ed by the daemon): per counter slot two u64, the frames
 #: the program passed to Python and the frames Python has sent of them.
-ORDER_PASSED = 0
-ORDER_CONSUMED = 8
-ORDER_VALUE_SIZE = 16
+ORDER_PASSED = emit.ORDER_PASSED
+ORDER_CONSUMED = emit.ORDER_CONSUMED
+ORDER_VALUE_SIZE = emit.ORDER_VALUE_SIZE
 COUNTER_VALUE_SIZE = 16  # packets u64, bytes u64 (per CPU)
 CRC_TABLE_SIZE = 1024
 
@@ -298,10 +298,7 @@ class _Builder:
         a.ja("no_tunnel")
         a.label("enabled")
         # frames of this tunnel wait for Python: this one must not overtake them
-        a.ldx("dw", R0, FP, _S_ORDER)
-        a.ldx("dw", R1, R0, ORDER_PASSED)
-        a.ldx("dw", R2, R0, ORDER_CONSUMED)
-        a.jne(R1, R2, "queued")
+        emit.order_wait(a, _S_ORDER, "queued")
         a.ldx("w", R1, R6, SKB_VLAN_PRESENT)
         a.jne(R1, 0, "not_ip")
         self.lookup(self.maps.scratch, _S_ZERO)
@@ -905,13 +902,5 @@ class _Builder:
             "internal": TxPassReason.ERROR,
         }
 
-        def count_for_order() -> None:
-            uncounted = a.fresh("uncounted")
-            a.ldx("dw", R1, FP, _S_ORDER)
-            a.jeq(R1, 0, uncounted)
-            a.mov(R2, 1)
-            a.atomic_add("dw", R1, ORDER_PASSED, R2)  # one more frame for Python to send
-            a.label(uncounted)
-
-        emit.pass_exits(a, labels, self.maps.reasons, _S_STATKEY, count_for_order)
+        emit.pass_exits(a, labels, self.maps.reasons, _S_STATKEY, emit.order_count(a, _S_ORDER))
         emit.drop_exit(a, "error", TxPassReason.ERROR, self.maps.reasons, _S_STATKEY)
