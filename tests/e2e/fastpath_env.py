@@ -297,6 +297,11 @@ def _encap(
     )
 
 
+def fastpath_encapsulator(h: FastPathHosts, outer: int) -> Encapsulator:
+    """An encapsulator for crafted frames from A to B over the ``outer`` underlay."""
+    return _encap(h, outer, h.nexthop_mac, _mac(h.a, h.dev_a))
+
+
 def _as_bytes(packet: list[object]) -> list[bytes]:
     return [bytes(p) for p in packet]  # type: ignore[call-overload]
 

@@ -960,8 +960,9 @@ class _Builder:
             "marking": PassReason.MARKING,
             "checksum": PassReason.CHECKSUM,
             "offload": PassReason.OFFLOAD,
-            "queued": PassReason.QUEUED,
         }
+        if self.ordered:  # (an exit nothing jumps to is unreachable code: refused)
+            labels["queued"] = PassReason.QUEUED
         hook = emit.order_count(a, _S_ORDER) if self.ordered else None
         emit.pass_exits(a, labels, self.maps.reasons, _S_STATKEY, hook)
         emit.drop_exit(a, "error", PassReason.ERROR, self.maps.reasons, _S_STATKEY)
