@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -330,6 +331,33 @@ def test_iperf3_tcp_completes(tmp_path: Path, underlay: int) -> None:
             f"A passed {_nonzero(_tx_status(t.a)['passed'])}, "
             f"B passed {_nonzero(_tx_status(t.b)['passed'])}"
         )
+
+
+def test_tso_turned_off_sends_gso_frames_through_python(tmp_path: Path) -> None:
+    """The program takes GSO frames only while the underlay has TSO: turned off at
+    runtime, the daemon's next tick sends them through Python again (and back)."""
+    extra = ["--tx-fastpath", "on"]
+    with tunnel_pair(tmp_path, extra=extra) as t:
+        h = t.hosts
+
+        def gso_passed() -> int:
+            n: int = _tx_status(t.a)["passed"]["gso"]["packets"]
+            return n
+
+        _ping(h.a, OVERLAY_B, count=2)
+        before = t.a.tunnel("stt0")["tx_fastpath"]["bytes"]
+        tcp_transfer(h.a, h.b, OVERLAY_B, 2_000_000, port=5215)
+        assert t.a.tunnel("stt0")["tx_fastpath"]["bytes"] - before > 1_500_000
+        assert gso_passed() == 0
+        h.a.ethtool(h.dev_a, tso=False)
+        time.sleep(1.5)  # the housekeeping tick rewrites the entry
+        tcp_transfer(h.a, h.b, OVERLAY_B, 2_000_000, port=5216)
+        off = gso_passed()
+        assert off > 0
+        h.a.ethtool(h.dev_a, tso=True)
+        time.sleep(1.5)
+        tcp_transfer(h.a, h.b, OVERLAY_B, 2_000_000, port=5217)
+        assert gso_passed() == off
 
 
 def test_off_sends_nothing_through_the_program(tmp_path: Path) -> None:
