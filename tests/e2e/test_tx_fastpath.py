@@ -688,14 +688,18 @@ def test_underlay_mtu_change_moves_the_programs_limit(tmp_path: Path) -> None:
                 after["tunnels"][0]["tx_fastpath"]["frames"]
                 - before["tunnels"][0]["tx_fastpath"]["frames"]
             )
-            too_big = (
-                after["tx_fastpath"]["passed"]["too_big"]["packets"]
-                - before["tx_fastpath"]["passed"]["too_big"]["packets"]
-            )
+            passed = {
+                r: after["tx_fastpath"]["passed"][r]["packets"]
+                - before["tx_fastpath"]["passed"][r]["packets"]
+                for r in ("too_big", "queued")
+            }
+            too_big = passed["too_big"]
             if taken:
-                assert fast >= 5 and too_big == 0, (size, fast, too_big)
+                assert fast >= 5 and too_big == 0, (size, fast, passed)
             else:
-                assert fast == 0 and too_big >= 5, (size, fast, too_big)
+                # (one may go behind a frame left to Python just before: "queued")
+                assert fast == 0 and too_big + passed["queued"] >= 5, (size, fast, passed)
+                assert too_big >= 3, (size, fast, passed)
         assert _tx_status(t.a)["errors"]["packets"] == 0
 
 

@@ -54,6 +54,9 @@ _NEEDS_CSUM = int(VnetFlag.NEEDS_CSUM)
 _IP_OFFSET = VNET_HDR_LEN + ETH_HLEN
 _IP_ETHERTYPES = (ETH_P_IP, ETH_P_IPV6)
 _ETHERTYPE_AT = VNET_HDR_LEN + 12
+# The outer TCP source port where the receive program reads it (no IPv4 options).
+_SPORT_AT_V4 = _IP_OFFSET + 20
+_SPORT_AT_V6 = _IP_OFFSET + 40
 #: Errors after which a send will keep failing until the link changes.
 _LINK_GONE = (errno.ENETDOWN, errno.ENXIO, errno.ENODEV)
 
@@ -75,8 +78,7 @@ class TapPort(Protocol):
 
 
 class TxOrder(Protocol):
-    """What a reader tells the program in front of its queue: the TAP reader the
-    transmit program, the underlay reader the receive program (see
+    """What the TAP reader tells the transmit program (see
     :class:`~sttun.io.order_counter.OrderCounter`)."""
 
     def done(self) -> None:
@@ -89,6 +91,23 @@ class TxOrder(Protocol):
 
     def lagging(self) -> bool:
         """True while the program counts frames the reader has not accounted for."""
+        ...
+
+
+class RxOrder(Protocol):
+    """What the underlay reader tells the receive program (see
+    :class:`~sttun.io.order_counter.BucketOrder`)."""
+
+    def done(self, sport: int) -> None:
+        """One packet with outer source port ``sport`` has been handled."""
+        ...
+
+    def drained(self, now: float) -> None:
+        """A socket had nothing more to read (at monotonic time ``now``)."""
+        ...
+
+    def lagging(self) -> bool:
+        """True while the program counts packets the reader has not accounted for."""
         ...
 
 
@@ -132,7 +151,7 @@ class Underlay:
     tunnels: list[TunnelRuntime] = field(default_factory=list)
     #: With the kernel receive fast path on the interface: its ordering counters,
     #: which the reader of the sockets updates, else None.
-    rx_order: TxOrder | None = None
+    rx_order: RxOrder | None = None
 
     def receive_ports(self) -> list[UnderlayPort]:
         """Each distinct socket once (the descriptors epoll watches)."""
@@ -330,23 +349,26 @@ class Datapath:
             self._receive_batch(u, port)
             return
         # The receive program takes a frame itself only while every packet it left
-        # to Python has been handled here (OrderCounter): count each one.
+        # to Python (in the bucket of the frame's outer source port) has been
+        # handled here (BucketOrder): count each one.
         done = order.done
         for _ in range(BATCH):
-            if not self._receive_one(u, port):
+            sport = self._receive_one(u, port)
+            if sport < 0:
                 order.drained(self.clock())
                 return
-            done()
+            done(sport)
 
     def _receive_batch(self, u: Underlay, port: UnderlayPort) -> None:
         """Up to :data:`BATCH` packets from ``port`` (no ordering counters)."""
         for _ in range(BATCH):
-            if not self._receive_one(u, port):
+            if self._receive_one(u, port) < 0:
                 return
 
-    def _receive_one(self, u: Underlay, port: UnderlayPort) -> bool:
-        """Receive and handle one packet from ``port``; False if none was waiting (or
-        the socket failed)."""
+    def _receive_one(self, u: Underlay, port: UnderlayPort) -> int:
+        """Receive and handle one packet from ``port``: its outer TCP source port
+        where the receive program reads it (0 for a packet too short or not IP), or
+        -1 if none was waiting (or the socket failed)."""
         buf = self._rx_buf
         mv = self._rx_mv
         try:
@@ -357,13 +379,15 @@ class Datapath:
             self.log.warning("underlay %s: receive failed: %s", u.ifname, exc)
             for down in u.tunnels:
                 down.state = "down"
-            return False
+            return -1
         if not n:
-            return False
+            return -1
         if n < _IP_OFFSET or (buf[_ETHERTYPE_AT] << 8 | buf[_ETHERTYPE_AT + 1]) not in (
             _IP_ETHERTYPES
         ):
-            return True  # the BPF filter lets only IP through; a VLAN'd frame, skip
+            return 0  # the BPF filter lets only IP through; a VLAN'd frame, skip
+        at = _SPORT_AT_V4 if buf[_ETHERTYPE_AT + 1] == 0x00 else _SPORT_AT_V6
+        sport = buf[at] << 8 | buf[at + 1] if n > at + 1 else 0
         flags = buf[0]
         # A partial checksum that is not the outer TCP one (vnet csum_start, bytes
         # 6-7, little-endian) lies inside the STT frame: finish it first.
@@ -372,7 +396,7 @@ class Datapath:
             and buf[6] | buf[7] << 8 != OUTER_L4_AT[buf[_IP_OFFSET]]
             and not self._finish_inner_checksum(buf, mv, n)
         ):
-            return True
+            return sport
         result = self.core.receive(
             mv[_IP_OFFSET:n], self.clock(), csum_ok=bool(flags & _CSUM_TRUSTED),
             room=(buf, _IP_OFFSET),
@@ -383,7 +407,7 @@ class Datapath:
             self._rx_mv = memoryview(buf)
         elif type(result) is Delivered:
             self._deliver(result)
-        return True
+        return sport
 
     def _finish_inner_checksum(self, buf: bytearray, mv: memoryview, n: int) -> bool:
         """The received packet in ``buf[:n]`` (vnet header + Ethernet) has a partial

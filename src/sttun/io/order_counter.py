@@ -73,3 +73,63 @@ class OrderCounter:
     def counts(self) -> tuple[int, int]:
         """(passed, consumed)."""
         return self._mv[self._passed], self._mv[self._consumed]
+
+
+#: Receive order buckets per underlay (a power of two): packets are ordered within
+#: the bucket of their outer TCP source port, which STT senders derive from the inner
+#: flow, so one flow's pieces hold back only the flows that share its bucket.
+RX_ORDER_BUCKETS = 64
+
+
+def rx_order_bucket(sport: int) -> int:
+    """The receive-order bucket of a packet with outer TCP source port ``sport``
+    (the receive program computes the same)."""
+    return sport & (RX_ORDER_BUCKETS - 1)
+
+
+class BucketOrder:
+    """The receive program's ordering counters of one underlay: an
+    :class:`OrderCounter` per bucket of the outer source port (:func:`rx_order_bucket`).
+
+    The data path calls :meth:`done` with each received packet's outer source port
+    and :meth:`drained` when a socket had nothing more to read.
+    """
+
+    __slots__ = ("_consumed", "_counters", "_mv", "_passed")
+
+    def __init__(self, view: memoryview) -> None:
+        self._mv = view
+        self._counters = [OrderCounter(view, b) for b in range(RX_ORDER_BUCKETS)]
+        # every bucket's passed and consumed side by side: one comparison (in C) says
+        # whether any bucket is apart
+        self._passed = view[0 : 2 * RX_ORDER_BUCKETS : 2]
+        self._consumed = view[1 : 2 * RX_ORDER_BUCKETS : 2]
+
+    def done(self, sport: int) -> None:
+        """One more packet with outer source port ``sport`` has been handled."""
+        self._mv[2 * (sport & (RX_ORDER_BUCKETS - 1)) + 1] += 1
+
+    def drained(self, now: float) -> None:
+        """The underlay's socket had nothing more to read at monotonic time ``now``."""
+        if self._passed == self._consumed:
+            return
+        for c in self._counters:
+            c.drained(now)
+
+    def lagging(self) -> bool:
+        """True while some bucket counts packets the reader has not accounted for."""
+        return bool(self._passed != self._consumed)
+
+    def release(self) -> None:
+        """Let go of the views (before the mapping is closed)."""
+        self._passed.release()
+        self._consumed.release()
+
+    def counts(self) -> tuple[int, int]:
+        """(passed, consumed), summed over the buckets."""
+        p = c = 0
+        for oc in self._counters:
+            a, b = oc.counts()
+            p += a
+            c += b
+        return p, c

@@ -39,7 +39,7 @@ from sttun.io.ebpf import program as prog
 from sttun.io.ebpf import syscall as bpf
 from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_auto
 from sttun.io.ebpf.counters import program_counters, tracked_map, zero_counter
-from sttun.io.order_counter import OrderCounter
+from sttun.io.order_counter import RX_ORDER_BUCKETS, BucketOrder
 from sttun.wire.stt import STT_PORT
 
 log = logging.getLogger(__name__)
@@ -141,15 +141,15 @@ class RxFastPath:
         self._ports: set[int] = set()
         self._order_mmap = mmap.mmap(
             maps.order,
-            emit.ORDER_VALUE_SIZE,
+            emit.ORDER_VALUE_SIZE * RX_ORDER_BUCKETS,
             flags=mmap.MAP_SHARED,
             prot=mmap.PROT_READ | mmap.PROT_WRITE,
         )
         self._order_view = memoryview(self._order_mmap).cast("Q")
-        #: The receive order of this underlay (:class:`OrderCounter`): the data path
-        #: calls ``done()`` for every packet it received from the underlay's sockets
-        #: and ``drained()`` when one had nothing more.
-        self.order = OrderCounter(self._order_view, 0)
+        #: The receive order of this underlay (:class:`BucketOrder`): the data path
+        #: calls ``done(sport)`` for every packet it received from the underlay's
+        #: sockets and ``drained()`` when one had nothing more.
+        self.order = BucketOrder(self._order_view)
         #: The kernel's id of the loaded program.
         self.prog_id = bpf.prog_id(prog_fd)
 
@@ -222,6 +222,7 @@ class RxFastPath:
         self._attachment.detach()
         self._attachment = None
         m = self._maps
+        self.order.release()
         self._order_view.release()
         with contextlib.suppress(BufferError):
             self._order_mmap.close()
@@ -331,7 +332,12 @@ def _create_maps(fds: list[int]) -> prog.MapFds:
         ),
         scratch=make(bpf.BPF_MAP_TYPE_PERCPU_ARRAY, 4, prog.SCRATCH_SIZE, 1, "sttun_scratch"),
         order=make(
-            bpf.BPF_MAP_TYPE_ARRAY, 4, emit.ORDER_VALUE_SIZE, 1, "sttun_rxorder", bpf.BPF_F_MMAPABLE
+            bpf.BPF_MAP_TYPE_ARRAY,
+            4,
+            emit.ORDER_VALUE_SIZE,
+            RX_ORDER_BUCKETS,
+            "sttun_rxorder",
+            bpf.BPF_F_MMAPABLE,
         ),
     )
 

@@ -87,6 +87,7 @@ from sttun.io.ebpf.emit import (
     SKB_STORE_BYTES,
     SKB_VLAN_PRESENT,
 )
+from sttun.io.order_counter import RX_ORDER_BUCKETS
 
 #: Most bytes the program sums for one checksum: an inner L4 segment (inner L4
 #: header + payload) it completes, or an outer TCP segment (TCP header + STT frame)
@@ -129,8 +130,9 @@ _S_NONE = -200  # 1: the skb is CHECKSUM_NONE
 _S_OSUM = -208  # the outer TCP segment's folded sum, pseudo header included
 _S_SEED = -216  # the inner pseudo-header sum (inner-partial rule)
 _IIP = -256  # 40 bytes: the inner IP header (inner-partial rule)
-_S_ORDER = -264  # the address of the underlay's ordering pair
-_STACK_LOW = _S_ORDER
+_S_ORDER = -264  # the address of the packet's ordering pair (its bucket's)
+_S_BUCKET = -272  # u32 key: the ordering bucket of the outer source port
+_STACK_LOW = _S_BUCKET
 
 # What the program does with the inner frame's checksum/GSO state.
 _MODE_NONE = 0
@@ -169,7 +171,7 @@ class MapFds:
     reasons: int  # PERCPU_ARRAY PassReason -> counter
     tunnel_stats: int  # PERCPU_ARRAY counter slot -> counter
     scratch: int  # PERCPU_ARRAY [0] -> SCRATCH_SIZE bytes
-    order: int  # ARRAY (mmapable) [0] -> passed u64, consumed u64
+    order: int  # ARRAY (mmapable) bucket -> passed u64, consumed u64
 
 
 @dataclass(frozen=True)
@@ -293,11 +295,16 @@ class _Builder:
         a.stx("h", FP, _S_PORT, R1)
         self.lookup(self.maps.ports, _S_PORT)
         a.jeq(R0, 0, "not_stt")
-        # -- from here every packet passed on is counted for the order: while Python
-        # has not handled all of them (a frame in pieces, say), the next ones go
+        # -- from here every packet passed on is counted for the order, in the bucket
+        # of its outer source port (the sender's inner-flow hash): while Python has
+        # not handled all of a bucket's (a frame in pieces, say), the next ones go
         # behind them (a frame redirected now would overtake them)
         if self.ordered:
-            self.lookup(self.maps.order, _S_ZERO)
+            a.ldx("h", R1, R7, tcp)  # the outer source port: the flow's bucket
+            a.be16(R1)
+            a.and_(R1, RX_ORDER_BUCKETS - 1)
+            a.stx("w", FP, _S_BUCKET, R1)
+            self.lookup(self.maps.order, _S_BUCKET)
             unordered = a.fresh("unordered")
             a.jeq(R0, 0, unordered)
             a.stx("dw", FP, _S_ORDER, R0)
