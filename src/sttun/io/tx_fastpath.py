@@ -7,9 +7,10 @@
     tx.counters()   # {"tunnels": {"t1": {...}}, "passed": {...}, "errors": {...}}
     tx.close()
 
-The program (:mod:`sttun.io.ebpf.tx_program`) encapsulates the non-GSO frames a TAP
-transmits for a tunnel with an entry in its map and redirects them to the underlay;
-the rest goes on to sttun's TAP reader.  The daemon writes a tunnel's entry while
+The program (:mod:`sttun.io.ebpf.tx_program`) encapsulates the single frames a TAP
+transmits for a tunnel with an entry in its map, and its TCP GSO frames where the
+entry has a segment size (the underlay has TSO), and redirects them to the
+underlay; the rest goes on to sttun's TAP reader.  The daemon writes a tunnel's entry while
 the tunnel can send (up, next hop resolved, offloads on) and removes it otherwise,
 so everything the Python send path decides first (queueing while a neighbour
 resolves, the drop counters) stays in Python.

@@ -2,12 +2,13 @@
 
 Attached at the egress of every tunnel TAP (TCX or clsact): the overlay stack's
 frames pass through it on their way to sttun's TAP reader.  A frame that fits one
-outer segment and needs no offload STT would have to describe (no GSO) is
-encapsulated here, in the kernel, exactly as the Python send path would build it
+outer segment and needs no offload STT would have to describe (no GSO), and a TCP
+GSO frame where the underlay has TSO, is encapsulated here, in the kernel, exactly
+as the Python send path would build it
 (:meth:`sttun.core.encap.Encapsulator.encap_gso`), and redirected to the underlay
 interface's egress (``bpf_redirect(ifindex, 0)``).  That takes the ACKs of a bulk
-transfer, pings, and small request/response traffic past user space in both
-directions.  Everything else goes on to the TAP (``TC_ACT_UNSPEC``) and Python, which
+transfer, pings, small request/response traffic and the bulk data itself past user
+space.  Everything else goes on to the TAP (``TC_ACT_UNSPEC``) and Python, which
 keeps every send-side rule, resolution and drop count; the program counts why it
 passed a frame on (:class:`TxPassReason`).
 
@@ -15,10 +16,12 @@ What the program takes (anything else is passed on):
 
 * a TAP with an entry in the tunnel map (the daemon writes one while the tunnel is
   up with its next hop resolved and offloads on, and deletes it otherwise);
-* no GSO (``gso_size`` 0), no VLAN tag in the skb, ``skb->protocol`` IPv4 or IPv6
-  (either over either underlay family: across families ``bpf_skb_change_proto``
-  makes it the outer one), and an inner frame
-  of at most :data:`TX_MAX_INNER` bytes whose outer packet fits the underlay MTU;
+* no VLAN tag in the skb, ``skb->protocol`` IPv4 or IPv6 (either over either
+  underlay family: across families ``bpf_skb_change_proto`` makes it the outer
+  one), and either no GSO (``gso_size`` 0) and an inner frame of at most
+  :data:`TX_MAX_INNER` bytes whose outer packet fits the underlay MTU, or TCP GSO
+  on a tunnel given a segment size (:data:`VAL_SEGMENT`: its underlay has TSO), no
+  CWR, more than one outer segment, within STT's 64 KB (:meth:`_Builder.gso_family`);
 * inner IPv4 (not a fragment, length exactly the frame) carrying TCP, UDP or ICMP,
   or IPv6 whose next header is directly TCP, UDP or ICMPv6;
 * an inner L4 checksum that is either complete (it verifies; UDP over IPv4 may
@@ -27,8 +30,10 @@ What the program takes (anything else is passed on):
   convention) goes to Python, which knows the skb's checksum state from the vnet
   header.
 
-The checksum state cannot be changed from tc (no helper moves ``csum_start``), so
-the outer TCP checksum is computed as if the inner checksum were final: for a
+For a single frame the checksum state is left as it is (no helper moves
+``csum_start``; GSO frames lose ``CHECKSUM_PARTIAL`` by a trick of
+``bpf_skb_adjust_room`` that only pays for 64 KB, see ``gso_family``), so the outer
+TCP checksum is computed as if the inner checksum were final: for a
 partial inner the program computes the final value ``F`` in its scratch copy only.
 The skb keeps ``CHECKSUM_PARTIAL`` at the inner L4 header; a NIC or
 ``skb_checksum_help`` writes ``F`` and every byte on the wire is consistent (STT
