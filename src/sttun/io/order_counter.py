@@ -70,10 +70,6 @@ class OrderCounter:
         """True while the program counts frames the reader has not accounted for."""
         return bool(self._mv[self._passed] != self._mv[self._consumed])
 
-    def counts(self) -> tuple[int, int]:
-        """(passed, consumed)."""
-        return self._mv[self._passed], self._mv[self._consumed]
-
 
 #: Receive order buckets per underlay (a power of two): packets are ordered within
 #: the bucket of their outer TCP source port, which STT senders derive from the inner
@@ -95,10 +91,9 @@ class BucketOrder:
     and :meth:`drained` when a socket had nothing more to read.
     """
 
-    __slots__ = ("_consumed", "_counters", "_mv", "_passed")
+    __slots__ = ("_consumed", "_counters", "_passed")
 
     def __init__(self, view: memoryview) -> None:
-        self._mv = view
         self._counters = [OrderCounter(view, b) for b in range(RX_ORDER_BUCKETS)]
         # every bucket's passed and consumed side by side: one comparison (in C) says
         # whether any bucket is apart
@@ -107,7 +102,7 @@ class BucketOrder:
 
     def done(self, sport: int) -> None:
         """One more packet with outer source port ``sport`` has been handled."""
-        self._mv[2 * (sport & (RX_ORDER_BUCKETS - 1)) + 1] += 1
+        self._counters[sport & (RX_ORDER_BUCKETS - 1)].done()
 
     def drained(self, now: float) -> None:
         """The underlay's socket had nothing more to read at monotonic time ``now``."""
@@ -124,12 +119,3 @@ class BucketOrder:
         """Let go of the views (before the mapping is closed)."""
         self._passed.release()
         self._consumed.release()
-
-    def counts(self) -> tuple[int, int]:
-        """(passed, consumed), summed over the buckets."""
-        p = c = 0
-        for oc in self._counters:
-            a, b = oc.counts()
-            p += a
-            c += b
-        return p, c

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sttun.io.ebpf import emit
 from sttun.io.ebpf import syscall as bpf
 from sttun.io.ebpf import tx_program as txp
 from sttun.io.ebpf.attach import TcFilter, TcxLink, attach_auto
@@ -110,7 +111,7 @@ class TxFastPath:
         self._slots: dict[str, int] = {}
         self._entries: dict[int, tuple[str, bytes]] = {}  # tap ifindex -> (name, value)
         self._counters: dict[str, OrderCounter] = {}
-        size = MAX_TUNNELS * txp.ORDER_VALUE_SIZE
+        size = MAX_TUNNELS * emit.ORDER_VALUE_SIZE
         self._order_mmap = mmap.mmap(
             maps.order, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
         )
@@ -300,7 +301,7 @@ def _create_maps(fds: list[int]) -> txp.TxMapFds:
         order=make(
             bpf.BPF_MAP_TYPE_ARRAY,
             4,
-            txp.ORDER_VALUE_SIZE,
+            emit.ORDER_VALUE_SIZE,
             MAX_TUNNELS,
             "sttun_txorder",
             bpf.BPF_F_MMAPABLE,

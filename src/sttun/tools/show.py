@@ -174,14 +174,7 @@ def _fastpath_lines(data: ShowData, tunnels: list[Mapping[str, Any]]) -> list[st
         else:
             lines.append(f"{head} off: {fp.get('reason') or 'not attached'}")
     if any((u.get("fastpath") or {}).get("state") == "on" for u in underlays):
-        for t in tunnels:
-            fast: Mapping[str, Any] = t.get("rx_fastpath") or {}
-            py: Mapping[str, Any] = t.get("rx_python") or {}
-            lines.append(
-                f"rx {t.get('name', '?')}: fast path "
-                f"{_count(fast.get('frames', 0), fast.get('bytes', 0))}, Python path "
-                f"{_count(py.get('frames', 0), py.get('bytes', 0))}"
-            )
+        lines.extend(_by_path("rx", t) for t in tunnels)
     lines.extend(_tx_fastpath_lines(data.get("tx_fastpath"), tunnels))
     return lines
 
@@ -203,15 +196,19 @@ def _tx_fastpath_lines(tx: Mapping[str, Any] | None, tunnels: list[Mapping[str, 
         lines.append(f"transmit fast path not on the TAP of {name}: {why}")
     for name, why in sorted((tx.get("yielding") or {}).items()):
         lines.append(f"transmit fast path: {name} sends in Python while {why}")
-    for t in tunnels:
-        fast: Mapping[str, Any] = t.get("tx_fastpath") or {}
-        py: Mapping[str, Any] = t.get("tx_python") or {}
-        lines.append(
-            f"tx {t.get('name', '?')}: fast path "
-            f"{_count(fast.get('frames', 0), fast.get('bytes', 0))}, Python path "
-            f"{_count(py.get('frames', 0), py.get('bytes', 0))}"
-        )
+    lines.extend(_by_path("tx", t) for t in tunnels)
     return lines
+
+
+def _by_path(direction: str, t: Mapping[str, Any]) -> str:
+    """One tunnel's ``rx`` or ``tx`` frames split by path: fast path, Python path."""
+    fast: Mapping[str, Any] = t.get(f"{direction}_fastpath") or {}
+    py: Mapping[str, Any] = t.get(f"{direction}_python") or {}
+    return (
+        f"{direction} {t.get('name', '?')}: fast path "
+        f"{_count(fast.get('frames', 0), fast.get('bytes', 0))}, Python path "
+        f"{_count(py.get('frames', 0), py.get('bytes', 0))}"
+    )
 
 
 def _ovsdb_lines(ovsdb: Mapping[str, Any] | None) -> list[str]:

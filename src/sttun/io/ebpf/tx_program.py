@@ -65,13 +65,11 @@ from dataclasses import dataclass
 from sttun.io.ebpf import emit
 from sttun.io.ebpf.asm import FP, R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, Asm, Reg
 from sttun.io.ebpf.emit import (
-    BPF_ADJ_ROOM_MAC,
     BPF_F_ADJ_ROOM_FIXED_GSO,
     CSUM_LEVEL,
     CSUM_LEVEL_QUERY,
     GET_SMP_PROCESSOR_ID,
     REDIRECT,
-    SKB_ADJUST_ROOM,
     SKB_GSO_SIZE,
     SKB_IFINDEX,
     SKB_LEN,
@@ -116,11 +114,6 @@ TX_VALUE_SIZE = 632
 TX_FLAG_FIXED_SPORT = 1
 TX_FLAG_IPV6 = 2
 TX_FLAG_ENABLED = 4  # the tunnel can send now; without it every frame goes to Python
-#: The ordering map (mmap()ed by the daemon): per counter slot two u64, the frames
-#: the program passed to Python and the frames Python has sent of them.
-ORDER_PASSED = emit.ORDER_PASSED
-ORDER_CONSUMED = emit.ORDER_CONSUMED
-ORDER_VALUE_SIZE = emit.ORDER_VALUE_SIZE
 COUNTER_VALUE_SIZE = 16  # packets u64, bytes u64 (per CPU)
 CRC_TABLE_SIZE = 1024
 
@@ -352,13 +345,8 @@ class _Builder:
         ip = h + 14  # the inner IP header in the scratch buffer
         a.jlt(R8, 14 + inner.ip_len + 8, "l4")
         # -- the inner frame into the scratch buffer, 8 zero bytes after it ----------
-        a.mov(R1, R6)
-        a.mov(R2, 0)
-        a.mov(R3, R9)
-        a.add(R3, h)
         a.mov(R4, R8)
-        a.call(SKB_LOAD_BYTES)
-        a.jne(R0, 0, "not_ip")
+        self.load_inner(h)
         a.mov(R1, R9)
         a.add(R1, R8)
         a.st("dw", R1, h, 0)
@@ -538,7 +526,7 @@ class _Builder:
         The bytes taken out are in the scratch copy and written back with the outer
         headers."""
         a = self.a
-        h, tcp, stt = out.hdr, out.tcp, out.stt
+        h, stt = out.hdr, out.stt
         ip = h + 14
         v6_to_v4 = inner.version == 6 and out.version == 4
         v4_to_v6 = inner.version == 4 and out.version == 6
@@ -549,12 +537,7 @@ class _Builder:
         a.jle(R4, GSO_LOAD, loaded)
         a.mov(R4, GSO_LOAD)
         a.label(loaded)
-        a.mov(R1, R6)
-        a.mov(R2, 0)
-        a.mov(R3, R9)
-        a.add(R3, h)
-        a.call(SKB_LOAD_BYTES)
-        a.jne(R0, 0, "not_ip")
+        self.load_inner(h)
         addrs = self.inner_ip(inner, ip)
         a.mov(R3, R8)
         a.sub(R3, R1)
@@ -609,17 +592,8 @@ class _Builder:
         a.ldx("dw", R1, FP, _S_GSO)
         a.be16(R1)
         a.stx("h", R9, stt + 4, R1)
-        # the outer TCP checksum field: the pseudo-header seed, as of any GSO packet
-        a.mov(R2, 0x0600)
-        for off in range(26, 34, 2) if out.version == 4 else range(22, 54, 2):
-            a.ldx("h", R1, R9, off)
-            a.add(R2, R1)
-        a.mov(R1, R8)
-        a.add(R1, 20 + 18)
-        a.be16(R1)
-        a.add(R2, R1)
-        self.fold(R2, R1)
-        a.stx("h", R9, tcp + 16, R2)
+        # (the outer TCP checksum field stays 0: a CHECKSUM_NONE GSO packet always goes
+        # through skb_gso_segment, where tcp4/6_gso_segment writes the seed)
         # -- cut (unchanged if it fails), cut again (now CHECKSUM_NONE), gso_size -------
         a.ldx("dw", R2, FP, _S_CUT)
         a.neg(R2)
@@ -662,13 +636,31 @@ class _Builder:
         a.ldx("dw", R4, FP, _S_SAVED)
         a.jgt(R4, GSO_LOAD - 14, "error")
         a.add(R4, h + 14)
+        self.store_scratch()
+        self.send()
+
+    def load_inner(self, h: int) -> None:
+        """Copy the inner frame's first R4 bytes to the scratch buffer at ``h`` (to
+        "not_ip" if that fails).  Clobbers R0-R5."""
+        a = self.a
+        a.mov(R1, R6)
+        a.mov(R2, 0)
+        a.mov(R3, R9)
+        a.add(R3, h)
+        a.call(SKB_LOAD_BYTES)
+        a.jne(R0, 0, "not_ip")
+
+    def store_scratch(self) -> None:
+        """Write the scratch buffer's first R4 bytes over the skb's (outer headers,
+        inner Ethernet header and what was taken out); to "error" if that fails.
+        Clobbers R0-R5."""
+        a = self.a
         a.mov(R1, R6)
         a.mov(R2, 0)
         a.mov(R3, R9)
         a.mov(R5, 0)
         a.call(SKB_STORE_BYTES)
         a.jne(R0, 0, "error")
-        self.send()
 
     def adjust(self, diff: Reg | int, flags: int, fail: str) -> None:
         """bpf_skb_adjust_room(skb, diff, BPF_ADJ_ROOM_MAC, flags); to ``fail`` if it
@@ -812,19 +804,9 @@ class _Builder:
             else:
                 grow += 20  # the first 20 bytes of the inner IPv6 header went
                 write += 20
-        a.mov(R1, R6)
-        a.mov(R2, grow)
-        a.mov(R3, BPF_ADJ_ROOM_MAC)
-        a.mov(R4, 0)
-        a.call(SKB_ADJUST_ROOM)
-        a.jne(R0, 0, "internal" if inner is f else "error")  # unchanged if it fails
-        a.mov(R1, R6)
-        a.mov(R2, 0)
-        a.mov(R3, R9)
+        self.adjust(grow, 0, "internal" if inner is f else "error")  # unchanged if it fails
         a.mov(R4, write)
-        a.mov(R5, 0)
-        a.call(SKB_STORE_BYTES)
-        a.jne(R0, 0, "error")
+        self.store_scratch()
         self.send()
 
     def send(self) -> None:
