@@ -25,7 +25,11 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import itertools
+import os
+import signal
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -697,3 +701,55 @@ def l4_sport(frame: bytes) -> int | None:
     if proto not in (6, 17) or len(frame) < off + 2:
         return None
     return int(struct.unpack_from("!H", frame, off)[0])
+
+
+# --------------------------------------------------------------------------- B's daemon
+@contextlib.contextmanager
+def daemon_on_b(h: FastPathHosts, tmp: Path, *args: str) -> Iterator[str]:
+    """``sttun up *args`` in B (control socket and log in ``tmp``), its TAP put into
+    B's bridge once it is up; yields the control socket's path.  Stopped with
+    SIGTERM at the end, and it must exit with status 0."""
+    sock = str(tmp / "ctl.sock")
+    argv = [sys.executable, "-m", "sttun", "up", *args, "--control-socket", sock]
+    log = tmp / "daemon.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    with open(log, "wb") as fh:
+        proc = h.b.popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not (
+            os.path.exists(sock)
+            and h.b.run(["ip", "link", "show", h.tap], check=False).returncode == 0
+        ):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"daemon did not start: {log.read_text()}"
+            time.sleep(0.05)
+        bridge_tap(h, h.tap)
+        yield sock
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
+    assert proc.returncode == 0, log.read_text()
+
+
+# --------------------------------------------------------------------------- tshark
+def tshark_rows(pcap: Path, fields: list[str], *, stt: bool) -> list[dict[str, list[str]]]:
+    """Per frame, every value of ``fields`` (outer first), with tshark checking the IP,
+    TCP and UDP checksums.  ``stt``: decode STT by heuristics (tshark then hands IP's
+    payload to STT, and no outer TCP is decoded); without it only the outer headers
+    are."""
+    argv = ["tshark", "-r", str(pcap)]
+    if stt:
+        argv += ["-o", "ip.try_heuristic_first:TRUE"]
+    for proto in ("ip", "tcp", "udp"):
+        argv += ["-o", f"{proto}.check_checksum:TRUE"]
+    argv += ["-T", "fields", "-E", "separator=/t", "-E", "occurrence=a", "-E", "aggregator=,"]
+    for f in fields:
+        argv += ["-e", f]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    rows = []
+    for line in res.stdout.splitlines():
+        values = (line.split("\t") + [""] * len(fields))[: len(fields)]
+        rows.append({f: v.split(",") if v else [] for f, v in zip(fields, values, strict=True)})
+    return rows

@@ -11,10 +11,7 @@ the two paths interleave differently), with the same totals in ``sttun show``.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -31,8 +28,8 @@ from tests.e2e.fastpath_env import (
     VNET_NONE,
     Case,
     FastPathHosts,
-    bridge_tap,
     cases,
+    daemon_on_b,
     fastpath_encapsulator,
     fastpath_hosts,
     inner_frame,
@@ -76,40 +73,11 @@ def _frames_of_sentinel(path: Path) -> bool:
 def run_once(h: FastPathHosts, tmp: Path, all_cases: list[Case], outer: int, fast: bool) -> Run:
     tmp.mkdir()
     local, remote = (h.ip_b, h.ip_a) if outer == 4 else (h.ip6_b, h.ip6_a)
-    sock = str(tmp / "ctl.sock")
     args = [
-        "--local-ip",
-        local,
-        "--remote-ip",
-        remote,
-        "--key",
-        str(KEY),
-        "--dev",
-        h.tap,
-        "--mtu",
-        "1500",
-        "--control-socket",
-        sock,
-        "--instance",
-        "fpdiff",
-        "--fastpath",
-        "on" if fast else "off",
-    ]
-    argv = [sys.executable, "-m", "sttun", "up", *args]
-    log = tmp / "daemon.log"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-    with open(log, "wb") as fh:
-        proc = h.b.popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 20
-        while not (
-            os.path.exists(sock)
-            and h.b.run(["ip", "link", "show", h.tap], check=False).returncode == 0
-        ):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"daemon did not start: {log.read_text()}"
-            time.sleep(0.05)
-        bridge_tap(h, h.tap)
+        "--local-ip", local, "--remote-ip", remote, "--key", str(KEY), "--dev", h.tap,
+        "--mtu", "1500", "--instance", "fpdiff", "--fastpath", "on" if fast else "off",
+    ]  # fmt: skip
+    with daemon_on_b(h, tmp, *args) as sock:
         pcap = tmp / "vm.pcap"
         with vm_capture(h, pcap) as cap:
             send_cases(h, all_cases)
@@ -119,11 +87,6 @@ def run_once(h: FastPathHosts, tmp: Path, all_cases: list[Case], outer: int, fas
         assert cap.dropped == 0, f"tcpdump lost {cap.dropped} frames"
         frames = read_pcap(pcap)
         show = _show(h, sock)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=15)
-    assert proc.returncode == 0, log.read_text()
     (underlay,) = show["underlays"]
     assert underlay["fastpath"]["state"] == ("on" if fast else "off"), underlay
     if fast:

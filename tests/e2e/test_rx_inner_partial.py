@@ -15,10 +15,7 @@ one packet whose partial checksum starts inside the STT header is counted as
 from __future__ import annotations
 
 import json
-import os
-import signal
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,9 +30,8 @@ from tests.e2e.fastpath_env import (
     KEY,
     SENTINEL_PORT,
     FastPathHosts,
-    _encap,
-    _mac,
-    bridge_tap,
+    daemon_on_b,
+    fastpath_encapsulator,
     fastpath_hosts,
     inner_frame,
     l4_sport,
@@ -57,7 +53,7 @@ def crafted(
     final = inner_frame(inner, l4, body, sport=sport, partial=False)
     seeded = inner_frame(inner, l4, body, sport=sport, partial=True)
     assert final != seeded
-    enc = _encap(h, outer, h.nexthop_mac, _mac(h.a, h.dev_a))
+    enc = fastpath_encapsulator(h, outer)
     vnet = VnetHdr(flags=VnetFlag.DATA_VALID) if flags == "C" else None
     (parts,) = enc.encap(final, vnet, gso=False)  # one segment, every checksum final
     packet = b"".join(bytes(p) for p in parts)
@@ -93,27 +89,11 @@ def test_inner_partial_checksums_are_finished_before_the_tap(tmp_path: Path, out
     need_tools("tcpdump")
     with fastpath_hosts() as h:
         local, remote = (h.ip_b, h.ip_a) if outer == 4 else (h.ip6_b, h.ip6_a)
-        sock = str(tmp_path / "ctl.sock")
-        argv = [
-            sys.executable, "-m", "sttun", "up", "--local-ip", local, "--remote-ip", remote,
-            "--key", str(KEY), "--dev", h.tap, "--mtu", "1500", "--control-socket", sock,
-            "--instance", "rxpartial", "--fastpath", "off",
+        args = [
+            "--local-ip", local, "--remote-ip", remote, "--key", str(KEY), "--dev", h.tap,
+            "--mtu", "1500", "--instance", "rxpartial", "--fastpath", "off",
         ]  # fmt: skip
-        log = tmp_path / "daemon.log"
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
-        with open(log, "wb") as fh:
-            proc = h.b.popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 20
-            while not (
-                os.path.exists(sock)
-                and h.b.run(["ip", "link", "show", h.tap], check=False).returncode == 0
-            ):
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, f"daemon did not start: {log.read_text()}"
-                time.sleep(0.05)
-            bridge_tap(h, h.tap)
-
+        with daemon_on_b(h, tmp_path, *args) as sock:
             expected: dict[int, bytes] = {}
             packets: list[list[bytes]] = []
             sport = 31000
@@ -145,11 +125,6 @@ def test_inner_partial_checksums_are_finished_before_the_tap(tmp_path: Path, out
                     time.sleep(0.05)
             assert cap.dropped == 0
             stats = show(h, sock)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=15)
-    assert proc.returncode == 0, log.read_text()
 
     frames = {l4_sport(f): f for f in read_pcap(pcap)}
     for sp, final in expected.items():

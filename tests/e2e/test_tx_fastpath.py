@@ -32,7 +32,7 @@ from sttun.io.rx_fastpath import FastPathError
 from sttun.io.tap import TapDevice
 from sttun.io.tx_fastpath import TX_FORCE_INVALID_ENV, TxFastPath
 from sttun.tools.wire_check import tshark_checksum_verdict
-from tests.e2e.fastpath_env import read_pcap
+from tests.e2e.fastpath_env import read_pcap, tshark_rows
 from tests.e2e.sttun_hosts import (
     OVERLAY6_A,
     OVERLAY6_B,
@@ -399,26 +399,6 @@ INNER_FIELDS = [
 ]
 OUTER_FIELDS = ["frame.number", "tcp.checksum.status", "tcp.checksum", "tcp.checksum_calculated"]
 STT_FLAG_PARTIAL = 0x02
-
-
-def tshark_rows(pcap: Path, fields: list[str], *, stt: bool) -> list[dict[str, list[str]]]:
-    """Per frame, every value of ``fields`` (outer first).  ``stt``: decode STT by
-    heuristics (tshark then hands IP's payload to STT, and no outer TCP is decoded);
-    without it only the outer headers are."""
-    argv = ["tshark", "-r", str(pcap)]
-    if stt:
-        argv += ["-o", "ip.try_heuristic_first:TRUE"]
-    for proto in ("ip", "tcp", "udp"):
-        argv += ["-o", f"{proto}.check_checksum:TRUE"]
-    argv += ["-T", "fields", "-E", "separator=/t", "-E", "occurrence=a", "-E", "aggregator=,"]
-    for f in fields:
-        argv += ["-e", f]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
-    rows = []
-    for line in res.stdout.splitlines():
-        values = (line.split("\t") + [""] * len(fields))[: len(fields)]
-        rows.append({f: v.split(",") if v else [] for f, v in zip(fields, values, strict=True)})
-    return rows
 
 
 def _at(values: list[str], i: int) -> str:

@@ -27,7 +27,6 @@ import select
 import shutil
 import signal
 import struct
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ from tests.e2e.fastpath_env import (
     fastpath_hosts,
     l4_sport,
     read_pcap,
+    tshark_rows,
 )
 from tests.e2e.sttun_hosts import Endpoint, start_endpoint, wait_until
 from tests.netns import Capture, Netns, ifname, need_fastpath, unique_suffix
@@ -542,16 +542,11 @@ TSHARK_FIELDS = [
 
 def bad_checksums(pcap: Path, skip: set[int]) -> list[str]:
     """Frames (1-based numbers, ``skip`` excepted) with a checksum tshark calls bad."""
-    argv = ["tshark", "-r", str(pcap)]
-    for proto in ("ip", "tcp", "udp"):
-        argv += ["-o", f"{proto}.check_checksum:TRUE"]
-    argv += ["-T", "fields", "-E", "separator=/t", "-E", "occurrence=f", "-e", "frame.number"]
-    for f in TSHARK_FIELDS:
-        argv += ["-e", f]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
     bad = []
-    for line in res.stdout.splitlines():
-        n, ip, tst, tfield, tcalc, udp, icmp, icmp6 = (line.split("\t") + [""] * 8)[:8]
+    for row in tshark_rows(pcap, ["frame.number", *TSHARK_FIELDS], stt=False):
+        n, ip, tst, tfield, tcalc, udp, icmp, icmp6 = (
+            v[0] if v else "" for v in row.values()
+        )  # each field's first (outermost) value
         if int(n) in skip:
             continue
         verdicts = [
@@ -560,7 +555,7 @@ def bad_checksums(pcap: Path, skip: set[int]) -> list[str]:
             "bad" if "0" in (udp, icmp, icmp6) else "good",
         ]
         if "bad" in verdicts:
-            bad.append(line)
+            bad.append(" ".join(f"{k}={','.join(v)}" for k, v in row.items()))
     return bad
 
 
