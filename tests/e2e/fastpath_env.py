@@ -734,6 +734,18 @@ def daemon_on_b(h: FastPathHosts, tmp: Path, *args: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- tshark
+#: The checksum fields tshark fills in with its checks on (tshark_rows).
+CHECKSUM_FIELDS = [
+    "ip.checksum.status",
+    "tcp.checksum.status",
+    "tcp.checksum",
+    "tcp.checksum_calculated",
+    "udp.checksum.status",
+    "icmp.checksum.status",
+    "icmpv6.checksum.status",
+]
+
+
 def tshark_rows(pcap: Path, fields: list[str], *, stt: bool) -> list[dict[str, list[str]]]:
     """Per frame, every value of ``fields`` (outer first), with tshark checking the IP,
     TCP and UDP checksums.  ``stt``: decode STT by heuristics (tshark then hands IP's

@@ -32,7 +32,7 @@ from sttun.io.rx_fastpath import FastPathError
 from sttun.io.tap import TapDevice
 from sttun.io.tx_fastpath import TX_FORCE_INVALID_ENV, TxFastPath
 from sttun.tools.wire_check import tshark_checksum_verdict
-from tests.e2e.fastpath_env import read_pcap, tshark_rows
+from tests.e2e.fastpath_env import CHECKSUM_FIELDS, read_pcap, tshark_rows
 from tests.e2e.sttun_hosts import (
     OVERLAY6_A,
     OVERLAY6_B,
@@ -385,18 +385,7 @@ for i in range(int(sys.argv[2])):
     s.sendto(bytes((i + j) & 0xFF for j in range(16 + 37 * i)), (sys.argv[1], 9999))
 """
 
-INNER_FIELDS = [
-    "frame.number",
-    "stt.pkt_id",
-    "stt.flags",
-    "ip.checksum.status",
-    "tcp.checksum.status",
-    "tcp.checksum",
-    "tcp.checksum_calculated",
-    "udp.checksum.status",
-    "icmp.checksum.status",
-    "icmpv6.checksum.status",
-]
+INNER_FIELDS = ["frame.number", "stt.pkt_id", "stt.flags", *CHECKSUM_FIELDS]
 OUTER_FIELDS = ["frame.number", "tcp.checksum.status", "tcp.checksum", "tcp.checksum_calculated"]
 STT_FLAG_PARTIAL = 0x02
 

@@ -43,6 +43,7 @@ from sttun.tools.wire_check import tshark_checksum_verdict
 from sttun.wire.checksum import ones_sum
 from sttun.wire.vnet import GsoType, VnetFlag, VnetHdr
 from tests.e2e.fastpath_env import (
+    CHECKSUM_FIELDS,
     INNER4,
     INNER6,
     INNER_DST_MAC,
@@ -529,21 +530,10 @@ def send_cases(w: World, a: Endpoint, all_cases: list[Case]) -> None:
 
 
 # --------------------------------------------------------------------------- checks
-TSHARK_FIELDS = [
-    "ip.checksum.status",
-    "tcp.checksum.status",
-    "tcp.checksum",
-    "tcp.checksum_calculated",
-    "udp.checksum.status",
-    "icmp.checksum.status",
-    "icmpv6.checksum.status",
-]
-
-
 def bad_checksums(pcap: Path, skip: set[int]) -> list[str]:
     """Frames (1-based numbers, ``skip`` excepted) with a checksum tshark calls bad."""
     bad = []
-    for row in tshark_rows(pcap, ["frame.number", *TSHARK_FIELDS], stt=False):
+    for row in tshark_rows(pcap, ["frame.number", *CHECKSUM_FIELDS], stt=False):
         n, ip, tst, tfield, tcalc, udp, icmp, icmp6 = (
             v[0] if v else "" for v in row.values()
         )  # each field's first (outermost) value
